@@ -1,0 +1,134 @@
+"""``lmdb:///path`` : the embedded default. One LMDB environment, zero-copy reads.
+
+Options (URL query or keyword): ``map_size`` (default 1 TiB, sparse; reopen
+with a larger one to grow), ``readonly``.
+
+Safe for several processes reading and writing one environment at once
+(LMDB's own locking); a write is one transaction, so a reader sees a chunk
+whole or not at all, and a killed writer leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Iterator, Mapping, Sequence
+
+from kvfs import _lmdbenv
+from kvfs.errors import InvalidURL
+from kvfs.units import parse_size
+
+from ._base import Backend, Buffer, ObjectInfo, check_key
+
+DATA_DB = "kvfs.data"
+
+
+def _truthy(v: object) -> bool:
+    return str(v).lower() in ("1", "true", "yes", "on")
+
+
+class LMDBBackend(Backend):
+    scheme = "lmdb"
+    supports_views = True
+
+    def __init__(self, location: str, map_size: str | int | None = None, readonly: str | bool = False) -> None:
+        if not location:
+            raise InvalidURL("lmdb:// needs a directory: lmdb:///path/to/store")
+        self.path = os.path.abspath(os.path.expanduser(location))
+        self.url = f"lmdb://{self.path}"
+        self.readonly = _truthy(readonly)
+        self._env = _lmdbenv.acquire(
+            self.path, parse_size(map_size) if map_size is not None else None, readonly=self.readonly
+        )
+        self._db = self._env.db(DATA_DB)
+        self._closed = False
+
+    @property
+    def env(self) -> _lmdbenv.Env:
+        return self._env
+
+    @staticmethod
+    def _k(key: str) -> bytes:
+        return check_key(key).encode("utf-8", "surrogateescape")
+
+    def get_many(self, keys: Sequence[str]) -> list[Buffer | None]:
+        bkeys = [self._k(k) for k in keys]
+        with self._env.read() as txn:
+            return [txn.get(k, db=self._db) for k in bkeys]
+
+    @contextmanager
+    def views(self, keys: Sequence[str]) -> Iterator[list[memoryview | None]]:
+        bkeys = [self._k(k) for k in keys]
+        with self._env.read(buffers=True) as txn:
+            yield [txn.get(k, db=self._db) for k in bkeys]
+
+    def readinto(self, key: str, buffer: Buffer, offset: int = 0) -> int | None:
+        k = self._k(key)
+        dst = memoryview(buffer).cast("B")
+        with self._env.read(buffers=True) as txn:
+            v = txn.get(k, db=self._db)
+            if v is None:
+                return None
+            src = v[offset : offset + len(dst)]
+            dst[: len(src)] = src
+            return len(src)
+
+    def put_many(self, items: Mapping[str, Buffer]) -> None:
+        staged = [(self._k(k), v) for k, v in items.items()]
+        with self._env.write() as txn:
+            for k, v in staged:
+                txn.put(k, v, db=self._db)
+
+    def delete_many(self, keys: Sequence[str]) -> None:
+        bkeys = [self._k(k) for k in keys]
+        with self._env.write() as txn:
+            for k in bkeys:
+                txn.delete(k, db=self._db)
+
+    def exists_many(self, keys: Sequence[str]) -> list[bool]:
+        bkeys = [self._k(k) for k in keys]
+        with self._env.read(buffers=True) as txn:
+            return [txn.get(k, db=self._db) is not None for k in bkeys]
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        p = prefix.encode("utf-8", "surrogateescape")
+        out = []
+        with self._env.read(buffers=True) as txn:
+            cur = txn.cursor(db=self._db)
+            if cur.set_range(p):
+                for k in cur.iternext(keys=True, values=False):
+                    kb = bytes(k)
+                    if not kb.startswith(p):
+                        break
+                    out.append(kb.decode("utf-8", "surrogateescape"))
+        return iter(out)
+
+    def stat(self, key: str) -> ObjectInfo | None:
+        k = self._k(key)
+        with self._env.read(buffers=True) as txn:
+            v = txn.get(k, db=self._db)
+            return None if v is None else ObjectInfo(key, len(v), None)
+
+    def usage(self) -> tuple[int | None, int | None]:
+        info = self._env.env.info()
+        stat = self._env.env.stat()
+        used = (info["last_pgno"] + 1) * stat["psize"]
+        try:
+            st = os.statvfs(self.path)
+            avail = min(self._env.map_size - used, st.f_bavail * st.f_frsize)
+        except OSError:
+            avail = None
+        return used, avail
+
+    def catalog_dir(self) -> str | None:
+        return self.path
+
+    def flush(self) -> None:
+        if not self.readonly:
+            self._env.sync()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        _lmdbenv.release(self._env)

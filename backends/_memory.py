@@ -1,0 +1,113 @@
+"""``memory://`` : process memory. The hot CPU tier, and the backend of tests.
+
+``memory://`` is private to the store that opens it; ``memory://NAME`` is
+shared by every store of this process that names it (until the last one
+closes it).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import contextmanager
+from typing import Iterator, Mapping, Sequence
+
+from ._base import Backend, Buffer, ObjectInfo, check_key
+
+_SHARED: dict[str, tuple["_Data", int]] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+class _Data:
+    def __init__(self) -> None:
+        self.values: dict[str, memoryview] = {}
+        self.mtimes: dict[str, float] = {}
+        self.lock = threading.Lock()
+
+
+class MemoryBackend(Backend):
+    scheme = "memory"
+    supports_views = True
+
+    def __init__(self, location: str = "", **options: str) -> None:
+        if options:
+            raise TypeError(f"memory:// takes no options, got {', '.join(options)}")
+        self.name = location.strip("/")
+        self.url = f"memory://{self.name}"
+        if self.name:
+            with _SHARED_LOCK:
+                data, refs = _SHARED.get(self.name, (None, 0))
+                if data is None:
+                    data = _Data()
+                _SHARED[self.name] = (data, refs + 1)
+            self._data = data
+        else:
+            self._data = _Data()
+        self._closed = False
+
+    def get_many(self, keys: Sequence[str]) -> list[Buffer | None]:
+        values = self._data.values
+        return [values.get(check_key(k)) for k in keys]
+
+    @contextmanager
+    def views(self, keys: Sequence[str]) -> Iterator[list[memoryview | None]]:
+        yield self.get_many(keys)
+
+    def readinto(self, key: str, buffer: Buffer, offset: int = 0) -> int | None:
+        v = self._data.values.get(check_key(key))
+        if v is None:
+            return None
+        dst = memoryview(buffer).cast("B")
+        src = v[offset : offset + len(dst)]
+        dst[: len(src)] = src
+        return len(src)
+
+    def put_many(self, items: Mapping[str, Buffer]) -> None:
+        now = time.time()
+        staged = {}
+        for k, v in items.items():
+            mv = memoryview(v)
+            if mv.ndim != 1 or mv.itemsize != 1:
+                mv = mv.cast("B")
+            staged[check_key(k)] = mv.toreadonly()
+        with self._data.lock:
+            self._data.values.update(staged)
+            for k in staged:
+                self._data.mtimes[k] = now
+
+    def delete_many(self, keys: Sequence[str]) -> None:
+        with self._data.lock:
+            for k in keys:
+                self._data.values.pop(check_key(k), None)
+                self._data.mtimes.pop(k, None)
+
+    def exists_many(self, keys: Sequence[str]) -> list[bool]:
+        values = self._data.values
+        return [check_key(k) in values for k in keys]
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        with self._data.lock:
+            keys = [k for k in self._data.values if k.startswith(prefix)]
+        return iter(keys)
+
+    def stat(self, key: str) -> ObjectInfo | None:
+        v = self._data.values.get(check_key(key))
+        if v is None:
+            return None
+        return ObjectInfo(key, len(v), self._data.mtimes.get(key))
+
+    def usage(self) -> tuple[int | None, int | None]:
+        with self._data.lock:
+            return sum(len(v) for v in self._data.values.values()), None
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.name:
+            with _SHARED_LOCK:
+                data, refs = _SHARED[self.name]
+                if refs <= 1:
+                    del _SHARED[self.name]
+                else:
+                    _SHARED[self.name] = (data, refs - 1)

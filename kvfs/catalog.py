@@ -1,0 +1,377 @@
+"""The catalog: what this node's store holds, where, and how it is used.
+
+An LMDB index per store (inside the store's LMDB environment when it has an
+LMDB tier, else in a local directory) so that ``ls``, ``du``, lookups and
+eviction never list a bucket, and nothing is forgotten on restart. Every
+update is one LMDB transaction, shared safely by all processes on the node.
+
+Named databases:
+
+* ``kvfs.cat.chunks``    ``<model>/<ns-id>/<hex>`` -> packed :class:`ChunkRecord`
+* ``kvfs.cat.children``  ``<model>/<ns-id>/<parent hex>/<first token>/<hex>`` -> token ids
+  (finds stored chunks that extend a prefix by fewer tokens than a full chunk)
+* ``kvfs.cat.ns``        ``<model>/<ns-id>`` -> manifest JSON
+* ``kvfs.cat.meta``      tier slots (``tier/<identity>`` -> bit) and bytes used per slot
+* ``kvfs.cat.quarantine`` chunk path -> JSON reason (chunks that failed their checks)
+
+The catalog is an index, not the truth: a chunk it lists may have been
+removed behind its back (a read then misses and fixes the entry), and
+``Store.fsck`` rebuilds it from the backends.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from . import _lmdbenv
+
+_REC = struct.Struct("<QIIddQIIB32s")
+_U64 = struct.Struct("<Q")
+_FLAG_SEGMENT = 1
+DB_CHUNKS = "kvfs.cat.chunks"
+DB_CHILDREN = "kvfs.cat.children"
+DB_NS = "kvfs.cat.ns"
+DB_META = "kvfs.cat.meta"
+DB_QUARANTINE = "kvfs.cat.quarantine"
+MAX_TIERS = 32
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkRecord:
+    key: str  # "<model>/<ns-id>/<hex>"
+    size: int
+    ntokens: int
+    start: int
+    created: float
+    last_access: float
+    hits: int
+    pins: int
+    tiers: int  # bitmask of catalog tier slots holding a copy
+    segment: bool
+    parent: str  # hex, "" for the first chunk of a chain
+
+    @property
+    def namespace(self) -> str:
+        return self.key.rsplit("/", 1)[0]
+
+    @property
+    def hex(self) -> str:
+        return self.key.rsplit("/", 1)[1]
+
+    @property
+    def path(self) -> str:
+        h = self.hex
+        return f"{self.namespace}/{h[:2]}/{h}.safetensors"
+
+    def pack(self) -> bytes:
+        return _REC.pack(
+            self.size, self.ntokens, self.start, self.created, self.last_access, self.hits, self.pins,
+            self.tiers, _FLAG_SEGMENT if self.segment else 0, bytes.fromhex(self.parent) if self.parent else b"",
+        )
+
+    @classmethod
+    def unpack(cls, key: str, raw: bytes) -> "ChunkRecord":
+        size, ntok, start, created, last, hits, pins, tiers, flags, parent = _REC.unpack(raw)
+        return cls(key, size, ntok, start, created, last, hits, pins, tiers, bool(flags & _FLAG_SEGMENT),
+                   parent.hex() if any(parent) else "")
+
+
+def key_of_path(path: str) -> str:
+    """``m/ns/hh/<hex>.safetensors`` -> catalog key ``m/ns/<hex>``."""
+    ns, _, rest = path.rpartition("/")
+    ns = ns.rpartition("/")[0]
+    return f"{ns}/{rest.removesuffix('.safetensors')}"
+
+
+def _enc(s: str) -> bytes:
+    return s.encode("utf-8", "surrogateescape")
+
+
+def _dec(b) -> str:
+    return bytes(b).decode("utf-8", "surrogateescape")
+
+
+def _child_key(rec_key: str, parent: str, first_token: int) -> bytes:
+    ns, _, hexd = rec_key.rpartition("/")
+    return _enc(f"{ns}/{parent or '-'}/{first_token:08x}/{hexd}")
+
+
+class Catalog:
+    """The per-store index. ``directory=None`` keeps it in a private temporary directory."""
+
+    def __init__(self, directory: str | None, map_size: int | None = None) -> None:
+        self._tmp = None
+        if directory is None:
+            self._tmp = tempfile.mkdtemp(prefix="kvfs-catalog-")
+            directory = self._tmp
+        self.directory = directory
+        self.env = _lmdbenv.acquire(directory, map_size)
+        self._chunks = self.env.db(DB_CHUNKS)
+        self._children = self.env.db(DB_CHILDREN)
+        self._ns = self.env.db(DB_NS)
+        self._meta = self.env.db(DB_META)
+        self._quarantine = self.env.db(DB_QUARANTINE)
+        self._closed = False
+
+    # -- tiers ----------------------------------------------------------------------------
+    def tier_slot(self, identity: str) -> int:
+        """The persistent bit of a tier, by its identity (the same storage keeps its bit across reopens)."""
+        k = _enc(f"tier/{identity}")
+        with self.env.read() as txn:
+            v = txn.get(k, db=self._meta)
+        if v is not None:
+            return int(v)
+        with self.env.write() as txn:
+            v = txn.get(k, db=self._meta)
+            if v is not None:
+                return int(v)
+            used = {int(val) for key, val in txn.cursor(db=self._meta) if bytes(key).startswith(b"tier/")}
+            free = next((i for i in range(MAX_TIERS) if i not in used), None)
+            if free is None:
+                raise OverflowError(f"the catalog at {self.directory} has seen {MAX_TIERS} tiers; run fsck --reset")
+            txn.put(k, str(free).encode(), db=self._meta)
+            return free
+
+    def used(self, slot: int) -> int:
+        with self.env.read() as txn:
+            v = txn.get(_enc(f"used/{slot}"), db=self._meta)
+        return _U64.unpack(v)[0] if v else 0
+
+    @staticmethod
+    def _add_used(txn, meta, slot: int, delta: int) -> None:
+        k = _enc(f"used/{slot}")
+        v = txn.get(k, db=meta)
+        cur = _U64.unpack(v)[0] if v else 0
+        txn.put(k, _U64.pack(max(0, cur + delta)), db=meta)
+
+    # -- records --------------------------------------------------------------------------
+    def get_many(self, keys: Sequence[str]) -> list[ChunkRecord | None]:
+        out: list[ChunkRecord | None] = []
+        with self.env.read() as txn:
+            for k in keys:
+                v = txn.get(_enc(k), db=self._chunks)
+                out.append(None if v is None else ChunkRecord.unpack(k, v))
+        return out
+
+    def get(self, key: str) -> ChunkRecord | None:
+        return self.get_many([key])[0]
+
+    def add(self, records: Iterable[tuple[ChunkRecord, np.ndarray | None]], slot: int) -> list[bool]:
+        """Record that tier ``slot`` holds these chunks; returns, per chunk, whether the bit was new.
+
+        ``tokens`` (the chunk's token ids) feed the children index; give them
+        for chunks this node writes or reads.
+        """
+        bit = 1 << slot
+        out = []
+        with self.env.write() as txn:
+            for rec, tokens in records:
+                k = _enc(rec.key)
+                v = txn.get(k, db=self._chunks)
+                if v is None:
+                    new = replace(rec, tiers=rec.tiers | bit)
+                    added = True
+                else:
+                    old = ChunkRecord.unpack(rec.key, v)
+                    added = not old.tiers & bit
+                    new = replace(old, tiers=old.tiers | bit, size=old.size or rec.size,
+                                  last_access=max(old.last_access, rec.last_access))
+                txn.put(k, new.pack(), db=self._chunks)
+                if added:
+                    self._add_used(txn, self._meta, slot, new.size)
+                if tokens is not None and len(tokens) and not rec.segment:
+                    txn.put(_child_key(rec.key, rec.parent, int(tokens[0])), tokens.astype("<u4").tobytes(),
+                            db=self._children)
+                out.append(added)
+        return out
+
+    def remove_from(self, keys: Sequence[str], slot: int) -> list[ChunkRecord]:
+        """Clear tier ``slot`` of these chunks; a chunk held nowhere any more leaves the catalog."""
+        bit = 1 << slot
+        removed = []
+        with self.env.write() as txn:
+            for key in keys:
+                k = _enc(key)
+                v = txn.get(k, db=self._chunks)
+                if v is None:
+                    continue
+                rec = ChunkRecord.unpack(key, v)
+                if not rec.tiers & bit:
+                    continue
+                self._add_used(txn, self._meta, slot, -rec.size)
+                rest = rec.tiers & ~bit
+                if rest:
+                    txn.put(k, replace(rec, tiers=rest).pack(), db=self._chunks)
+                else:
+                    self._delete(txn, rec)
+                removed.append(rec)
+        return removed
+
+    def remove(self, keys: Sequence[str]) -> list[ChunkRecord]:
+        """Forget chunks entirely (every tier)."""
+        removed = []
+        with self.env.write() as txn:
+            for key in keys:
+                v = txn.get(_enc(key), db=self._chunks)
+                if v is None:
+                    continue
+                rec = ChunkRecord.unpack(key, v)
+                for slot in range(MAX_TIERS):
+                    if rec.tiers & (1 << slot):
+                        self._add_used(txn, self._meta, slot, -rec.size)
+                self._delete(txn, rec)
+                removed.append(rec)
+        return removed
+
+    def _delete(self, txn, rec: ChunkRecord) -> None:
+        txn.delete(_enc(rec.key), db=self._chunks)
+        if rec.segment:
+            return
+        # the children entry's first-token part is unknown here: scan the (small) sibling range
+        ns, _, hexd = rec.key.rpartition("/")
+        prefix = _enc(f"{ns}/{rec.parent or '-'}/")
+        cur = txn.cursor(db=self._children)
+        if cur.set_range(prefix):
+            for k in list(cur.iternext(keys=True, values=False)):
+                kb = bytes(k)
+                if not kb.startswith(prefix):
+                    break
+                if kb.endswith(_enc("/" + hexd)):
+                    txn.delete(kb, db=self._children)
+                    break
+
+    def touch(self, keys: Sequence[str], now: float | None = None) -> None:
+        """A read hit: bump last access and the hit count."""
+        now = time.time() if now is None else now
+        with self.env.write() as txn:
+            for key in keys:
+                k = _enc(key)
+                v = txn.get(k, db=self._chunks)
+                if v is not None:
+                    rec = ChunkRecord.unpack(key, v)
+                    txn.put(k, replace(rec, last_access=now, hits=rec.hits + 1).pack(), db=self._chunks)
+
+    def set_size(self, key: str, size: int) -> None:
+        with self.env.write() as txn:
+            v = txn.get(_enc(key), db=self._chunks)
+            if v is None:
+                return
+            rec = ChunkRecord.unpack(key, v)
+            if rec.size == size:
+                return
+            for slot in range(MAX_TIERS):
+                if rec.tiers & (1 << slot):
+                    self._add_used(txn, self._meta, slot, size - rec.size)
+            txn.put(_enc(key), replace(rec, size=size).pack(), db=self._chunks)
+
+    def pin(self, keys: Sequence[str], delta: int = 1, *, reset: bool = False) -> list[ChunkRecord]:
+        """Add ``delta`` pins (negative unpins, never below 0); ``reset`` sets them to 0."""
+        changed = []
+        with self.env.write() as txn:
+            for key in keys:
+                k = _enc(key)
+                v = txn.get(k, db=self._chunks)
+                if v is None:
+                    continue
+                rec = ChunkRecord.unpack(key, v)
+                pins = 0 if reset else max(0, rec.pins + delta)
+                new = replace(rec, pins=pins)
+                txn.put(k, new.pack(), db=self._chunks)
+                changed.append(new)
+        return changed
+
+    def children(self, namespace: str, parent: str, first_token: int) -> list[tuple[str, np.ndarray]]:
+        """Chunks stored right after ``parent`` whose first token is ``first_token``: ``(hex, tokens)``."""
+        prefix = _enc(f"{namespace}/{parent or '-'}/{first_token:08x}/")
+        out = []
+        with self.env.read() as txn:
+            cur = txn.cursor(db=self._children)
+            if cur.set_range(prefix):
+                for k, v in cur:
+                    kb = bytes(k)
+                    if not kb.startswith(prefix):
+                        break
+                    out.append((_dec(kb[len(prefix):]), np.frombuffer(v, dtype="<u4")))
+        return out
+
+    def scan(self, prefix: str = "") -> list[ChunkRecord]:
+        """Every record whose key starts with ``prefix`` (``model/`` or ``model/ns-id/``), in key order."""
+        p = _enc(prefix)
+        out = []
+        with self.env.read() as txn:
+            cur = txn.cursor(db=self._chunks)
+            if cur.set_range(p):
+                for k, v in cur:
+                    kb = bytes(k)
+                    if not kb.startswith(p):
+                        break
+                    out.append(ChunkRecord.unpack(_dec(kb), v))
+        return out
+
+    def count(self) -> int:
+        with self.env.read() as txn:
+            return txn.stat(self._chunks)["entries"]
+
+    # -- namespaces -----------------------------------------------------------------------
+    def register_namespace(self, ns_path: str, manifest: bytes) -> bool:
+        k = _enc(ns_path)
+        with self.env.read() as txn:
+            if txn.get(k, db=self._ns) is not None:
+                return False
+        with self.env.write() as txn:
+            if txn.get(k, db=self._ns) is not None:
+                return False
+            txn.put(k, manifest, db=self._ns)
+            return True
+
+    def manifest(self, ns_path: str) -> bytes | None:
+        with self.env.read() as txn:
+            return txn.get(_enc(ns_path), db=self._ns)
+
+    def namespaces(self) -> list[str]:
+        with self.env.read() as txn:
+            return [_dec(k) for k in txn.cursor(db=self._ns).iternext(keys=True, values=False)]
+
+    def forget_namespace(self, ns_path: str) -> None:
+        with self.env.write() as txn:
+            txn.delete(_enc(ns_path), db=self._ns)
+
+    # -- quarantine -----------------------------------------------------------------------
+    def quarantine(self, path: str, reason: str, tier: str) -> None:
+        with self.env.write() as txn:
+            txn.put(_enc(path), json.dumps({"reason": reason, "tier": tier, "time": time.time()}).encode(),
+                    db=self._quarantine)
+
+    def quarantined(self) -> dict[str, dict]:
+        with self.env.read() as txn:
+            return {_dec(k): json.loads(bytes(v)) for k, v in txn.cursor(db=self._quarantine)}
+
+    # -- maintenance ----------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget every chunk and usage counter (fsck rebuilds them); tier slots and namespaces stay."""
+        with self.env.write() as txn:
+            txn.drop(self._chunks, delete=False)
+            txn.drop(self._children, delete=False)
+            cur = txn.cursor(db=self._meta)
+            for k in list(cur.iternext(keys=True, values=False)):
+                if bytes(k).startswith(b"used/"):
+                    txn.delete(bytes(k), db=self._meta)
+
+    def flush(self) -> None:
+        self.env.sync()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        _lmdbenv.release(self.env)
+        if self._tmp:
+            shutil.rmtree(self._tmp, ignore_errors=True)

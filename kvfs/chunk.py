@@ -1,0 +1,434 @@
+"""The chunk format: a safetensors file any safetensors reader opens.
+
+Layout (all integers little-endian)::
+
+    [u64 N][N bytes of JSON header, space padded][tensor data]
+    8 + N is a multiple of 4096, so tensor data is aligned for O_DIRECT / GDS.
+
+One tensor, ``kv``, of shape ``[layers, planes, tokens, kv_heads, head_dim]``
+(planes = 2 for K and V, 1 for an MLA latent), layer-major: one layer's K and
+V are one contiguous byte range. ``__metadata__`` (string values, as
+safetensors requires) holds:
+
+==================  ==============================================================
+``format``          ``"kvfs"``
+``version``         format version (``"1"``); readers refuse newer versions
+``namespace``       the namespace id (``bf16-L32-H8-D128-c256-tp1.0-3fa9c1d2``)
+``key``/``parent``  hex chunk key and its parent's ("" for a chain's first chunk)
+``kind``            ``"prefix"`` or ``"segment"`` (position-independent, CacheBlend)
+``start``           index of the chunk's first token in the sequence keyed
+``positions``       first position the KV was computed at (RoPE)
+``tokens``          JSON list of the chunk's token ids
+``checksum``        ``xxh3-64:<hex>`` of all tensor bytes
+``layer_checksums`` comma-separated xxh3-64 of each layer's byte range
+``meta_checksum``   xxh3-64 of the canonical JSON of every other metadata entry
+``signature``       optional, ``hmac-blake2b:<hex>`` (see :mod:`kvfs.signing`)
+==================  ==============================================================
+
+Parsing is strict and only ever raises :class:`ChunkFormatError`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import xxhash
+
+from .errors import ChunkFormatError, IntegrityError
+from .spec import DTYPES, SAFETENSORS_TO_DTYPE, KVSpec
+
+FORMAT_NAME = "kvfs"
+FORMAT_VERSION = 1
+ALIGN = 4096
+MAX_HEADER = 1 << 20  # a header claiming more is corrupt, not a big chunk
+_HEX16 = "0" * 16
+_RAW = {1: np.uint8, 2: np.uint16, 4: np.uint32}
+_REQUIRED = ("format", "version", "namespace", "key", "parent", "kind", "start", "positions", "tokens",
+             "checksum", "layer_checksums", "meta_checksum")
+
+
+def _xxh(data) -> str:
+    return xxhash.xxh3_64_hexdigest(data)
+
+
+def _canonical_meta(meta: dict[str, str]) -> bytes:
+    rest = {k: v for k, v in meta.items() if k not in ("meta_checksum", "signature")}
+    return json.dumps(rest, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkHeader:
+    """A parsed, self-consistent chunk header (not yet checked against what was asked for)."""
+
+    metadata: dict[str, str]
+    dtype: str
+    shape: tuple[int, int, int, int, int]
+    data_offset: int
+    nbytes: int
+    tokens: np.ndarray
+
+    @property
+    def namespace(self) -> str:
+        return self.metadata["namespace"]
+
+    @property
+    def key(self) -> str:
+        return self.metadata["key"]
+
+    @property
+    def parent(self) -> str:
+        return self.metadata["parent"]
+
+    @property
+    def kind(self) -> str:
+        return self.metadata["kind"]
+
+    @property
+    def start(self) -> int:
+        return int(self.metadata["start"])
+
+    @property
+    def positions(self) -> int:
+        return int(self.metadata["positions"])
+
+    @property
+    def num_tokens(self) -> int:
+        return self.shape[2]
+
+    @property
+    def file_size(self) -> int:
+        return self.data_offset + self.nbytes
+
+    @property
+    def layer_bytes(self) -> int:
+        return self.nbytes // self.shape[0] if self.shape[0] else 0
+
+    @property
+    def layer_checksums(self) -> list[str]:
+        return self.metadata["layer_checksums"].split(",") if self.shape[0] else []
+
+    def layer_range(self, layer: int) -> tuple[int, int]:
+        """Byte range ``[start, end)`` of one layer's K and V in the file."""
+        lb = self.layer_bytes
+        return self.data_offset + layer * lb, self.data_offset + (layer + 1) * lb
+
+
+# --------------------------------------------------------------------------------------------
+# encoding
+
+
+def encode(
+    spec: KVSpec,
+    *,
+    key: str,
+    parent: str,
+    tokens: np.ndarray,
+    kv: np.ndarray,
+    start: int,
+    kind: str = "prefix",
+    positions: int | None = None,
+    extra: dict[str, str] | None = None,
+    signer: Any = None,
+) -> bytearray:
+    """Encode one chunk into a new buffer: the tensor bytes are copied exactly once.
+
+    ``kv`` is a raw-typed (uint8/16/32) or spec-typed array of shape
+    ``spec.chunk_shape(len(tokens))``, with any strides (a slice of a longer
+    sequence is fine). Checksums are computed on the copy while it is in cache.
+    """
+    t = len(tokens)
+    shape = spec.chunk_shape(t)
+    if tuple(kv.shape) != shape:
+        raise ValueError(f"kv shape {tuple(kv.shape)} != {shape}")
+    itemsize = spec.itemsize
+    nbytes = math.prod(shape) * itemsize
+    meta = {
+        "format": FORMAT_NAME,
+        "version": str(FORMAT_VERSION),
+        "namespace": spec.namespace_id,
+        "key": key,
+        "parent": parent,
+        "kind": kind,
+        "start": str(int(start)),
+        "positions": str(int(start if positions is None else positions)),
+        "tokens": "[" + ",".join(map(str, tokens.tolist())) + "]",
+        "checksum": "xxh3-64:" + _HEX16,
+        "layer_checksums": ",".join([_HEX16] * shape[0]),
+    }
+    if extra:
+        for k, v in extra.items():
+            if k in meta or k in ("meta_checksum", "signature"):
+                raise ValueError(f"metadata key {k!r} is reserved")
+            meta[k] = str(v)
+    meta["meta_checksum"] = _HEX16
+    if signer is not None:
+        meta["signature"] = signer.placeholder  # fixed width: the real signature has the same length
+    header_json = _header_json(meta, spec.dtype, shape, nbytes)
+    hlen = _padded_len(len(header_json))
+    data_offset = 8 + hlen
+    buf = bytearray(data_offset + nbytes)
+    mv = memoryview(buf)
+
+    # copy layer by layer and hash each layer while it is hot in cache
+    raw = _RAW[itemsize]
+    src = kv.view(raw) if kv.dtype != raw else kv
+    dst = np.frombuffer(mv[data_offset:], dtype=raw).reshape(shape)
+    whole = xxhash.xxh3_64()
+    layer_sums = []
+    lb = nbytes // shape[0] if shape[0] else 0
+    for layer in range(shape[0]):
+        np.copyto(dst[layer], src[layer])
+        block = mv[data_offset + layer * lb : data_offset + (layer + 1) * lb]
+        whole.update(block)
+        layer_sums.append(xxhash.xxh3_64_hexdigest(block))
+    meta["checksum"] = "xxh3-64:" + whole.hexdigest()
+    meta["layer_checksums"] = ",".join(layer_sums)
+    meta["meta_checksum"] = _xxh(_canonical_meta(meta))
+    if signer is not None:
+        meta["signature"] = signer(_canonical_meta(meta), mv[data_offset:])
+    final = _header_json(meta, spec.dtype, shape, nbytes)
+    if len(final) > hlen:  # cannot happen with fixed-width placeholders; guard anyway
+        raise AssertionError("chunk header grew while encoding")
+    struct.pack_into("<Q", buf, 0, hlen)
+    buf[8 : 8 + hlen] = final + b" " * (hlen - len(final))
+    return buf
+
+
+def _header_json(meta: dict[str, str], dtype: str, shape: tuple[int, ...], nbytes: int) -> bytes:
+    header = {
+        "__metadata__": meta,
+        "kv": {"dtype": DTYPES[dtype][0], "shape": list(shape), "data_offsets": [0, nbytes]},
+    }
+    return json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def _padded_len(n: int) -> int:
+    return ((8 + n + ALIGN - 1) // ALIGN) * ALIGN - 8
+
+
+# --------------------------------------------------------------------------------------------
+# decoding
+
+
+def header_length(prefix: bytes | memoryview) -> int:
+    """Total bytes of ``[u64][header]``, i.e. the data offset, from a file's first 8 bytes."""
+    if len(prefix) < 8:
+        raise ChunkFormatError(f"chunk is truncated: {len(prefix)} bytes, not even a header length")
+    (n,) = struct.unpack_from("<Q", prefix, 0)
+    if n > MAX_HEADER:
+        raise ChunkFormatError(f"chunk header claims {n} bytes (more than {MAX_HEADER}): corrupt")
+    if (8 + n) % ALIGN:
+        raise ChunkFormatError(f"chunk data offset {8 + n} is not a multiple of {ALIGN}: not a kvfs chunk")
+    return 8 + n
+
+
+def parse_header(buf: bytes | bytearray | memoryview, file_size: int | None = None) -> ChunkHeader:
+    """Parse and self-check a chunk header from a buffer holding at least the header.
+
+    ``file_size``: the chunk's full length if known (defaults to ``len(buf)``
+    when the buffer is longer than the header); a mismatch means truncation.
+    Raises :class:`ChunkFormatError` for anything that is not a valid chunk.
+    """
+    try:
+        return _parse_header(buf, file_size)
+    except ChunkFormatError:
+        raise
+    except (ValueError, TypeError, KeyError, OverflowError, IndexError, AttributeError, RecursionError,
+            struct.error) as e:
+        raise ChunkFormatError(f"malformed chunk header: {type(e).__name__}: {e}") from None
+
+
+def _parse_header(buf, file_size: int | None) -> ChunkHeader:
+    mv = memoryview(buf)
+    if mv.ndim != 1 or mv.itemsize != 1:
+        mv = mv.cast("B")
+    data_offset = header_length(mv[:8])
+    if len(mv) < data_offset:
+        raise ChunkFormatError(f"chunk is truncated: {len(mv)} bytes, header needs {data_offset}")
+    raw = bytes(mv[8:data_offset])
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ChunkFormatError(f"chunk header is not JSON: {e}") from None
+    if not isinstance(header, dict) or set(header) != {"__metadata__", "kv"}:
+        raise ChunkFormatError("chunk header must hold exactly '__metadata__' and one tensor 'kv'")
+    meta, tensor = header["__metadata__"], header["kv"]
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise ChunkFormatError("chunk metadata must map strings to strings")
+    if meta.get("format") != FORMAT_NAME:
+        raise ChunkFormatError(f"not a kvfs chunk (format {meta.get('format')!r})")
+    missing = [k for k in _REQUIRED if k not in meta]
+    if missing:
+        raise ChunkFormatError(f"chunk metadata lacks {', '.join(missing)}")
+    version = int(meta["version"])
+    if version > FORMAT_VERSION:
+        raise ChunkFormatError(
+            f"chunk format version {version} is newer than this kvfs reads ({FORMAT_VERSION}); upgrade kvfs"
+        )
+    if version < 1:
+        raise ChunkFormatError(f"chunk format version {version} is invalid")
+    if _xxh(_canonical_meta(meta)) != meta["meta_checksum"]:
+        raise IntegrityError("chunk metadata checksum mismatch: the header is corrupt")
+    if not isinstance(tensor, dict) or set(tensor) != {"dtype", "shape", "data_offsets"}:
+        raise ChunkFormatError("tensor 'kv' must have dtype, shape and data_offsets")
+    dtype = SAFETENSORS_TO_DTYPE.get(tensor["dtype"]) if isinstance(tensor["dtype"], str) else None
+    if dtype is None:
+        raise ChunkFormatError(f"unsupported tensor dtype {tensor['dtype']!r}")
+    shape = tensor["shape"]
+    if (not isinstance(shape, list) or len(shape) != 5
+            or not all(type(d) is int and 0 <= d < 2**31 for d in shape)):
+        raise ChunkFormatError(f"tensor shape {shape!r} is not [layers, planes, tokens, heads, dim]")
+    if shape[1] not in (1, 2):
+        raise ChunkFormatError(f"tensor shape {shape!r}: planes must be 2 (K, V) or 1 (MLA)")
+    nbytes = math.prod(shape) * DTYPES[dtype][1]
+    offs = tensor["data_offsets"]
+    if not isinstance(offs, list) or offs != [0, nbytes]:
+        raise ChunkFormatError(f"data_offsets {offs!r} do not match shape {shape} ({nbytes} bytes)")
+    if file_size is None and len(mv) > data_offset:
+        file_size = len(mv)
+    if file_size is not None and file_size != data_offset + nbytes:
+        raise ChunkFormatError(
+            f"chunk is {file_size} bytes but its header describes {data_offset + nbytes}: truncated or padded"
+        )
+    tokens_list = json.loads(meta["tokens"])
+    if not isinstance(tokens_list, list) or not all(type(t) is int and 0 <= t < 2**32 for t in tokens_list):
+        raise ChunkFormatError("chunk tokens must be a list of uint32 ids")
+    if len(tokens_list) != shape[2]:
+        raise ChunkFormatError(f"chunk holds {len(tokens_list)} token ids but KV for {shape[2]} tokens")
+    if meta["kind"] not in ("prefix", "segment"):
+        raise ChunkFormatError(f"unknown chunk kind {meta['kind']!r}")
+    int(meta["start"]), int(meta["positions"])
+    if not meta["checksum"].startswith("xxh3-64:"):
+        raise ChunkFormatError(f"unknown checksum {meta['checksum']!r}")
+    if len(meta["layer_checksums"].split(",")) != shape[0] and shape[0]:
+        raise ChunkFormatError("layer_checksums does not have one entry per layer")
+    tokens = np.asarray(tokens_list, dtype="<u4") if tokens_list else np.zeros(0, "<u4")
+    return ChunkHeader(meta, dtype, (shape[0], shape[1], shape[2], shape[3], shape[4]), data_offset, nbytes, tokens)
+
+
+def check_expected(
+    header: ChunkHeader,
+    spec: KVSpec,
+    *,
+    key: str | None = None,
+    tokens: np.ndarray | None = None,
+    path: str = "",
+) -> None:
+    """Raise :class:`IntegrityError` unless the chunk is the one asked for, in this namespace."""
+    where = f" ({path})" if path else ""
+    if header.namespace != spec.namespace_id:
+        raise IntegrityError(
+            f"chunk belongs to namespace {header.namespace!r}, not {spec.namespace_id!r}{where}"
+        )
+    if header.dtype != spec.dtype:
+        raise IntegrityError(f"chunk dtype {header.dtype} != namespace dtype {spec.dtype}{where}")
+    if header.shape != spec.chunk_shape(header.shape[2]):
+        raise IntegrityError(f"chunk shape {header.shape} does not fit namespace {spec.namespace_id}{where}")
+    if header.shape[2] > spec.chunk_tokens or header.shape[2] == 0:
+        raise IntegrityError(f"chunk holds {header.shape[2]} tokens; namespace chunks hold 1..{spec.chunk_tokens}{where}")
+    if key is not None and header.key != key:
+        raise IntegrityError(f"chunk key {header.key[:16]}... is not the key asked for {key[:16]}...{where}")
+    if tokens is not None and (len(tokens) != len(header.tokens) or not np.array_equal(tokens, header.tokens)):
+        raise IntegrityError(f"chunk token ids do not match the tokens asked for{where}")
+
+
+def verify_data(header: ChunkHeader, data) -> None:
+    """Check the whole-tensor checksum of ``data`` (the tensor bytes)."""
+    if xxhash.xxh3_64_hexdigest(data) != header.metadata["checksum"][8:]:
+        raise IntegrityError(f"chunk {header.key[:16]}... data checksum mismatch: corrupt")
+
+
+def as_array(header: ChunkHeader, data) -> np.ndarray:
+    """A zero-copy array over the tensor bytes (valid as long as ``data`` is)."""
+    from .spec import numpy_dtype
+
+    return np.frombuffer(data, dtype=numpy_dtype(header.dtype), count=math.prod(header.shape)).reshape(header.shape)
+
+
+def copy_verified(
+    header: ChunkHeader,
+    data,
+    dest: np.ndarray,
+    *,
+    layers: range | None = None,
+    take: int | None = None,
+    verify: bool = True,
+) -> None:
+    """Copy (some layers, the first ``take`` tokens of) a chunk into ``dest``, verifying each layer.
+
+    ``data`` holds the tensor bytes of the layers copied (all layers, or
+    exactly the layers in ``layers``, contiguous). ``dest`` has shape
+    ``[len(layers), planes, take, heads, dim]`` and any strides. A layer is
+    hashed from ``dest`` right after its copy (hot in cache) when the copy
+    is whole and contiguous, else from the source. On :class:`IntegrityError`
+    the content of ``dest`` is undefined: the caller discards it.
+    """
+    layers = range(header.shape[0]) if layers is None else layers
+    t = header.shape[2]
+    take = t if take is None else take
+    itemsize = DTYPES[header.dtype][1]
+    raw = _RAW[itemsize]
+    lshape = header.shape[1:]
+    lb = header.layer_bytes
+    mv = memoryview(data)
+    if mv.ndim != 1 or mv.itemsize != 1:
+        mv = mv.cast("B")
+    if len(mv) < lb * len(layers):
+        raise ChunkFormatError(f"chunk data is truncated: {len(mv)} bytes for {len(layers)} layers of {lb}")
+    src = np.frombuffer(mv, dtype=raw, count=(lb // itemsize) * len(layers)).reshape((len(layers),) + lshape)
+    dst = dest.view(raw) if dest.dtype != raw else dest
+    sums = header.layer_checksums if verify else None
+    whole = take == t
+    for i, layer in enumerate(layers):
+        d = dst[i]
+        if whole:
+            np.copyto(d, src[i])
+            if sums is not None:
+                if d.flags.c_contiguous:
+                    ok = xxhash.xxh3_64_hexdigest(d) == sums[layer]
+                else:
+                    h = xxhash.xxh3_64()
+                    for p in range(d.shape[0]):
+                        plane = d[p]
+                        h.update(plane if plane.flags.c_contiguous else np.ascontiguousarray(plane))
+                    ok = h.hexdigest() == sums[layer]
+                if not ok:
+                    raise IntegrityError(f"chunk {header.key[:16]}... layer {layer} checksum mismatch: corrupt")
+        else:
+            if sums is not None and xxhash.xxh3_64_hexdigest(mv[i * lb : (i + 1) * lb]) != sums[layer]:
+                raise IntegrityError(f"chunk {header.key[:16]}... layer {layer} checksum mismatch: corrupt")
+            np.copyto(d, src[i][:, :take])
+
+
+def decode(buf, spec: KVSpec | None = None, *, key: str | None = None, tokens: np.ndarray | None = None,
+           verify: bool = True) -> tuple[ChunkHeader, np.ndarray]:
+    """Parse, check and copy out a whole chunk: ``(header, kv array)`` (one copy of the tensor bytes)."""
+    header = parse_header(buf)
+    if spec is not None:
+        check_expected(header, spec, key=key, tokens=tokens)
+    from .spec import numpy_dtype
+
+    out = np.empty(header.shape, dtype=numpy_dtype(header.dtype))
+    mv = memoryview(buf)
+    if mv.ndim != 1 or mv.itemsize != 1:
+        mv = mv.cast("B")
+    copy_verified(header, mv[header.data_offset :], out, verify=verify)
+    return header, out
+
+
+def describe(header: ChunkHeader) -> dict[str, Any]:
+    """Plain-JSON view of a header (CLI ``stat``)."""
+    m = dict(header.metadata)
+    m["tokens"] = header.tokens.tolist()
+    return {
+        "dtype": header.dtype,
+        "shape": list(header.shape),
+        "data_offset": header.data_offset,
+        "nbytes": header.nbytes,
+        "metadata": m,
+    }

@@ -1,0 +1,283 @@
+"""A namespace: the chunks of one KV configuration inside a store.
+
+    with kvfs.open() as store:
+        ns = store.namespace(kvfs.KVSpec("llama-3.1-8b", 32, 8, 128))
+        ns.put(tokens, kv)              # kv: [layers, 2, len(tokens), kv_heads, head_dim]
+        n = ns.lookup(longer_tokens)    # leading tokens whose KV is stored
+        kv = ns.get(tokens[:n])         # exactly those tokens' KV, verified
+
+Lookups are token-granular: besides whole chunks found by their chained
+keys, a stored chunk that extends the cached prefix by only part of its
+tokens is found through the catalog and its first tokens are reused (a
+prompt that shares 300 tokens with a stored one reuses 300, not 256).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from .errors import CacheMiss, InvalidInput
+from .keys import ChunkKey, as_tokens, chunk_keys, common_prefix_length, segment_keys
+from .spec import KVSpec, canonical_dtype
+from .store import ReadItem, Store
+
+_RAW = {1: np.uint8, 2: np.uint16, 4: np.uint32}
+PUT_BATCH_BYTES = 512 << 20
+
+
+@dataclass(frozen=True)
+class PlanItem:
+    """One stored chunk used to serve a request: its first ``take`` tokens, at ``start`` in the request."""
+
+    key: ChunkKey
+    start: int
+    take: int
+    tokens: np.ndarray  # the request's tokens [start, start + take)
+
+    @property
+    def end(self) -> int:
+        return self.start + self.take
+
+    @property
+    def whole(self) -> bool:
+        """The chunk is used whole (its key matched exactly)."""
+        return self.take == self.key.num_tokens
+
+
+class Namespace:
+    """Put, find and get the KV of token sequences in one namespace of a store."""
+
+    def __init__(self, store: Store, spec: KVSpec) -> None:
+        self.store = store
+        self.spec = spec
+        self.path = spec.path
+
+    def __repr__(self) -> str:
+        return f"Namespace({self.path})"
+
+    # ---------------------------------------------------------------------------------- keys
+    def keys(self, tokens: Any) -> list[ChunkKey]:
+        """The chunk keys of a token sequence (what ``put`` writes), whole chunks then a partial one."""
+        toks = as_tokens(tokens)
+        return chunk_keys(self.spec.seed, self.path, toks, self.spec.chunk_tokens)
+
+    def segment_keys(self, tokens: Any) -> list[ChunkKey]:
+        """Position-independent keys of a segment (CacheBlend)."""
+        toks = as_tokens(tokens)
+        return segment_keys(self.spec.seed, self.path, toks, self.spec.chunk_tokens)
+
+    # ---------------------------------------------------------------------------------- conversion
+    def as_raw_kv(self, kv: Any, ntokens: int) -> np.ndarray:
+        """Validate ``kv`` and return a raw-typed numpy view (no copy for CPU arrays and tensors)."""
+        spec = self.spec
+        shape = spec.chunk_shape(ntokens)
+        if isinstance(kv, np.ndarray):
+            if kv.dtype != spec.numpy_dtype:
+                raise InvalidInput(
+                    f"kv dtype {kv.dtype} does not match namespace dtype {spec.dtype}; convert it first"
+                    + (" (numpy bfloat16 is ml_dtypes.bfloat16)" if spec.dtype == "bfloat16" else "")
+                )
+            arr = kv
+        elif type(kv).__module__.startswith("torch"):
+            import torch
+
+            if canonical_dtype(str(kv.dtype)) != spec.dtype:
+                raise InvalidInput(f"kv dtype {kv.dtype} does not match namespace dtype {spec.dtype}")
+            t = kv.detach()
+            if t.device.type != "cpu":
+                t = t.cpu()
+            raw_t = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[spec.itemsize]
+            arr = t.view(raw_t).numpy()
+        else:
+            raise InvalidInput(f"kv must be a numpy array or a torch tensor, got {type(kv).__name__}")
+        if tuple(arr.shape) != shape:
+            what = "[layers, 1, tokens, 1, latent]" if spec.mla else "[layers, 2, tokens, kv_heads, head_dim]"
+            raise InvalidInput(f"kv shape {tuple(arr.shape)} != {shape} {what} for {ntokens} tokens")
+        return arr.view(_RAW[spec.itemsize])
+
+    def _out(self, ntokens: int, out: Any) -> tuple[Any, np.ndarray]:
+        """Allocate (or validate) an output array; returns (what the caller gets, raw numpy view)."""
+        if out is None:
+            arr = np.empty(self.spec.chunk_shape(ntokens), dtype=self.spec.numpy_dtype)
+            return arr, arr.view(_RAW[self.spec.itemsize])
+        if type(out).__module__.startswith("torch") and out.device.type != "cpu":
+            raise InvalidInput("out must be a CPU tensor here; kvfs.gpu loads into device memory")
+        return out, self.as_raw_kv(out, ntokens)
+
+    # ---------------------------------------------------------------------------------- writes
+    def put(self, tokens: Any, kv: Any, *, positions: int | None = None) -> int:
+        """Store the KV of ``tokens``: whole chunks and the trailing partial one.
+
+        Chunks already stored (in any tier) are not rewritten. Returns the
+        number of chunks written.
+        """
+        toks = as_tokens(tokens)
+        raw = self.as_raw_kv(kv, len(toks))
+        keys = chunk_keys(self.spec.seed, self.path, toks, self.spec.chunk_tokens)
+        return self._put_keys(keys, toks, raw, positions)
+
+    def put_segment(self, tokens: Any, kv: Any, *, positions: int = 0) -> int:
+        """Store a position-independent segment (a document) computed at positions ``positions...``."""
+        toks = as_tokens(tokens)
+        raw = self.as_raw_kv(kv, len(toks))
+        keys = segment_keys(self.spec.seed, self.path, toks, self.spec.chunk_tokens)
+        return self._put_keys(keys, toks, raw, positions, segment=True)
+
+    def _put_keys(self, keys: list[ChunkKey], toks, raw, positions, segment: bool = False) -> int:
+        store = self.store
+        store._check_writable()
+        recs = store._records(keys)
+        todo = [i for i, r in enumerate(recs) if r is None or not r.tiers]
+        if todo:
+            found = store._exists_anywhere([keys[i] for i in todo], lambda k: toks[k.start : k.end])
+            todo = [i for i, f in zip(todo, found) if not f]
+        written = 0
+        batch: list[int] = []
+        batch_bytes = 0
+        per_token = self.spec.bytes_per_token
+        for i in todo + [None]:
+            if i is not None:
+                batch.append(i)
+                batch_bytes += keys[i].num_tokens * per_token
+                if batch_bytes < PUT_BATCH_BYTES:
+                    continue
+            if not batch:
+                break
+            chunks = []
+            for j in batch:
+                k = keys[j]
+                opts: dict[str, Any] = {}
+                if positions is not None:
+                    opts["positions"] = positions + k.start
+                chunks.append((k, toks[k.start : k.end], raw[:, :, k.start : k.end], opts))
+            bufs = store._encode_many(self.spec, chunks)
+            entries = []
+            for (k, t, _, _), buf in zip(chunks, bufs):
+                entries.append((store._record_for(k, t, len(buf)), None if segment else t, k.path, buf))
+            store._write_new(entries)
+            written += len(entries)
+            batch, batch_bytes = [], 0
+        return written
+
+    # ---------------------------------------------------------------------------------- lookup
+    def plan(self, tokens: Any) -> list[PlanItem]:
+        """The stored chunks that cover the longest cached prefix of ``tokens``, in order."""
+        self.store._check_open()
+        toks = as_tokens(tokens)
+        spec = self.spec
+        keys = chunk_keys(spec.seed, self.path, toks, spec.chunk_tokens)
+        recs = self.store._records(keys)
+        n = 0
+        while n < len(keys) and recs[n] is not None and recs[n].tiers:
+            n += 1
+        if n < len(keys):
+            n += self.store._probe(keys[n:], lambda k: toks[k.start : k.end])
+        items = [PlanItem(k, k.start, k.num_tokens, toks[k.start : k.end]) for k in keys[:n]]
+        covered = keys[n - 1].end if n else 0
+        if covered < len(toks):
+            parent = keys[n - 1] if n else None
+            best: tuple[int, str, int] | None = None
+            rest = toks[covered:]
+            for hexd, ctoks in self.store.catalog.children(self.path, parent.hex if parent else "", int(rest[0])):
+                cp = common_prefix_length(ctoks, rest[: len(ctoks)])
+                if cp and (best is None or cp > best[0]):
+                    best = (cp, hexd, len(ctoks))
+            if best is not None:
+                cp, hexd, clen = best
+                key = ChunkKey(bytes.fromhex(hexd), parent.digest if parent else None, covered, covered + clen,
+                               self.path)
+                items.append(PlanItem(key, covered, cp, toks[covered : covered + cp]))
+        return items
+
+    def lookup(self, tokens: Any) -> int:
+        """How many leading tokens of ``tokens`` have their KV stored (one batched query)."""
+        return sum(p.take for p in self.plan(tokens))
+
+    # ---------------------------------------------------------------------------------- reads
+    def get(self, tokens: Any, *, out: Any = None) -> Any:
+        """The KV of exactly ``tokens``, verified; :class:`kvfs.CacheMiss` if any part is not available."""
+        toks = as_tokens(tokens)
+        plan = self.plan(toks)
+        covered = plan[-1].end if plan else 0
+        if covered < len(toks):
+            raise CacheMiss(
+                f"{len(toks) - covered} of {len(toks)} tokens are not stored in {self.path} "
+                f"(the cached prefix is {covered} tokens)"
+            )
+        result, raw = self._out(len(toks), out)
+        ok = self.read(plan, raw)
+        if not all(ok):
+            bad = plan[ok.index(False)]
+            raise CacheMiss(f"chunk {bad.key.path} (tokens {bad.start}:{bad.end}) is missing or failed its checks")
+        return result
+
+    def get_prefix(self, tokens: Any, *, out: Any = None) -> tuple[int, Any]:
+        """Load the longest cached prefix: ``(n, kv of tokens[:n])``; stops early at a failing chunk."""
+        toks = as_tokens(tokens)
+        plan = self.plan(toks)
+        total = plan[-1].end if plan else 0
+        result, raw = self._out(total, out if out is not None else None)
+        if not plan:
+            return 0, result
+        ok = self.read(plan, raw)
+        n = total
+        for p, good in zip(plan, ok):
+            if not good:
+                n = p.start
+                break
+        return n, result[:, :, :n]
+
+    def read(self, plan: Sequence[PlanItem], dest: np.ndarray, layers: range | None = None) -> list[bool]:
+        """Read planned chunks into ``dest`` (raw-typed ``[layers, planes, tokens, heads, dim]``, token
+        axis covering the plan from 0). Returns, per plan item, whether it was read and verified."""
+        layers = range(self.spec.num_layers) if layers is None else layers
+        base = plan[0].start if plan else 0
+        items = [
+            ReadItem(p.key, p.take, dest[:, :, p.start - base : p.end - base], layers, p.tokens, p.whole)
+            for p in plan
+        ]
+        return self.store._read(self.spec, items)
+
+    def get_segment(self, tokens: Any, *, out: Any = None) -> tuple[Any, int]:
+        """A segment's KV and the first position it was computed at; CacheMiss if not stored whole."""
+        toks = as_tokens(tokens)
+        keys = segment_keys(self.spec.seed, self.path, toks, self.spec.chunk_tokens)
+        result, raw = self._out(len(toks), out)
+        items = [ReadItem(k, k.num_tokens, raw[:, :, k.start : k.end], range(self.spec.num_layers),
+                          toks[k.start : k.end], True) for k in keys]
+        ok = self.store._read(self.spec, items)
+        if not all(ok):
+            raise CacheMiss(f"segment of {len(toks)} tokens is not stored whole in {self.path}")
+        header = self.store._headers.get(keys[0].path)
+        return result, (header.positions if header is not None else 0)
+
+    def has_segment(self, tokens: Any) -> bool:
+        keys = self.segment_keys(tokens)
+        recs = self.store._records(keys)
+        if all(r is not None and r.tiers for r in recs):
+            return True
+        return all(self.store._exists_anywhere(keys, lambda k: None))
+
+    # ---------------------------------------------------------------------------------- pins
+    def pin(self, tokens: Any) -> int:
+        """Pin the stored chunks of ``tokens`` (never evicted while pinned); returns how many."""
+        plan = self.plan(tokens)
+        self.store._check_writable()
+        return len(self.store.catalog.pin([f"{p.key.namespace}/{p.key.hex}" for p in plan], 1))
+
+    def unpin(self, tokens: Any) -> int:
+        plan = self.plan(tokens)
+        self.store._check_writable()
+        return len(self.store.catalog.pin([f"{p.key.namespace}/{p.key.hex}" for p in plan], -1))
+
+    def evict(self, tokens: Any, *, force: bool = False):
+        """Evict the stored chunks of ``tokens`` from every tier (pinned ones only with ``force``)."""
+        from .store import EvictResult
+
+        plan = self.plan(tokens)
+        if not plan:
+            return EvictResult()
+        return self.store.evict([p.key.path for p in plan], force=force)

@@ -1,0 +1,1436 @@
+"""The store: one namespace of KV chunks over a chain of storage tiers.
+
+``kvfs.open(url)`` returns a :class:`Store`. It owns the backends (one per
+tier, fastest first), the catalog, the write-back queue, pins and eviction,
+and the verified read path: every chunk read is parsed, checked against what
+was asked for (namespace, key, token ids) and checksummed before a single
+byte reaches the caller. A chunk that fails is a miss, a warning and a
+quarantine, never data.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from . import _pool
+from .catalog import Catalog, ChunkRecord, key_of_path
+from .chunk import (
+    ChunkHeader,
+    check_expected,
+    copy_verified,
+    encode,
+    header_length,
+    parse_header,
+    verify_data,
+)
+from .errors import (
+    ChunkFormatError,
+    IntegrityError,
+    InvalidInput,
+    InvalidURL,
+    NoSpace,
+    NotFound,
+    PinnedError,
+    ReadOnlyStore,
+    StoreError,
+)
+from .keys import DIGEST_SIZE, SEGMENT_TAG, ChunkKey, chunk_path, next_digest
+from .spec import KVSpec
+from .tiers import Tier, WriteBack, WriteJob
+from .units import parse_duration, parse_size
+from .url import default_url, parse_url
+
+log = logging.getLogger("kvfs")
+
+DEFAULT_WRITEBACK_BYTES = 1 << 30
+HEADER_PROBE = 4096
+MANIFEST_NAME = "manifest.json"
+_RAW = {1: np.uint8, 2: np.uint16, 4: np.uint32}
+
+
+def open(url: str | None = None, **options: Any) -> "Store":  # noqa: A001 - kvfs.open is the entry point
+    """Open a store. ``url=None``: ``$KVFS_URL``, else the embedded LMDB store in ``~/.cache/kvfs``.
+
+    Options: ``catalog`` (directory of the catalog), ``writeback_bytes``
+    (bound of the write-back queue), ``read_only``, ``signing_key``
+    (bytes, or ``$KVFS_SIGNING_KEY``/``$KVFS_SIGNING_KEY_FILE``).
+    """
+    return Store(url, **options)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One item of the virtual namespace, as ``ls`` and ``stat`` show it."""
+
+    path: str
+    kind: str  # "model" | "namespace" | "shard" | "chunk" | "manifest"
+    size: int = 0
+    tokens: int = 0
+    pins: int = 0
+    last_access: float | None = None
+    created: float | None = None
+    hits: int = 0
+    tiers: tuple[str, ...] = ()
+    chunks: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.path.rsplit("/", 1)[-1]
+
+    @property
+    def is_dir(self) -> bool:
+        return self.kind in ("model", "namespace", "shard")
+
+    @property
+    def pinned(self) -> bool:
+        return self.pins > 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "name": self.name,
+            "type": self.kind,
+            "size": self.size,
+            "tokens": self.tokens,
+            "pinned": self.pins > 0,
+            "pins": self.pins,
+            "last_access": self.last_access,
+            "created": self.created,
+            "hits": self.hits,
+            "tiers": list(self.tiers),
+            "chunks": self.chunks,
+        }
+
+
+@dataclass
+class EvictResult:
+    evicted: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)  # pinned, not forced
+    freed_bytes: int = 0
+    dry_run: bool = False
+
+
+@dataclass
+class FsckReport:
+    chunks: int = 0
+    namespaces: int = 0
+    added: list[str] = field(default_factory=list)  # present in a tier, missing from the catalog
+    stale: list[str] = field(default_factory=list)  # in the catalog, gone from the tier
+    corrupt: list[str] = field(default_factory=list)
+    foreign: list[str] = field(default_factory=list)
+    orphans: list[str] = field(default_factory=list)  # keys that are neither chunks nor manifests
+    size_fixed: int = 0
+
+    @property
+    def clean(self) -> bool:
+        return not (self.added or self.stale or self.corrupt or self.foreign or self.size_fixed)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "clean": self.clean,
+            "chunks": self.chunks,
+            "namespaces": self.namespaces,
+            "added": self.added,
+            "stale": self.stale,
+            "corrupt": self.corrupt,
+            "foreign": self.foreign,
+            "orphans": self.orphans,
+            "size_fixed": self.size_fixed,
+        }
+
+
+@dataclass(eq=False)
+class ReadItem:
+    """One chunk to read: the first ``take`` tokens of some ``layers``, into ``dest``."""
+
+    key: ChunkKey
+    take: int
+    dest: np.ndarray  # raw-typed, [len(layers), planes, take, heads, dim], any strides
+    layers: range
+    expect: np.ndarray | None = None  # token ids the first `take` tokens must be
+    expect_full: bool = True  # the chunk must hold exactly `take` tokens
+
+    @property
+    def path(self) -> str:
+        return self.key.path
+
+    @property
+    def ckey(self) -> str:
+        return f"{self.key.namespace}/{self.key.hex}"
+
+
+class _Source:
+    """Where one chunk's bytes are read from during a tier read."""
+
+    def __init__(self, header: ChunkHeader, data=None, backend=None, path: str = "") -> None:
+        self.header = header
+        self.data = data  # memoryview of the whole file, or None for direct reads
+        self.backend = backend
+        self.path = path
+
+    def copy(self, item: ReadItem, layers: range, dest: np.ndarray, verify: bool) -> None:
+        h = self.header
+        lb = h.layer_bytes
+        if self.data is not None:
+            start = h.data_offset + layers.start * lb
+            copy_verified(h, self.data[start : start + len(layers) * lb], dest, layers=layers, take=item.take,
+                          verify=verify)
+            return
+        # direct: read straight into the destination planes, then hash them while hot
+        raw = dest
+        planes = h.shape[1]
+        plane_bytes = lb // planes
+        if item.take == h.shape[2] and all(raw[i, p].flags.c_contiguous for i in range(len(layers))
+                                           for p in range(planes)):
+            parts = []
+            for i, layer in enumerate(layers):
+                off = h.data_offset + layer * lb
+                for p in range(planes):
+                    parts.append((off + p * plane_bytes, raw[i, p].reshape(-1).view(np.uint8)))
+            got = self.backend.readinto_ranges(self.path, parts)
+            if got is None:
+                raise _Missing()
+            if any(n != len(buf) for n, (_, buf) in zip(got, parts)):
+                raise ChunkFormatError(f"{self.path} is truncated")
+            if verify:
+                sums = h.layer_checksums
+                import xxhash
+
+                for i, layer in enumerate(layers):
+                    hs = xxhash.xxh3_64()
+                    for p in range(planes):
+                        hs.update(raw[i, p])
+                    if hs.hexdigest() != sums[layer]:
+                        raise IntegrityError(f"chunk {h.key[:16]}... layer {layer} checksum mismatch: corrupt")
+            return
+        scratch = bytearray(len(layers) * lb)
+        got = self.backend.readinto_ranges(self.path, [(h.data_offset + layers.start * lb, scratch)])
+        if got is None:
+            raise _Missing()
+        if got[0] != len(scratch):
+            raise ChunkFormatError(f"{self.path} is truncated")
+        copy_verified(h, scratch, dest, layers=layers, take=item.take, verify=verify)
+
+
+class _Missing(Exception):
+    pass
+
+
+def _readinto_ranges(backend, key: str, parts) -> list[int] | None:
+    fn = getattr(backend, "readinto_ranges", None)
+    if fn is not None:
+        return fn(key, parts)
+    out = []
+    for off, buf in parts:
+        n = backend.readinto(key, buf, off)
+        if n is None:
+            return None
+        out.append(n)
+    return out
+
+
+class Store:
+    """A chain of tiers holding the chunks of any number of namespaces. Use as a context manager."""
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        catalog: str | None = None,
+        writeback_bytes: int | str = DEFAULT_WRITEBACK_BYTES,
+        read_only: bool = False,
+        signing_key: bytes | str | None = None,
+        verify: bool = True,
+    ) -> None:
+        from kvfs.backends import backend_class
+
+        self.url = url if url is not None else default_url()
+        tier_urls = parse_url(self.url)
+        self.read_only = read_only
+        self.verify = verify
+        self._closed = False
+        self._warned: set[str] = set()
+        self._lock = threading.RLock()
+        self._evict_lock = threading.Lock()
+        self._headers: dict[str, ChunkHeader] = {}
+        self._specs: dict[str, KVSpec] = {}
+        self._manifests_written: set[tuple[int, str]] = set()
+        from .signing import Signer
+
+        self.signer = Signer.from_config(signing_key)
+        backends = []
+        try:
+            for t in tier_urls:
+                backends.append(backend_class(t.scheme).from_url(t))
+            cat_dir = catalog or next((d for b in backends if (d := b.catalog_dir())), None)
+            if cat_dir is None and any(t.scheme != "memory" for t in tier_urls):
+                ident = "::".join(t.identity for t in tier_urls if t.scheme != "memory")
+                cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+                cat_dir = os.path.join(cache, "kvfs", "catalogs", hashlib.blake2b(ident.encode(), digest_size=8).hexdigest())
+            self.catalog = Catalog(cat_dir)
+        except BaseException:
+            for b in backends:
+                b.close()
+            raise
+        self.tiers: list[Tier] = []
+        for i, (t, b) in enumerate(zip(tier_urls, backends)):
+            shared = t.shared if t.shared is not None else bool(getattr(b, "shared", False))
+            self.tiers.append(Tier(i, t, b, self.catalog.tier_slot(t.identity), t.capacity, t.watermark, shared))
+        self._writeback = WriteBack(self._writeback_one, parse_size(writeback_bytes))
+
+    # ---------------------------------------------------------------------------------- life
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Store({'::'.join(t.url.redacted() for t in self.tiers)})"
+
+    @property
+    def redacted_url(self) -> str:
+        return "::".join(t.url.redacted() for t in self.tiers) if not self._closed else "<closed>"
+
+    def flush(self) -> None:
+        """Wait for write-back, then make everything written durable. Raises if a write-back failed."""
+        self._check_open()
+        errors = self._writeback.flush()
+        for t in self.tiers:
+            t.backend.flush()
+        self.catalog.flush()
+        if errors:
+            path, ti, e = errors[0]
+            raise StoreError(
+                errno.EIO,
+                f"{len(errors)} chunk(s) could not be written back to lower tiers (first: {path} to "
+                f"{self.tiers[ti].url.redacted()}: {e}); they stay readable from the tiers above",
+            ) from e
+
+    def close(self) -> None:
+        """Flush, then release every backend and the catalog. Idempotent."""
+        if self._closed:
+            return
+        errors: list = []
+        try:
+            errors = self._writeback.close()
+            for t in self.tiers:
+                try:
+                    t.backend.flush()
+                except OSError as e:
+                    log.warning("kvfs: flushing %s failed: %s", t, e)
+        finally:
+            self._closed = True
+            for t in self.tiers:
+                t.backend.close()
+            self.catalog.close()
+        if errors:
+            log.warning("kvfs: %d chunk(s) were not written back before close (first: %s: %s)",
+                        len(errors), errors[0][0], errors[0][2])
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError(errno.EBADF, "the store is closed")
+
+    def _check_writable(self) -> None:
+        self._check_open()
+        if self.read_only:
+            raise ReadOnlyStore(f"store {self.redacted_url} was opened read-only")
+
+    # ---------------------------------------------------------------------------------- namespaces
+    def namespace(self, spec: KVSpec) -> "Namespace":
+        """The namespace of one KV configuration (see :class:`kvfs.KVSpec`)."""
+        from .namespace import Namespace
+
+        if not isinstance(spec, KVSpec):
+            raise InvalidInput(f"store.namespace() takes a kvfs.KVSpec, got {type(spec).__name__}")
+        self._check_open()
+        self._specs[spec.path] = spec
+        return Namespace(self, spec)
+
+    def spec_of(self, ns_path: str) -> KVSpec | None:
+        """The spec of a namespace path (``model/ns-id``), from this process or the stored manifest."""
+        spec = self._specs.get(ns_path)
+        if spec is not None:
+            return spec
+        raw = self.catalog.manifest(ns_path)
+        if raw is None:
+            raw = self._read_manifest_from_tiers(ns_path)
+        if raw is None:
+            return None
+        try:
+            spec = KVSpec.from_manifest(bytes(raw))
+        except InvalidInput:
+            return None
+        if spec.path != ns_path:
+            return None
+        self._specs[ns_path] = spec
+        return spec
+
+    def _read_manifest_from_tiers(self, ns_path: str) -> bytes | None:
+        for t in self.tiers:
+            try:
+                v = t.backend.get(f"{ns_path}/{MANIFEST_NAME}")
+            except OSError:
+                continue
+            if v is not None:
+                return bytes(v)
+        return None
+
+    def _ensure_manifest(self, spec: KVSpec, tier_index: int) -> None:
+        """Write ``<model>/<ns-id>/manifest.json`` to a tier once (and register it in the catalog)."""
+        key = (tier_index, spec.path)
+        if key in self._manifests_written:
+            return
+        manifest = spec.manifest_bytes()
+        self.catalog.register_namespace(spec.path, manifest)
+        backend = self.tiers[tier_index].backend
+        mpath = f"{spec.path}/{MANIFEST_NAME}"
+        if not backend.exists_many([mpath])[0]:
+            backend.put(mpath, manifest)
+        self._manifests_written.add(key)
+
+    # ---------------------------------------------------------------------------------- lookup
+    def _records(self, keys: Sequence[ChunkKey]) -> list[ChunkRecord | None]:
+        return self.catalog.get_many([f"{k.namespace}/{k.hex}" for k in keys])
+
+    def _probe(self, keys: Sequence[ChunkKey], tokens_of) -> int:
+        """How many of ``keys`` (in order) some tier holds though the catalog does not know them.
+
+        Asks the tiers in growing batches (4, 16, 64...), one batched query per
+        tier per batch, so a cold prompt costs a few requests, not one per chunk.
+        """
+        found_n = 0
+        window = 4
+        while found_n < len(keys):
+            batch = keys[found_n : found_n + window]
+            found = self._exists_anywhere(batch, tokens_of)
+            n_ok = next((i for i, f in enumerate(found) if not f), len(found))
+            found_n += n_ok
+            if n_ok < len(batch):
+                break
+            window *= 4
+        return found_n
+
+    def _exists_anywhere(self, keys: Sequence[ChunkKey], tokens_of) -> list[bool]:
+        """Whether some tier holds each key (one batched query per tier); found ones enter the catalog."""
+        masks = [0] * len(keys)
+        for t in self.tiers:
+            todo = [i for i, m in enumerate(masks) if not m]
+            if not todo:
+                break
+            try:
+                exists = t.backend.exists_many([keys[i].path for i in todo])
+            except OSError as e:
+                self._warn_once(f"probe:{t.index}", f"kvfs: cannot query {t.url.redacted()}: {e}")
+                continue
+            for i, ok in zip(todo, exists):
+                if ok:
+                    masks[i] |= 1 << t.index
+        now = time.time()
+        for k, m in zip(keys, masks):
+            if not m:
+                continue
+            rec = ChunkRecord(f"{k.namespace}/{k.hex}", 0, k.num_tokens, k.start, now, now, 0, 0, 0, k.segment,
+                              k.parent_hex if not k.segment else "")
+            toks = tokens_of(k)
+            for t in self.tiers:
+                if m & (1 << t.index):
+                    self.catalog.add([(rec, toks)], t.slot)
+        return [bool(m) for m in masks]
+
+    # ---------------------------------------------------------------------------------- reads
+    def _read(self, spec: KVSpec, items: Sequence[ReadItem], *, promote: bool = True) -> list[bool]:
+        """Fill each item's ``dest``; ``True`` where the chunk was found and passed every check."""
+        self._check_open()
+        n = len(items)
+        ok = [False] * n
+        if not n:
+            return ok
+        recs = self.catalog.get_many([it.ckey for it in items])
+        remaining = list(range(n))
+        promotions: list[tuple[int, int, Any]] = []
+        for tier in self.tiers:
+            if not remaining:
+                break
+            todo = [i for i in remaining if recs[i] is None or recs[i].tiers & tier.bit or tier.shared]
+            if not todo:
+                continue
+            want_bytes = promote and tier.index > 0 and not self.read_only
+            results = self._read_tier(tier, spec, [items[i] for i in todo], want_bytes)
+            stale = []
+            for i, (status, payload) in zip(todo, results):
+                if status == "ok":
+                    ok[i] = True
+                    if payload is not None:
+                        promotions.append((i, tier.index, payload))
+                elif status == "corrupt":
+                    self._quarantine(tier, items[i].path, str(payload))
+                elif status == "missing" and recs[i] is not None and recs[i].tiers & tier.bit:
+                    stale.append(items[i].ckey)
+            if stale:
+                self.catalog.remove_from(stale, tier.slot)
+            remaining = [i for i in remaining if not ok[i]]
+        for i in range(n):
+            if ok[i] and recs[i] is not None and recs[i].size == 0:
+                h = self._headers.get(items[i].path)
+                if h is not None:
+                    self.catalog.set_size(items[i].ckey, h.file_size)
+        hits = [items[i].ckey for i in range(n) if ok[i]]
+        if hits and not self.read_only:
+            try:
+                self.catalog.touch(list(dict.fromkeys(hits)))
+            except OSError as e:  # a full or read-only catalog must not fail a read
+                self._warn_once("touch", f"kvfs: cannot record access times: {e}")
+        for i, tier_index, data in promotions:
+            self._promote(items[i], data, tier_index)
+        return ok
+
+    def _read_tier(self, tier: Tier, spec: KVSpec, items: list[ReadItem], want_bytes: bool):
+        """Read items from one tier: a list of (status, payload) with status ok/missing/corrupt/error."""
+        backend = tier.backend
+        paths = [it.path for it in items]
+        results: list[tuple[str, Any]] = [("missing", None)] * len(items)
+        try:
+            if backend.supports_views:
+                with backend.views(paths) as views:
+                    self._copy_from_buffers(spec, items, views, results, keep=want_bytes)
+            elif backend.direct_reads:
+                self._copy_direct(spec, backend, items, results)
+            else:
+                datas = backend.get_many(paths)
+                self._copy_from_buffers(spec, items, [None if d is None else memoryview(d) for d in datas],
+                                        results, keep=want_bytes)
+        except OSError as e:
+            self._warn_once(f"read:{tier.index}", f"kvfs: reading from {tier.url.redacted()} failed: {e}; "
+                                                  "treating its chunks as misses")
+            return [("error", e) if s == "missing" else (s, p) for s, p in results]
+        return results
+
+    def _check_header(self, spec: KVSpec, item: ReadItem, header: ChunkHeader) -> None:
+        check_expected(header, spec, key=item.key.hex, path=item.path)
+        t = header.shape[2]
+        if item.expect_full and t != item.take:
+            raise IntegrityError(f"{item.path} holds {t} tokens, expected {item.take}")
+        if item.take > t:
+            raise IntegrityError(f"{item.path} holds {t} tokens, fewer than the {item.take} asked for")
+        if item.expect is not None and not np.array_equal(header.tokens[: item.take], item.expect[: item.take]):
+            raise IntegrityError(f"{item.path}: token ids do not match the tokens asked for")
+        if item.expect is None or not item.expect_full:
+            # the tokens were not compared in full: bind them to the key through the hash chain
+            self._check_key_chain(spec, header, item.path)
+
+    def _check_key_chain(self, spec: KVSpec, header: ChunkHeader, path: str) -> None:
+        if header.kind == "segment":
+            parent = bytes.fromhex(header.parent) if header.parent else spec.seed + SEGMENT_TAG
+        else:
+            parent = bytes.fromhex(header.parent) if header.parent else spec.seed
+        if next_digest(parent, header.tokens).hex() != header.key:
+            raise IntegrityError(f"{path}: key does not hash from its parent and token ids")
+
+    def _header_from(self, buf, path: str) -> ChunkHeader:
+        header = self._headers.get(path)
+        if header is None:
+            header = parse_header(buf)
+            if len(self._headers) > 8192:
+                self._headers.clear()
+            self._headers[path] = header
+        elif len(buf) != header.file_size:
+            raise ChunkFormatError(f"{path} is {len(buf)} bytes, expected {header.file_size}: truncated or padded")
+        return header
+
+    def _copy_from_buffers(self, spec, items, buffers, results, keep: bool) -> None:
+        sources: dict[int, _Source] = {}
+        for i, (item, buf) in enumerate(zip(items, buffers)):
+            if buf is None:
+                continue
+            try:
+                if buf.ndim != 1 or buf.itemsize != 1:
+                    buf = buf.cast("B")
+                header = self._header_from(buf, item.path)
+                self._check_header(spec, item, header)
+                if self.signer is not None:
+                    self.signer.verify(header, buf[header.data_offset :], item.path)
+            except ChunkFormatError as e:
+                self._headers.pop(item.path, None)
+                results[i] = ("corrupt", e)
+                continue
+            sources[i] = _Source(header, data=buf)
+        self._run_copies(items, sources, results)
+        if keep:
+            for i in sources:
+                if results[i][0] == "ok":
+                    results[i] = ("ok", bytes(buffers[i]))
+
+    def _copy_direct(self, spec, backend, items, results) -> None:
+        def read_header(i: int):
+            item = items[i]
+            cached = self._headers.get(item.path)
+            if cached is not None:
+                return cached
+            buf = bytearray(HEADER_PROBE)
+            got = _readinto_ranges(backend, item.path, [(0, buf)])
+            if got is None:
+                raise _Missing()
+            n = got[0]
+            hlen = header_length(memoryview(buf)[: min(n, 8)])
+            if hlen > n:
+                if n < HEADER_PROBE:
+                    raise ChunkFormatError(f"{item.path} is truncated inside its header")
+                buf = bytearray(hlen)
+                got = _readinto_ranges(backend, item.path, [(0, buf)])
+                if got is None:
+                    raise _Missing()
+                if got[0] < hlen:
+                    raise ChunkFormatError(f"{item.path} is truncated inside its header")
+            header = parse_header(memoryview(buf)[:hlen])
+            self._headers[item.path] = header
+            return header
+
+        def guarded(i: int):
+            try:
+                header = read_header(i)
+                self._check_header(spec, items[i], header)
+                return header
+            except _Missing:
+                return "missing"
+            except ChunkFormatError as e:
+                self._headers.pop(items[i].path, None)
+                return e
+
+        headers = _pool.run_all([lambda i=i: guarded(i) for i in range(len(items))])
+        sources: dict[int, _Source] = {}
+        for i, h in enumerate(headers):
+            if isinstance(h, ChunkHeader):
+                sources[i] = _Source(h, backend=_DirectReader(backend), path=items[i].path)
+            elif isinstance(h, Exception):
+                results[i] = ("corrupt", h)
+        if self.signer is not None and sources:
+            # a signature covers the whole tensor: read it once, verify, then copy from memory
+            for i, src in list(sources.items()):
+                buf = bytearray(src.header.file_size)
+                got = _readinto_ranges(backend, items[i].path, [(0, buf)])
+                if got is None or got[0] != len(buf):
+                    results[i] = ("corrupt", ChunkFormatError(f"{items[i].path} is truncated"))
+                    del sources[i]
+                    continue
+                try:
+                    self.signer.verify(src.header, memoryview(buf)[src.header.data_offset :], items[i].path)
+                except ChunkFormatError as e:
+                    results[i] = ("corrupt", e)
+                    del sources[i]
+                    continue
+                sources[i] = _Source(src.header, data=memoryview(buf))
+        self._run_copies(items, sources, results)
+
+    def _run_copies(self, items, sources: dict[int, _Source], results) -> None:
+        """Copy+verify every source into its item's dest, split in layer groups over the pool."""
+        if not sources:
+            return
+        workers = _pool.workers()
+        per_item = max(1, math.ceil(2 * workers / len(sources)))
+        tasks = []
+        owners = []
+        for i, src in sources.items():
+            item = items[i]
+            layers = item.layers
+            groups = min(per_item, len(layers)) or 1
+            size = math.ceil(len(layers) / groups) if len(layers) else 0
+            for g in range(groups):
+                sub = range(layers.start + g * size, min(layers.stop, layers.start + (g + 1) * size))
+                if len(sub) == 0 and len(layers):
+                    continue
+                lo = g * size
+                dest = item.dest[lo : lo + len(sub)]
+                tasks.append(lambda src=src, item=item, sub=sub, dest=dest: _guard(src.copy, item, sub, dest, self.verify))
+                owners.append(i)
+        outcomes = _pool.run_all(tasks)
+        status: dict[int, tuple[str, Any]] = {i: ("ok", None) for i in sources}
+        for i, out in zip(owners, outcomes):
+            if out is not None and status[i][0] == "ok":
+                status[i] = out
+        for i, st in status.items():
+            results[i] = st
+
+    def _promote(self, item: ReadItem, data, from_tier: int) -> None:
+        """Copy a chunk read from a lower tier into the tiers above it."""
+        header = self._headers.get(item.path)
+        if header is None:
+            return
+        rec = self._record_for(item.key, header, len(data))
+        try:
+            self._write_new([(rec, header.tokens if header.kind == "prefix" else None, item.path, data)],
+                            tiers=list(range(from_tier)))
+        except OSError as e:
+            self._warn_once(f"promote:{from_tier}", f"kvfs: promoting chunks out of tier {from_tier} failed: {e}")
+
+    # ---------------------------------------------------------------------------------- writes
+    def _record_for(self, key: ChunkKey, header_or_tokens, size: int) -> ChunkRecord:
+        now = time.time()
+        ntok = header_or_tokens.shape[2] if isinstance(header_or_tokens, ChunkHeader) else len(header_or_tokens)
+        start = header_or_tokens.start if isinstance(header_or_tokens, ChunkHeader) else key.start
+        return ChunkRecord(f"{key.namespace}/{key.hex}", size, ntok, start, now, now, 0, 0, 0, key.segment,
+                           key.parent_hex if not key.segment else "")
+
+    def _encode_many(self, spec: KVSpec, chunks: Sequence[tuple[ChunkKey, np.ndarray, np.ndarray, dict]]):
+        """Encode chunks on the pool: ``(key, tokens, raw kv view, options)`` -> encoded buffers."""
+
+        def enc(c):
+            key, toks, kv, opts = c
+            return encode(
+                spec,
+                key=key.hex,
+                parent=key.parent_hex,
+                tokens=toks,
+                kv=kv,
+                start=opts.get("start", key.start),
+                kind="segment" if key.segment else "prefix",
+                positions=opts.get("positions"),
+                extra=opts.get("extra"),
+                signer=self.signer,
+            )
+
+        return _pool.run_all([lambda c=c: enc(c) for c in chunks])
+
+    def _write_new(self, entries: list[tuple[ChunkRecord, np.ndarray | None, str, Any]],
+                   tiers: list[int] | None = None) -> None:
+        """Write encoded chunks to the first tier (of ``tiers``) with room, and queue the tiers below.
+
+        ``entries``: (record, token ids, path, encoded buffer).
+        """
+        self._check_writable()
+        if not entries:
+            return
+        targets = list(range(len(self.tiers))) if tiers is None else list(tiers)
+        if not targets:
+            return
+        total = sum(len(e[3]) for e in entries)
+        spec_paths = {e[0].namespace for e in entries}
+        first = None
+        for pos, ti in enumerate(targets):
+            if self._make_room(self.tiers[ti], total):
+                first = pos
+                break
+            if pos == len(targets) - 1 or tiers is not None:
+                if tiers is not None:
+                    return  # promotion into full tiers is skipped, not an error
+                raise NoSpace(
+                    f"tier {self.tiers[ti].url.redacted()} is full ({self.catalog.used(self.tiers[ti].slot)} of "
+                    f"{self.tiers[ti].capacity} bytes) and nothing in it can be evicted (pinned, or not yet "
+                    "copied to a lower tier); unpin or evict chunks, or raise its capacity"
+                )
+        assert first is not None
+        tier = self.tiers[targets[first]]
+        for nsp in spec_paths:
+            spec = self.spec_of(nsp)
+            if spec is not None:
+                self._ensure_manifest(spec, tier.index)
+        tier.backend.put_many({path: buf for _, _, path, buf in entries})
+        self.catalog.add([(rec, toks) for rec, toks, _, _ in entries], tier.slot)
+        rest = targets[first + 1 :]
+        for rec, toks, path, buf in entries:
+            if rest:
+                self._writeback.submit(
+                    WriteJob(path, buf, list(rest),
+                             lambda ti, rec=rec, toks=toks: self.catalog.add([(rec, toks)], self.tiers[ti].slot))
+                )
+
+    def _writeback_one(self, job: WriteJob, tier_index: int) -> None:
+        tier = self.tiers[tier_index]
+        if not self._make_room(tier, job.nbytes):
+            raise NoSpace(f"tier {tier.url.redacted()} is full of pinned chunks")
+        nsp = key_of_path(job.path).rsplit("/", 1)[0]
+        spec = self.spec_of(nsp)
+        if spec is not None:
+            self._ensure_manifest(spec, tier_index)
+        tier.backend.put(job.path, job.data)
+
+    def _make_room(self, tier: Tier, incoming: int) -> bool:
+        """Evict LRU unpinned chunks from ``tier`` down to its watermark if ``incoming`` would overflow it."""
+        if tier.capacity is None:
+            return True
+        if self.catalog.used(tier.slot) + incoming <= tier.capacity:
+            return True
+        with self._evict_lock:
+            used = self.catalog.used(tier.slot)
+            if used + incoming <= tier.capacity:
+                return True
+            if incoming > tier.capacity:
+                return False
+            target = max(0, int(tier.capacity * tier.watermark) - incoming)
+            lower = 0
+            for t in self.tiers[tier.index + 1 :]:
+                lower |= t.bit
+            last = tier.index == len(self.tiers) - 1
+            candidates = [r for r in self.catalog.scan() if r.tiers & tier.bit and r.pins == 0
+                          and (last or r.tiers & lower)]
+            candidates.sort(key=lambda r: r.last_access)
+            victims = []
+            for r in candidates:
+                if used <= target:
+                    break
+                victims.append(r)
+                used -= r.size
+            if victims:
+                self._drop_from_tier(tier, victims)
+            return self.catalog.used(tier.slot) + incoming <= tier.capacity
+
+    def _drop_from_tier(self, tier: Tier, records: Sequence[ChunkRecord]) -> None:
+        # catalog first: a crash in between leaves an orphan (fsck finds it), never a dangling entry
+        self.catalog.remove_from([r.key for r in records], tier.slot)
+        paths = [r.path for r in records]
+        for p in paths:
+            self._headers.pop(p, None)
+        tier.backend.delete_many(paths)
+
+    # ---------------------------------------------------------------------------------- integrity
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(message)
+
+    def _quarantine(self, tier: Tier, path: str, reason: str) -> None:
+        """A chunk failed its checks: drop it from the tier and the catalog, and say so once."""
+        self._headers.pop(path, None)
+        self._warn_once(f"q:{path}", f"kvfs: chunk {path} in {tier.url.redacted()} failed its checks ({reason}); "
+                                     "quarantined, treated as a miss")
+        if self.read_only:
+            return
+        try:
+            self.catalog.remove_from([key_of_path(path)], tier.slot)
+            self.catalog.quarantine(path, reason, tier.url.redacted())
+            tier.backend.delete_many([path])
+        except OSError as e:
+            self._warn_once(f"qfail:{path}", f"kvfs: could not remove corrupt chunk {path}: {e}")
+
+    # ---------------------------------------------------------------------------------- the virtual namespace
+    @staticmethod
+    def _split(path: str) -> list[str]:
+        if not isinstance(path, str):
+            raise InvalidInput(f"a path is a string, got {type(path).__name__}")
+        if "\x00" in path:
+            raise InvalidInput("paths cannot contain NUL bytes")
+        parts = [p for p in path.strip().strip("/").split("/") if p]
+        if any(p in (".", "..") for p in parts):
+            raise InvalidInput(f"path {path!r}: '.' and '..' are not allowed in kvfs paths")
+        if any(len(p.encode("utf-8", "surrogateescape")) > 255 for p in parts):
+            raise InvalidInput(f"path {path[:60]!r}...: a component is longer than 255 bytes")
+        if len(parts) > 4:
+            raise NotFound(path, "kvfs paths are <model>/<namespace>/<hh>/<hash>.safetensors")
+        return parts
+
+    def _tier_names(self, mask: int) -> tuple[str, ...]:
+        return tuple(t.url.redacted() for t in self.tiers if mask & t.bit)
+
+    def _entry(self, rec: ChunkRecord) -> Entry:
+        return Entry(rec.path, "chunk", rec.size, rec.ntokens, rec.pins, rec.last_access, rec.created, rec.hits,
+                     self._tier_names(rec.tiers))
+
+    def _all_namespaces(self) -> list[str]:
+        names = set(self.catalog.namespaces())
+        names.update(r.namespace for r in self._scan_unique_namespaces())
+        return sorted(names)
+
+    def _scan_unique_namespaces(self):
+        seen = set()
+        for r in self.catalog.scan():
+            if r.namespace not in seen:
+                seen.add(r.namespace)
+                yield r
+
+    def records(self, path: str = "") -> list[ChunkRecord]:
+        """Catalog records of every chunk at or under ``path``."""
+        parts = self._split(path)
+        if len(parts) == 4:
+            rec = self.catalog.get(key_of_path("/".join(parts)))
+            if rec is None or not parts[3].startswith(parts[2]):
+                raise NotFound(path)
+            return [rec]
+        if len(parts) == 3:
+            if parts[2] == MANIFEST_NAME:
+                return []
+            return [r for r in self.catalog.scan(f"{parts[0]}/{parts[1]}/{parts[2]}")]
+        prefix = "/".join(parts) + "/" if parts else ""
+        return self.catalog.scan(prefix)
+
+    def ls(self, path: str = "", recursive: bool = False) -> list[Entry]:
+        """List a directory of the namespace: models, a model's namespaces, a namespace, a shard."""
+        self._check_open()
+        parts = self._split(path)
+        if recursive:
+            if len(parts) == 4:
+                return [self.stat(path)]
+            out = [self._entry(r) for r in self.records(path)]
+            nss = {r.namespace for r in self.records(path)} | {
+                n for n in self.catalog.namespaces() if n.startswith("/".join(parts))
+            }
+            out += [Entry(f"{n}/{MANIFEST_NAME}", "manifest", len(self.catalog.manifest(n) or b""))
+                    for n in sorted(nss) if self.catalog.manifest(n) is not None]
+            return sorted(out, key=lambda e: e.path)
+        if len(parts) == 0:
+            groups: dict[str, list[ChunkRecord]] = {}
+            for n in self._all_namespaces():
+                groups.setdefault(n.split("/")[0], [])
+            for r in self.catalog.scan():
+                groups.setdefault(r.namespace.split("/")[0], []).append(r)
+            return [self._dir_entry(m, "model", recs) for m, recs in sorted(groups.items())]
+        if len(parts) == 1:
+            groups = {n: [] for n in self._all_namespaces() if n.split("/")[0] == parts[0]}
+            for r in self.catalog.scan(parts[0] + "/"):
+                groups.setdefault(r.namespace, []).append(r)
+            if not groups:
+                raise NotFound(path, "see `kvfs ls` for the models stored")
+            return [self._dir_entry(n, "namespace", recs) for n, recs in sorted(groups.items())]
+        if len(parts) == 2:
+            nsp = "/".join(parts)
+            recs = self.catalog.scan(nsp + "/")
+            if not recs and self.catalog.manifest(nsp) is None:
+                raise NotFound(path)
+            shards: dict[str, list[ChunkRecord]] = {}
+            for r in recs:
+                shards.setdefault(r.hex[:2], []).append(r)
+            out = []
+            if self.catalog.manifest(nsp) is not None:
+                out.append(Entry(f"{nsp}/{MANIFEST_NAME}", "manifest", len(self.catalog.manifest(nsp))))
+            out += [self._dir_entry(f"{nsp}/{s}", "shard", rs) for s, rs in sorted(shards.items())]
+            return out
+        if len(parts) == 3:
+            if parts[2] == MANIFEST_NAME:
+                return [self.stat(path)]
+            recs = self.catalog.scan(f"{parts[0]}/{parts[1]}/{parts[2]}")
+            if not recs:
+                raise NotFound(path)
+            return [self._entry(r) for r in recs]
+        return [self.stat(path)]
+
+    def _dir_entry(self, path: str, kind: str, recs: Sequence[ChunkRecord]) -> Entry:
+        mask = 0
+        for r in recs:
+            mask |= r.tiers
+        return Entry(
+            path,
+            kind,
+            sum(r.size for r in recs),
+            sum(r.ntokens for r in recs),
+            sum(1 for r in recs if r.pins),
+            max((r.last_access for r in recs), default=None),
+            min((r.created for r in recs), default=None),
+            sum(r.hits for r in recs),
+            self._tier_names(mask),
+            len(recs),
+        )
+
+    def stat(self, path: str) -> Entry:
+        """What the catalog knows of one path (chunk, manifest, shard, namespace or model)."""
+        self._check_open()
+        parts = self._split(path)
+        if len(parts) == 4:
+            return self._entry(self.records(path)[0])
+        if len(parts) == 3 and parts[2] == MANIFEST_NAME:
+            m = self.catalog.manifest(f"{parts[0]}/{parts[1]}")
+            if m is None:
+                raise NotFound(path)
+            return Entry("/".join(parts), "manifest", len(m))
+        if not parts:
+            recs = self.catalog.scan()
+            return self._dir_entry("", "root", recs)
+        kind = {1: "model", 2: "namespace", 3: "shard"}[len(parts)]
+        recs = self.records(path)
+        if not recs and not (len(parts) == 2 and self.catalog.manifest("/".join(parts)) is not None) and not (
+            len(parts) == 1 and any(n.startswith(parts[0] + "/") for n in self.catalog.namespaces())
+        ):
+            raise NotFound(path)
+        return self._dir_entry("/".join(parts), kind, recs)
+
+    def info(self, path: str, verify: bool = False) -> dict[str, Any]:
+        """Everything known about a path: catalog entry, and for chunks the header (and checksum state)."""
+        entry = self.stat(path)
+        out = entry.to_dict()
+        parts = self._split(path)
+        if entry.kind == "namespace" or entry.kind == "manifest":
+            nsp = "/".join(parts[:2])
+            m = self.catalog.manifest(nsp)
+            out["manifest"] = json.loads(m) if m else None
+            if m:
+                out["bytes_per_token"] = KVSpec.from_manifest(bytes(m)).bytes_per_token
+        if entry.kind == "chunk":
+            rec = self.records(path)[0]
+            out["parent"] = rec.parent
+            out["segment"] = rec.segment
+            out["start"] = rec.start
+            from .chunk import describe
+
+            try:
+                data = self.cat(path) if verify else None
+                header = parse_header(data) if data is not None else self._read_header(path)
+                out["header"] = describe(header)
+                out["checksum"] = "verified" if verify else "not verified (use --verify)"
+            except (ChunkFormatError, NotFound) as e:
+                out["header"] = None
+                out["checksum"] = f"failed: {e}"
+        return out
+
+    def _read_header(self, path: str) -> ChunkHeader:
+        rec = self.catalog.get(key_of_path(path))
+        for t in self.tiers:
+            if rec is not None and not rec.tiers & t.bit and not t.shared:
+                continue
+            buf = bytearray(HEADER_PROBE)
+            try:
+                got = _readinto_ranges(t.backend, path, [(0, buf)])
+            except OSError:
+                continue
+            if got is None:
+                continue
+            hlen = header_length(memoryview(buf)[: min(8, got[0])])
+            if hlen > got[0]:
+                buf = bytearray(hlen)
+                _readinto_ranges(t.backend, path, [(0, buf)])
+            return parse_header(memoryview(buf)[:hlen])
+        raise NotFound(path)
+
+    def cat(self, path: str) -> bytes:
+        """The bytes of a chunk file (verified) or of a namespace's ``manifest.json``."""
+        self._check_open()
+        parts = self._split(path)
+        if len(parts) == 3 and parts[2] == MANIFEST_NAME:
+            m = self.catalog.manifest(f"{parts[0]}/{parts[1]}") or self._read_manifest_from_tiers(
+                f"{parts[0]}/{parts[1]}")
+            if m is None:
+                raise NotFound(path)
+            return bytes(m)
+        if len(parts) != 4:
+            raise IsADirectoryError(errno.EISDIR, f"{path!r} is a directory, not a chunk")
+        path = "/".join(parts)
+        nsp = f"{parts[0]}/{parts[1]}"
+        spec = self.spec_of(nsp)
+        rec = self.catalog.get(key_of_path(path))
+        for t in self.tiers:
+            if rec is not None and not rec.tiers & t.bit and not t.shared:
+                continue
+            try:
+                data = t.backend.get(path)
+            except OSError as e:
+                self._warn_once(f"read:{t.index}", f"kvfs: reading {path} from {t.url.redacted()} failed: {e}")
+                continue
+            if data is None:
+                continue
+            data = bytes(data)
+            try:
+                self.validate_chunk(data, path, spec)
+            except ChunkFormatError as e:
+                self._quarantine(t, path, str(e))
+                continue
+            return data
+        raise NotFound(path)
+
+    def validate_chunk(self, data, path: str, spec: KVSpec | None = None) -> ChunkHeader:
+        """Check that ``data`` is a whole, valid chunk that belongs at ``path``; raise ChunkFormatError if not."""
+        parts = self._split(path)
+        if len(parts) != 4 or not parts[3].endswith(".safetensors"):
+            raise ChunkFormatError(f"{path!r} is not a chunk path (<model>/<ns>/<hh>/<hash>.safetensors)")
+        hexd = parts[3][: -len(".safetensors")]
+        if len(hexd) != 2 * DIGEST_SIZE or parts[2] != hexd[:2]:
+            raise ChunkFormatError(f"{path!r}: the file name must be the chunk's 64-hex key inside its 2-hex shard")
+        header = parse_header(data)
+        spec = spec or self.spec_of(f"{parts[0]}/{parts[1]}")
+        if spec is None:
+            raise ChunkFormatError(f"{path!r}: namespace {parts[0]}/{parts[1]} is unknown (no manifest)")
+        check_expected(header, spec, key=hexd, path=path)
+        self._check_key_chain(spec, header, path)
+        mv = memoryview(data)
+        verify_data(header, mv[header.data_offset :])
+        out = np.empty(header.shape, dtype=_RAW[spec.itemsize])
+        copy_verified(header, mv[header.data_offset :], out)  # per-layer sums too
+        if self.signer is not None:
+            self.signer.verify(header, mv[header.data_offset :], path)
+        return header
+
+    def import_chunk(self, path: str, data, *, manifest: bytes | None = None) -> bool:
+        """Store a chunk file's bytes at ``path`` after full validation. ``False`` if already stored.
+
+        ``manifest``: the namespace's manifest if this store does not know it
+        yet (``kvfs cp`` passes the source's).
+        """
+        self._check_writable()
+        parts = self._split(path)
+        if len(parts) != 4:
+            raise ChunkFormatError(f"{path!r} is not a chunk path")
+        nsp = f"{parts[0]}/{parts[1]}"
+        spec = self.spec_of(nsp)
+        if spec is None and manifest is not None:
+            spec = KVSpec.from_manifest(manifest)
+            if spec.path != nsp:
+                raise ChunkFormatError(f"manifest describes {spec.path}, not {nsp}")
+            self._specs[nsp] = spec
+        header = self.validate_chunk(data, path, spec)
+        rec = self.catalog.get(key_of_path("/".join(parts)))
+        if rec is not None and rec.tiers:
+            return False
+        key = ChunkKey(bytes.fromhex(header.key), bytes.fromhex(header.parent) if header.parent else None,
+                       header.start, header.start + header.num_tokens, nsp, header.kind == "segment")
+        buf = bytes(data)
+        self._write_new([(self._record_for(key, header, len(buf)), header.tokens if header.kind == "prefix" else None,
+                          "/".join(parts), buf)])
+        return True
+
+    # ---------------------------------------------------------------------------------- pins and eviction
+    def pin(self, path: str = "", *, unpin: bool = False, all_pins: bool = False) -> int:
+        """Pin every chunk at or under ``path`` (one more pin each); returns how many chunks changed."""
+        self._check_writable()
+        recs = self.records(path)
+        if not recs:
+            raise NotFound(path, "nothing stored there to pin")
+        changed = self.catalog.pin([r.key for r in recs], -1 if unpin else 1, reset=all_pins and unpin)
+        return len(changed)
+
+    def unpin(self, path: str = "", *, all_pins: bool = False) -> int:
+        return self.pin(path, unpin=True, all_pins=all_pins)
+
+    def evict(
+        self,
+        paths: Iterable[str] = (),
+        *,
+        all: bool = False,  # noqa: A002 - mirrors the CLI flag
+        to_size: int | str | None = None,
+        older_than: float | str | None = None,
+        force: bool = False,
+        dry_run: bool = False,
+        tier: int | None = None,
+    ) -> EvictResult:
+        """Remove chunks from every tier (or only ``tier``). Pinned chunks are refused unless ``force``.
+
+        Selection: explicit paths (chunks or directories), ``all``, those not
+        read for ``older_than`` (``"7d"``), or least-recently-used ones until
+        the store holds at most ``to_size`` (``"100GiB"``).
+        """
+        self._check_open()
+        if not dry_run:
+            self._check_writable()
+        paths = [paths] if isinstance(paths, str) else list(paths)
+        if not (paths or all or to_size is not None or older_than is not None):
+            raise InvalidInput("say what to evict: paths, all=True, to_size=... or older_than=...")
+        if tier is not None and not 0 <= tier < len(self.tiers):
+            raise InvalidInput(f"tier {tier} does not exist (this store has {len(self.tiers)})")
+        chosen: dict[str, ChunkRecord] = {}
+        for p in paths:
+            for r in self.records(p):
+                chosen[r.key] = r
+        if all:
+            for r in self.catalog.scan():
+                chosen[r.key] = r
+        if older_than is not None:
+            cutoff = time.time() - parse_duration(older_than)
+            for r in self.catalog.scan():
+                if r.last_access < cutoff:
+                    chosen[r.key] = r
+        if to_size is not None:
+            limit = parse_size(to_size)
+            recs = sorted(self.catalog.scan(), key=lambda r: r.last_access)
+            total = sum(r.size for r in recs)
+            for r in recs:
+                if total <= limit:
+                    break
+                if r.pins and not force:
+                    continue
+                chosen[r.key] = r
+                total -= r.size
+        result = EvictResult(dry_run=dry_run)
+        victims = []
+        for r in chosen.values():
+            if r.pins and not force:
+                result.refused.append(r.path)
+            else:
+                victims.append(r)
+                result.evicted.append(r.path)
+                result.freed_bytes += r.size
+        if dry_run or not victims:
+            return result
+        tiers = self.tiers if tier is None else [self.tiers[tier]]
+        for t in tiers:
+            held = [r for r in victims if r.tiers & t.bit or t.shared]
+            if held:
+                self._drop_from_tier(t, held)
+        return result
+
+    # ---------------------------------------------------------------------------------- usage
+    def du(self, path: str = "") -> dict[str, Any]:
+        """Bytes and tokens per model, namespace and tier at or under ``path``."""
+        recs = self.records(path)
+        out: dict[str, Any] = {"path": path.strip("/"), "bytes": 0, "tokens": 0, "chunks": 0, "models": {},
+                               "tiers": {}}
+        for t in self.tiers:
+            out["tiers"][t.url.redacted()] = {"bytes": 0, "chunks": 0, "capacity": t.capacity}
+        for r in recs:
+            model, ns = r.namespace.split("/", 1)
+            out["bytes"] += r.size
+            out["tokens"] += r.ntokens
+            out["chunks"] += 1
+            m = out["models"].setdefault(model, {"bytes": 0, "tokens": 0, "chunks": 0, "namespaces": {}})
+            m["bytes"] += r.size
+            m["tokens"] += r.ntokens
+            m["chunks"] += 1
+            n = m["namespaces"].setdefault(ns, {"bytes": 0, "tokens": 0, "chunks": 0})
+            n["bytes"] += r.size
+            n["tokens"] += r.ntokens
+            n["chunks"] += 1
+            for t in self.tiers:
+                if r.tiers & t.bit:
+                    out["tiers"][t.url.redacted()]["bytes"] += r.size
+                    out["tiers"][t.url.redacted()]["chunks"] += 1
+        return out
+
+    def usage(self) -> list[dict[str, Any]]:
+        """Per tier: bytes used by chunks (catalog), capacity, and the device's free space where known."""
+        out = []
+        for t in self.tiers:
+            used_dev, avail = t.backend.usage()
+            out.append({"tier": t.url.redacted(), "used": self.catalog.used(t.slot), "capacity": t.capacity,
+                        "device_used": used_dev, "available": avail})
+        return out
+
+    # ---------------------------------------------------------------------------------- maintenance
+    def fsck(self, *, verify: bool = False, repair: bool = True) -> FsckReport:
+        """Rebuild the catalog from what the tiers hold; optionally verify every chunk's checksums.
+
+        Pins, access times and hit counts of chunks still present are kept.
+        Corrupt and foreign chunks are quarantined when ``repair``.
+        """
+        self._check_open()
+        if repair:
+            self._check_writable()
+        report = FsckReport()
+        known = {r.key: r for r in self.catalog.scan()}
+        present: dict[str, int] = {}
+        info: dict[str, tuple[ChunkHeader, int]] = {}
+        for t in self.tiers:
+            try:
+                keys = list(t.backend.list(""))
+            except OSError as e:
+                raise StoreError(e.errno or errno.EIO, f"fsck cannot list {t.url.redacted()}: {e}") from e
+            for k in keys:
+                if k.endswith("/" + MANIFEST_NAME) and k.count("/") == 2:
+                    nsp = k.rsplit("/", 1)[0]
+                    raw = t.backend.get(k)
+                    try:
+                        spec = KVSpec.from_manifest(bytes(raw)) if raw is not None else None
+                    except InvalidInput:
+                        spec = None
+                    if spec is None or spec.path != nsp:
+                        report.orphans.append(f"{t.index}:{k}")
+                        continue
+                    if repair:
+                        self.catalog.register_namespace(nsp, spec.manifest_bytes())
+                    self._specs.setdefault(nsp, spec)
+                    continue
+                parts = k.split("/")
+                if len(parts) != 4 or not parts[3].endswith(".safetensors"):
+                    report.orphans.append(f"{t.index}:{k}")
+                    continue
+                problem = None
+                try:
+                    if verify:
+                        data = t.backend.get(k)
+                        if data is None:
+                            continue
+                        header = self.validate_chunk(bytes(data), k)
+                        size = len(data)
+                    else:
+                        header = self._read_header_from(t, k)
+                        size = (t.backend.stat(k) or None)
+                        size = size.size if size else header.file_size
+                        spec = self.spec_of(f"{parts[0]}/{parts[1]}")
+                        if spec is None:
+                            raise IntegrityError(f"{k}: no manifest for its namespace")
+                        check_expected(header, spec, key=parts[3][: -len(".safetensors")], path=k)
+                        if size != header.file_size:
+                            raise ChunkFormatError(f"{k} is {size} bytes, header says {header.file_size}")
+                except IntegrityError as e:
+                    problem = ("foreign" if "namespace" in str(e) else "corrupt", e)
+                except ChunkFormatError as e:
+                    problem = ("corrupt", e)
+                if problem is not None:
+                    (report.foreign if problem[0] == "foreign" else report.corrupt).append(f"{t.index}:{k}")
+                    if repair:
+                        self._quarantine(t, k, str(problem[1]))
+                    continue
+                ck = key_of_path(k)
+                present[ck] = present.get(ck, 0) | t.bit
+                info[ck] = (header, size)
+        report.chunks = len(present)
+        report.namespaces = len({k.rsplit("/", 1)[0] for k in present})
+        now = time.time()
+        for ck, mask in present.items():
+            header, size = info[ck]
+            rec = known.get(ck)
+            missing_bits = mask & ~(rec.tiers if rec else 0)
+            if rec is None or missing_bits:
+                report.added.append(ck)
+            elif rec.size != size:
+                report.size_fixed += 1
+            if not repair:
+                continue
+            if rec is None:
+                rec = ChunkRecord(ck, size, header.num_tokens, header.start, now, now, 0, 0, 0,
+                                  header.kind == "segment", header.parent if header.kind == "prefix" else "")
+            for t in self.tiers:
+                if missing_bits & t.bit:
+                    self.catalog.add([(rec, header.tokens if header.kind == "prefix" else None)], t.slot)
+            if rec.size != size:
+                self.catalog.set_size(ck, size)
+        for ck, rec in known.items():
+            stale_bits = rec.tiers & ~present.get(ck, 0)
+            own = sum(t.bit for t in self.tiers)
+            stale_bits &= own
+            if stale_bits:
+                report.stale.append(ck)
+                if repair:
+                    for t in self.tiers:
+                        if stale_bits & t.bit:
+                            self.catalog.remove_from([ck], t.slot)
+        return report
+
+    def _read_header_from(self, tier: Tier, path: str) -> ChunkHeader:
+        buf = bytearray(HEADER_PROBE)
+        got = _readinto_ranges(tier.backend, path, [(0, buf)])
+        if got is None:
+            raise ChunkFormatError(f"{path} vanished")
+        hlen = header_length(memoryview(buf)[: min(8, got[0])])
+        if hlen > got[0]:
+            buf = bytearray(hlen)
+            got = _readinto_ranges(tier.backend, path, [(0, buf)])
+            if got is None or got[0] < hlen:
+                raise ChunkFormatError(f"{path} is truncated inside its header")
+        return parse_header(memoryview(buf)[:hlen])
+
+    def verify_chunks(self, path: str = "", *, quarantine: bool = False, progress=None) -> list[dict[str, Any]]:
+        """Read and fully check every copy of every chunk at or under ``path``.
+
+        Returns one entry per copy: ``{"path", "tier", "ok", "error"}``.
+        """
+        self._check_open()
+        out = []
+        for rec in self.records(path):
+            for t in self.tiers:
+                if not rec.tiers & t.bit:
+                    continue
+                err = None
+                try:
+                    data = t.backend.get(rec.path)
+                    if data is None:
+                        err = "missing from the tier"
+                    else:
+                        self.validate_chunk(bytes(data), rec.path)
+                except ChunkFormatError as e:
+                    err = str(e)
+                    if quarantine:
+                        self._quarantine(t, rec.path, err)
+                except OSError as e:
+                    err = f"I/O error: {e}"
+                out.append({"path": rec.path, "tier": t.url.redacted(), "ok": err is None, "error": err})
+                if progress is not None:
+                    progress(rec.size)
+        return out
+
+    def prefetch(self, paths: Iterable[str] = ("",), *, progress=None) -> dict[str, int]:
+        """Bring chunks at or under ``paths`` into the fastest tier (verified on the way).
+
+        Returns counts: ``{"fetched", "already", "failed", "bytes"}``.
+        """
+        self._check_writable()
+        paths = [paths] if isinstance(paths, str) else list(paths)
+        recs: dict[str, ChunkRecord] = {}
+        for p in paths:
+            for r in self.records(p):
+                recs[r.key] = r
+        counts = {"fetched": 0, "already": 0, "failed": 0, "bytes": 0}
+        top = self.tiers[0]
+        for r in recs.values():
+            if r.tiers & top.bit:
+                counts["already"] += 1
+                if progress is not None:
+                    progress(r.size)
+                continue
+            done = False
+            for t in self.tiers[1:]:
+                if not r.tiers & t.bit and not t.shared:
+                    continue
+                try:
+                    data = t.backend.get(r.path)
+                except OSError as e:
+                    self._warn_once(f"read:{t.index}", f"kvfs: reading {r.path} from {t.url.redacted()}: {e}")
+                    continue
+                if data is None:
+                    continue
+                data = bytes(data)
+                try:
+                    header = self.validate_chunk(data, r.path)
+                except ChunkFormatError as e:
+                    self._quarantine(t, r.path, str(e))
+                    continue
+                key = ChunkKey(bytes.fromhex(header.key), bytes.fromhex(header.parent) if header.parent else None,
+                               header.start, header.start + header.num_tokens, r.namespace,
+                               header.kind == "segment")
+                self._write_new([(self._record_for(key, header, len(data)),
+                                  header.tokens if header.kind == "prefix" else None, r.path, data)],
+                                tiers=list(range(t.index)))
+                counts["fetched"] += 1
+                counts["bytes"] += len(data)
+                done = True
+                break
+            if not done:
+                counts["failed"] += 1
+            if progress is not None:
+                progress(r.size)
+        return counts
+
+    def read_range(self, path: str, offset: int, size: int) -> bytes:
+        """Bytes ``[offset, offset+size)`` of a chunk file from the first tier holding it (unverified)."""
+        self._check_open()
+        from kvfs.backends import ByteRange
+
+        rec = self.catalog.get(key_of_path(path))
+        for t in self.tiers:
+            if rec is not None and not rec.tiers & t.bit and not t.shared:
+                continue
+            try:
+                (data,) = t.backend.get_ranges([ByteRange(path, offset, offset + size)])
+            except OSError as e:
+                raise StoreError(e.errno or errno.EIO, f"reading {path}: {e}") from e
+            if data is not None:
+                return bytes(data)
+        raise NotFound(path)
+
+
+class _DirectReader:
+    """Adapts a backend to ``readinto_ranges`` (native when the backend has it)."""
+
+    def __init__(self, backend) -> None:
+        self.backend = backend
+
+    def readinto_ranges(self, key, parts):
+        return _readinto_ranges(self.backend, key, parts)
+
+
+def _guard(fn, *args):
+    """Run a copy task; return None on success or a (status, error) pair for integrity failures."""
+    try:
+        fn(*args)
+    except _Missing:
+        return ("missing", None)
+    except ChunkFormatError as e:
+        return ("corrupt", e)
+    except OSError as e:
+        return ("error", e)
+    return None

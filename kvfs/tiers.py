@@ -1,0 +1,151 @@
+"""Tiers and the background write-back that fills the lower ones.
+
+A store's URL chains tiers fastest first. Writes land in the first tier that
+has room and are copied to the tiers below it by one background thread
+through a queue bounded in bytes: a producer faster than the lower tiers
+waits (back-pressure) instead of growing memory. ``flush()`` waits until
+every queued write is in place and reports the ones that failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .errors import StoreError
+from .url import TierURL
+
+log = logging.getLogger("kvfs")
+
+
+@dataclass(eq=False)
+class Tier:
+    index: int  # position in the chain, 0 = fastest
+    url: TierURL
+    backend: object  # kvfs.backends.Backend
+    slot: int  # the catalog's persistent bit for this storage
+    capacity: int | None
+    watermark: float
+    shared: bool
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def bit(self) -> int:
+        return 1 << self.slot
+
+    @property
+    def name(self) -> str:
+        return self.url.identity
+
+    def __repr__(self) -> str:
+        return f"Tier({self.index}, {self.url.redacted()})"
+
+
+@dataclass(eq=False)
+class WriteJob:
+    path: str
+    data: object  # a buffer holding the whole encoded chunk
+    targets: list[int]  # tier indices still to write
+    on_written: Callable[[int], None]  # called with each tier index once written
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data)
+
+
+class WriteBack:
+    """One background thread draining a byte-bounded queue of :class:`WriteJob`s."""
+
+    def __init__(self, write: Callable[[WriteJob, int], None], max_bytes: int, retries: int = 3,
+                 backoff: float = 0.2) -> None:
+        self._write = write
+        self._max_bytes = max_bytes
+        self._retries = retries
+        self._backoff = backoff
+        self._queue: deque[WriteJob] = deque()
+        self._queued_bytes = 0
+        self._busy = 0
+        self._cond = threading.Condition()
+        self._errors: list[tuple[str, int, BaseException]] = []
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def submit(self, job: WriteJob) -> None:
+        """Queue a job; blocks while the queue holds ``max_bytes`` (unless it is empty)."""
+        if not job.targets:
+            return
+        with self._cond:
+            if self._closed:
+                raise StoreError(5, "the store is closed")
+            while self._queue and self._queued_bytes + job.nbytes > self._max_bytes:
+                self._cond.wait()
+            self._queue.append(job)
+            self._queued_bytes += job.nbytes
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="kvfs-writeback", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+
+    @property
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._queue) + self._busy
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if not self._queue and self._closed:
+                    return
+                job = self._queue.popleft()
+                self._busy += 1
+            try:
+                for tier_index in job.targets:
+                    self._write_with_retries(job, tier_index)
+            finally:
+                with self._cond:
+                    self._busy -= 1
+                    self._queued_bytes -= job.nbytes
+                    self._cond.notify_all()
+
+    def _write_with_retries(self, job: WriteJob, tier_index: int) -> None:
+        delay = self._backoff
+        for attempt in range(self._retries + 1):
+            try:
+                self._write(job, tier_index)
+                job.on_written(tier_index)
+                return
+            except Exception as e:  # noqa: BLE001 - reported through flush()
+                if attempt == self._retries:
+                    log.warning("kvfs: write-back of %s to tier %d failed: %s", job.path, tier_index, e)
+                    with self._cond:
+                        self._errors.append((job.path, tier_index, e))
+                    return
+                time.sleep(delay)
+                delay *= 2
+
+    def flush(self, timeout: float | None = None) -> list[tuple[str, int, BaseException]]:
+        """Wait for the queue to drain; return (and forget) the writes that failed."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._queue or self._busy:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(f"write-back still has {len(self._queue) + self._busy} chunks in flight")
+                self._cond.wait(remaining)
+            errors, self._errors = self._errors, []
+            return errors
+
+    def close(self) -> list[tuple[str, int, BaseException]]:
+        errors = self.flush()
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+        return errors
