@@ -1,0 +1,311 @@
+"""The store and namespace API on the embedded LMDB default and in memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import kvfs
+from kvfs.errors import CacheMiss, InvalidInput, InvalidURL, NotFound
+
+SPEC = kvfs.KVSpec("test/llama-tiny", num_layers=4, num_kv_heads=2, head_dim=16, dtype="bfloat16", chunk_tokens=32)
+
+
+def rand_kv(spec, n, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal(spec.chunk_shape(n), dtype=np.float32).astype(spec.numpy_dtype)
+
+
+def prompt(n, seed=0):
+    return np.random.default_rng(seed + 1000).integers(0, 32000, n).tolist()
+
+
+@pytest.fixture(params=["lmdb", "memory"])
+def url(request, tmp_path):
+    return f"lmdb://{tmp_path}/store" if request.param == "lmdb" else "memory://"
+
+
+def test_put_lookup_get_round_trip(url):
+    toks, kv = prompt(100), rand_kv(SPEC, 100)
+    with kvfs.open(url) as store:
+        ns = store.namespace(SPEC)
+        assert ns.lookup(toks) == 0
+        assert ns.put(toks, kv) == 4  # 3 whole chunks of 32 and a partial one of 4
+        assert ns.put(toks, kv) == 0  # nothing rewritten
+        assert ns.lookup(toks) == 100
+        out = ns.get(toks)
+        assert out.dtype == ml_dtypes.bfloat16 and out.tobytes() == kv.tobytes()
+        keys = ns.keys(toks)
+        assert [(k.start, k.end) for k in keys] == [(0, 32), (32, 64), (64, 96), (96, 100)]
+
+
+def test_default_store_lives_in_xdg_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("KVFS_URL", raising=False)
+    with kvfs.open() as store:
+        store.namespace(SPEC).put(prompt(40), rand_kv(SPEC, 40))
+        assert store.url == f"lmdb://{tmp_path}/cache/kvfs"
+    assert (tmp_path / "cache" / "kvfs" / "data.mdb").exists()
+    monkeypatch.setenv("KVFS_URL", "memory://")
+    with kvfs.open() as store:
+        assert store.url == "memory://"
+
+
+def test_token_granular_lookup_reuses_part_of_a_stored_chunk(url):
+    toks, kv = prompt(128), rand_kv(SPEC, 128)
+    with kvfs.open(url) as store:
+        ns = store.namespace(SPEC)
+        ns.put(toks, kv)
+        other = toks[:75] + prompt(40, seed=9)
+        assert ns.lookup(other) == 75  # 2 whole chunks + 11 tokens of the third
+        n, got = ns.get_prefix(other)
+        assert n == 75 and got.tobytes() == kv[:, :, :75].tobytes()
+        assert ns.get(toks[:50]).tobytes() == kv[:, :, :50].tobytes()
+        # a stored partial chunk is found for a longer prompt too
+        ns2 = store.namespace(kvfs.KVSpec("test/other", 2, 1, 8, dtype="float16", chunk_tokens=16))
+        t2, kv2 = prompt(20, 5), rand_kv(ns2.spec, 20, 5)
+        ns2.put(t2, kv2)  # one whole chunk + a 4-token partial chunk
+        assert ns2.lookup(t2 + [7, 7, 7]) == 20
+        assert ns2.lookup(t2[:18]) == 18
+
+
+def test_get_of_uncached_tokens_is_a_cache_miss(url):
+    with kvfs.open(url) as store:
+        ns = store.namespace(SPEC)
+        ns.put(prompt(64), rand_kv(SPEC, 64))
+        with pytest.raises(CacheMiss, match="not stored"):
+            ns.get(prompt(64) + [1])
+        with pytest.raises(KeyError):
+            ns.get(prompt(10, seed=3))
+
+
+def test_put_refuses_wrong_shape_dtype_and_tokens(url):
+    with kvfs.open(url) as store:
+        ns = store.namespace(SPEC)
+        with pytest.raises(InvalidInput, match="shape"):
+            ns.put(prompt(10), rand_kv(SPEC, 11))
+        with pytest.raises(InvalidInput, match="dtype"):
+            ns.put(prompt(10), np.zeros(SPEC.chunk_shape(10), np.float32))
+        with pytest.raises(InvalidInput, match="empty"):
+            ns.put([], rand_kv(SPEC, 0))
+        with pytest.raises(InvalidInput):
+            ns.put([-5] * 10, rand_kv(SPEC, 10))
+        assert store.ls() == []
+
+
+def test_torch_tensors_in_and_out(url):
+    import torch
+
+    toks = prompt(40)
+    kv = torch.randn(SPEC.chunk_shape(40), dtype=torch.bfloat16)
+    with kvfs.open(url) as store:
+        ns = store.namespace(SPEC)
+        ns.put(torch.tensor(toks), kv)
+        out = torch.empty_like(kv)
+        ns.get(toks, out=out)
+        assert torch.equal(out, kv)
+
+
+def test_reopen_in_another_process_returns_the_same_kv(tmp_path):
+    url = f"lmdb://{tmp_path}/store"
+    toks, kv = prompt(300), rand_kv(SPEC, 300)
+    with kvfs.open(url) as store:
+        store.namespace(SPEC).put(toks, kv)
+    np.save(tmp_path / "kv.npy", kv.view(np.uint16))
+    code = textwrap.dedent(f"""
+        import json, numpy as np, kvfs
+        spec = kvfs.KVSpec.from_manifest({SPEC.manifest_bytes().decode()!r})
+        toks = json.load(open({str(tmp_path / 'toks.json')!r}))
+        with kvfs.open({url!r}) as store:
+            ns = store.namespace(spec)
+            n = ns.lookup(toks)
+            out = ns.get(toks)
+        ref = np.load({str(tmp_path / 'kv.npy')!r})
+        print(n, out.view(np.uint16).tobytes() == ref.tobytes())
+    """)
+    (tmp_path / "toks.json").write_text(json.dumps(toks))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["300", "True"]
+
+
+def test_namespaces_are_isolated(url):
+    other = kvfs.KVSpec("test/llama-tiny", num_layers=4, num_kv_heads=2, head_dim=16, dtype="bfloat16",
+                        chunk_tokens=32, revision="v2")
+    toks = prompt(64)
+    with kvfs.open(url) as store:
+        store.namespace(SPEC).put(toks, rand_kv(SPEC, 64))
+        ns2 = store.namespace(other)
+        assert ns2.lookup(toks) == 0
+        with pytest.raises(CacheMiss):
+            ns2.get(toks)
+
+
+def test_foreign_chunk_copied_into_a_namespace_is_a_miss(tmp_path, caplog):
+    """A chunk of namespace A written at the path namespace B would use for the same tokens."""
+    other = kvfs.KVSpec("test/llama-tiny", num_layers=4, num_kv_heads=2, head_dim=16, dtype="bfloat16",
+                        chunk_tokens=32, revision="v2")
+    toks = prompt(32)
+    with kvfs.open(f"lmdb://{tmp_path}/s") as store:
+        a, b = store.namespace(SPEC), store.namespace(other)
+        a.put(toks, rand_kv(SPEC, 32))
+        b.put(toks, rand_kv(other, 32, seed=1))
+        backend = store.tiers[0].backend
+        foreign = bytes(backend.get(a.keys(toks)[0].path))
+        backend.put(b.keys(toks)[0].path, foreign)
+        store._headers.clear()
+        with pytest.raises(CacheMiss):
+            b.get(toks)
+        assert "failed its checks" in caplog.text
+        assert b.lookup(toks) == 0  # quarantined: gone from the catalog and the tier
+        assert a.get(toks).shape == SPEC.chunk_shape(32)
+
+
+@pytest.mark.parametrize("where", ["data", "metadata", "length", "truncate"])
+def test_corrupted_chunk_is_a_miss_never_data(tmp_path, where, caplog):
+    toks, kv = prompt(64), rand_kv(SPEC, 64)
+    with kvfs.open(f"lmdb://{tmp_path}/s") as store:
+        ns = store.namespace(SPEC)
+        ns.put(toks, kv)
+        key = ns.keys(toks)[1]
+        backend = store.tiers[0].backend
+        raw = bytearray(backend.get(key.path))
+        if where == "data":
+            raw[-100] ^= 0x01
+        elif where == "metadata":
+            i = bytes(raw).index(b'"tokens":"[') + 12
+            raw[i] = ord("9") if raw[i] != ord("9") else ord("8")
+        elif where == "length":
+            raw[0] ^= 0x10
+        else:
+            raw = raw[: len(raw) // 2]
+        backend.put(key.path, bytes(raw))
+        store._headers.clear()
+        with pytest.raises(CacheMiss):
+            ns.get(toks)
+        assert ns.lookup(toks) == 32
+        n, got = ns.get_prefix(toks)
+        assert n == 32 and got.tobytes() == kv[:, :, :32].tobytes()
+        assert key.path in store.catalog.quarantined()
+        assert "quarantined" in caplog.text
+
+
+def test_ls_stat_cat_and_manifest(url):
+    toks = prompt(70)
+    with kvfs.open(url) as store:
+        ns = store.namespace(SPEC)
+        ns.put(toks, rand_kv(SPEC, 70))
+        assert [e.path for e in store.ls()] == [SPEC.model_dir]
+        (nse,) = store.ls(SPEC.model_dir)
+        assert nse.path == SPEC.path and nse.kind == "namespace" and nse.tokens == 70 and nse.chunks == 3
+        listing = store.ls(SPEC.path)
+        assert listing[0].path == f"{SPEC.path}/manifest.json"
+        assert {e.kind for e in listing[1:]} == {"shard"}
+        assert json.loads(store.cat(f"{SPEC.path}/manifest.json")) == SPEC.manifest()
+        k = ns.keys(toks)[2]
+        e = store.stat(k.path)
+        assert (e.kind, e.tokens, e.pins) == ("chunk", 6, 0) and e.size == len(store.cat(k.path))
+        assert all(x.kind == "chunk" for x in store.ls(SPEC.path, recursive=True) if x.kind != "manifest")
+        with pytest.raises(NotFound):
+            store.stat(f"{SPEC.path}/00/{'0' * 64}.safetensors")
+        with pytest.raises(NotFound):
+            store.ls("no-such-model")
+        with pytest.raises(InvalidInput):
+            store.ls("a/../b")
+
+
+def test_pins_and_eviction(url):
+    t1, t2 = prompt(64, 1), prompt(64, 2)
+    with kvfs.open(url) as store:
+        ns = store.namespace(SPEC)
+        ns.put(t1, rand_kv(SPEC, 64))
+        ns.put(t2, rand_kv(SPEC, 64, 1))
+        assert ns.pin(t1) == 2
+        dry = store.evict(all=True, dry_run=True)
+        assert len(dry.evicted) == 2 and len(dry.refused) == 2 and ns.lookup(t2) == 64
+        res = store.evict(all=True)
+        assert sorted(res.refused) == sorted(k.path for k in ns.keys(t1))
+        assert ns.lookup(t1) == 64 and ns.lookup(t2) == 0
+        ns.unpin(t1)
+        assert store.evict(all=True).evicted and ns.lookup(t1) == 0
+        assert store.du()["bytes"] == 0
+
+
+def test_capacity_evicts_least_recently_used(tmp_path):
+    size = None
+    with kvfs.open(f"lmdb://{tmp_path}/probe") as probe:
+        probe.namespace(SPEC).put(prompt(32), rand_kv(SPEC, 32))
+        size = probe.du()["bytes"]
+    cap = int(size * 3.5)
+    with kvfs.open(f"lmdb://{tmp_path}/s?capacity={cap}") as store:
+        ns = store.namespace(SPEC)
+        prompts = [prompt(32, i) for i in range(6)]
+        ns.put(prompts[0], rand_kv(SPEC, 32))
+        ns.pin(prompts[0])
+        for p in prompts[1:]:
+            ns.put(p, rand_kv(SPEC, 32))
+            ns.get(prompts[1]) if ns.lookup(prompts[1]) else None  # keep prompt 1 hot
+        assert store.du()["bytes"] <= cap
+        assert ns.lookup(prompts[0]) == 32  # pinned
+        assert ns.lookup(prompts[-1]) == 32  # newest
+        assert sum(ns.lookup(p) == 32 for p in prompts) <= 3
+
+
+def test_fsck_rebuilds_a_lost_catalog(tmp_path):
+    url = f"lmdb://{tmp_path}/s"
+    toks = prompt(100)
+    with kvfs.open(url) as store:
+        ns = store.namespace(SPEC)
+        ns.put(toks, rand_kv(SPEC, 100))
+        ns.pin(toks[:32])
+        assert store.fsck().clean
+        store.catalog.remove([r.key for r in store.catalog.scan()])
+        assert ns.lookup(toks) == 100  # found by asking the tier, and re-entered
+        store.catalog.remove([r.key for r in store.catalog.scan()])
+        rep = store.fsck()
+        assert not rep.clean and len(rep.added) == 4
+        assert store.fsck().clean
+        assert ns.lookup(toks) == 100
+
+
+def test_bad_urls_are_clear(tmp_path):
+    for bad, match in [("nope", "not a store URL"), ("zzz://x", "unknown storage scheme"),
+                       ("lmdb://", "needs a directory"), ("memory://?capacity=lots", "size"),
+                       ("memory://::", "empty tier"), ("memory://?capacity=1GiB&capacity=2GiB", "twice")]:
+        with pytest.raises(InvalidURL, match=match):
+            kvfs.open(bad)
+
+
+def test_closed_store_refuses_work(tmp_path):
+    store = kvfs.open(f"lmdb://{tmp_path}/s")
+    ns = store.namespace(SPEC)
+    store.close()
+    store.close()
+    with pytest.raises(OSError, match="closed"):
+        ns.lookup(prompt(10))
+
+
+def test_two_stores_on_one_lmdb_in_one_process(tmp_path):
+    url = f"lmdb://{tmp_path}/s"
+    toks, kv = prompt(64), rand_kv(SPEC, 64)
+    with kvfs.open(url) as a, kvfs.open(url) as b:
+        a.namespace(SPEC).put(toks, kv)
+        assert b.namespace(SPEC).get(toks).tobytes() == kv.tobytes()
+
+
+def test_read_only_store(tmp_path):
+    url = f"lmdb://{tmp_path}/s"
+    toks, kv = prompt(40), rand_kv(SPEC, 40)
+    with kvfs.open(url) as s:
+        s.namespace(SPEC).put(toks, kv)
+    with kvfs.open(url, read_only=True) as s:
+        ns = s.namespace(SPEC)
+        assert ns.get(toks).tobytes() == kv.tobytes()
+        with pytest.raises(OSError, match="read-only"):
+            ns.put(prompt(40, 3), kv)
