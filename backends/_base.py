@@ -87,6 +87,8 @@ class Backend(ABC):
     direct_reads: ClassVar[bool] = False
     #: other nodes may write this storage: the local catalog is not the whole truth
     shared: bool = False
+    #: ``put_many`` keeps references to the buffers it is given (instead of copying them)
+    retains_buffers: ClassVar[bool] = False
 
     url: str = ""
 

@@ -28,6 +28,7 @@ class _Data:
 class MemoryBackend(Backend):
     scheme = "memory"
     supports_views = True
+    retains_buffers = True
 
     def __init__(self, location: str = "", **options: str) -> None:
         if options:

@@ -35,6 +35,7 @@ from . import _lmdbenv
 
 _REC = struct.Struct("<QIIddQIIB32s")
 _U64 = struct.Struct("<Q")
+_TIERS_AT = struct.calcsize("<QIIddQI")  # byte offset of the tiers bitmask in a packed record
 _FLAG_SEGMENT = 1
 DB_CHUNKS = "kvfs.cat.chunks"
 DB_CHILDREN = "kvfs.cat.children"
@@ -160,6 +161,19 @@ class Catalog:
                 v = txn.get(_enc(k), db=self._chunks)
                 out.append(None if v is None else ChunkRecord.unpack(k, v))
         return out
+
+    def count_present(self, namespace: str, digests: Sequence[bytes]) -> int:
+        """How many leading digests of a chain have a record held by some tier (the lookup fast path)."""
+        prefix = _enc(namespace + "/")
+        n = 0
+        with self.env.read(buffers=True) as txn:
+            db = self._chunks
+            for d in digests:
+                v = txn.get(prefix + d.hex().encode(), db=db)
+                if v is None or not int.from_bytes(v[_TIERS_AT : _TIERS_AT + 4], "little"):
+                    break
+                n += 1
+        return n
 
     def get(self, key: str) -> ChunkRecord | None:
         return self.get_many([key])[0]

@@ -134,7 +134,7 @@ def encode(
     positions: int | None = None,
     extra: dict[str, str] | None = None,
     signer: Any = None,
-) -> bytearray:
+) -> memoryview:
     """Encode one chunk into a new buffer: the tensor bytes are copied exactly once.
 
     ``kv`` is a raw-typed (uint8/16/32) or spec-typed array of shape
@@ -171,8 +171,10 @@ def encode(
     header_json = _header_json(meta, spec.dtype, shape, nbytes)
     hlen = _padded_len(len(header_json))
     data_offset = 8 + hlen
-    buf = bytearray(data_offset + nbytes)
-    mv = memoryview(buf)
+    from ._buffers import alloc
+
+    mv = alloc(data_offset + nbytes)
+    buf = mv
 
     # copy layer by layer and hash each layer while it is hot in cache
     raw = _RAW[itemsize]
@@ -194,9 +196,9 @@ def encode(
     final = _header_json(meta, spec.dtype, shape, nbytes)
     if len(final) > hlen:  # cannot happen with fixed-width placeholders; guard anyway
         raise AssertionError("chunk header grew while encoding")
-    struct.pack_into("<Q", buf, 0, hlen)
-    buf[8 : 8 + hlen] = final + b" " * (hlen - len(final))
-    return buf
+    struct.pack_into("<Q", mv, 0, hlen)
+    mv[8 : 8 + hlen] = final + b" " * (hlen - len(final))
+    return mv
 
 
 def _header_json(meta: dict[str, str], dtype: str, shape: tuple[int, ...], nbytes: int) -> bytes:

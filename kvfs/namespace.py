@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .errors import CacheMiss, InvalidInput
-from .keys import ChunkKey, as_tokens, chunk_keys, common_prefix_length, segment_keys
+from .keys import ChunkKey, as_tokens, chain, chunk_keys, common_prefix_length, segment_keys
 from .spec import KVSpec, canonical_dtype
 from .store import ReadItem, Store
 
@@ -101,7 +101,9 @@ class Namespace:
     def _out(self, ntokens: int, out: Any) -> tuple[Any, np.ndarray]:
         """Allocate (or validate) an output array; returns (what the caller gets, raw numpy view)."""
         if out is None:
-            arr = np.empty(self.spec.chunk_shape(ntokens), dtype=self.spec.numpy_dtype)
+            from ._buffers import empty
+
+            arr = empty(self.spec.chunk_shape(ntokens), self.spec.numpy_dtype)
             return arr, arr.view(_RAW[self.spec.itemsize])
         if type(out).__module__.startswith("torch") and out.device.type != "cpu":
             raise InvalidInput("out must be a CPU tensor here; kvfs.gpu loads into device memory")
@@ -157,7 +159,7 @@ class Namespace:
             entries = []
             for (k, t, _, _), buf in zip(chunks, bufs):
                 entries.append((store._record_for(k, t, len(buf)), None if segment else t, k.path, buf))
-            store._write_new(entries)
+            store._write_new(entries, recycle=True)
             written += len(entries)
             batch, batch_bytes = [], 0
         return written
@@ -194,7 +196,12 @@ class Namespace:
 
     def lookup(self, tokens: Any) -> int:
         """How many leading tokens of ``tokens`` have their KV stored (one batched query)."""
-        return sum(p.take for p in self.plan(tokens))
+        self.store._check_open()
+        toks = as_tokens(tokens)
+        digests = chain(self.spec.seed, toks, self.spec.chunk_tokens)
+        if self.store.catalog.count_present(self.path, digests) == len(digests):
+            return len(toks)  # every chunk is known: the common case needs no objects and no probing
+        return sum(p.take for p in self.plan(toks))
 
     # ---------------------------------------------------------------------------------- reads
     def get(self, tokens: Any, *, out: Any = None) -> Any:

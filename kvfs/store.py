@@ -23,7 +23,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from . import _pool
+from . import _buffers, _pool
 from .catalog import Catalog, ChunkRecord, key_of_path
 from .chunk import (
     ChunkHeader,
@@ -704,10 +704,12 @@ class Store:
         return _pool.run_all([lambda c=c: enc(c) for c in chunks])
 
     def _write_new(self, entries: list[tuple[ChunkRecord, np.ndarray | None, str, Any]],
-                   tiers: list[int] | None = None) -> None:
+                   tiers: list[int] | None = None, *, recycle: bool = False) -> None:
         """Write encoded chunks to the first tier (of ``tiers``) with room, and queue the tiers below.
 
-        ``entries``: (record, token ids, path, encoded buffer).
+        ``entries``: (record, token ids, path, encoded buffer). ``recycle``: the
+        buffers came from :func:`kvfs._buffers.alloc` and nothing else holds
+        them: give them back once no backend or queue needs them.
         """
         self._check_writable()
         if not entries:
@@ -739,12 +741,16 @@ class Store:
         tier.backend.put_many({path: buf for _, _, path, buf in entries})
         self.catalog.add([(rec, toks) for rec, toks, _, _ in entries], tier.slot)
         rest = targets[first + 1 :]
+        recyclable = recycle and not tier.backend.retains_buffers
         for rec, toks, path, buf in entries:
             if rest:
                 self._writeback.submit(
                     WriteJob(path, buf, list(rest),
-                             lambda ti, rec=rec, toks=toks: self.catalog.add([(rec, toks)], self.tiers[ti].slot))
+                             lambda ti, rec=rec, toks=toks: self.catalog.add([(rec, toks)], self.tiers[ti].slot),
+                             release=recyclable)
                 )
+            elif recyclable:
+                _buffers.release(buf)
 
     def _writeback_one(self, job: WriteJob, tier_index: int) -> None:
         tier = self.tiers[tier_index]

@@ -51,6 +51,7 @@ class WriteJob:
     data: object  # a buffer holding the whole encoded chunk
     targets: list[int]  # tier indices still to write
     on_written: Callable[[int], None]  # called with each tier index once written
+    release: bool = False  # give the buffer back to kvfs._buffers when done
 
     @property
     def nbytes(self) -> int:
@@ -107,6 +108,10 @@ class WriteBack:
             try:
                 for tier_index in job.targets:
                     self._write_with_retries(job, tier_index)
+                if job.release:
+                    from . import _buffers
+
+                    _buffers.release(job.data)
             finally:
                 with self._cond:
                     self._busy -= 1
