@@ -89,6 +89,8 @@ class Backend(ABC):
     shared: bool = False
     #: ``put_many`` keeps references to the buffers it is given (instead of copying them)
     retains_buffers: ClassVar[bool] = False
+    #: the contents live only as long as this process (memory): never recorded for other processes
+    volatile: ClassVar[bool] = False
 
     url: str = ""
 

@@ -29,6 +29,7 @@ class MemoryBackend(Backend):
     scheme = "memory"
     supports_views = True
     retains_buffers = True
+    volatile = True
 
     def __init__(self, location: str = "", **options: str) -> None:
         if options:
@@ -45,6 +46,7 @@ class MemoryBackend(Backend):
         else:
             self._data = _Data()
         self._closed = False
+        self.dropped = False  # set by close() when this was the last holder of the data
 
     def get_many(self, keys: Sequence[str]) -> list[Buffer | None]:
         values = self._data.values
@@ -110,5 +112,8 @@ class MemoryBackend(Backend):
                 data, refs = _SHARED[self.name]
                 if refs <= 1:
                     del _SHARED[self.name]
+                    self.dropped = True
                 else:
                     _SHARED[self.name] = (data, refs - 1)
+        else:
+            self.dropped = True

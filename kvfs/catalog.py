@@ -141,6 +141,32 @@ class Catalog:
             txn.put(k, str(free).encode(), db=self._meta)
             return free
 
+    def volatile_slots(self) -> list[tuple[str, int]]:
+        """Slots of process-local tiers (identities ``...#<pid>.<id>``): ``(identity, slot)``."""
+        with self.env.read() as txn:
+            return [(_dec(k)[5:], int(v)) for k, v in txn.cursor(db=self._meta)
+                    if bytes(k).startswith(b"tier/") and b"#" in bytes(k)]
+
+    def drop_slot(self, identity: str, slot: int) -> int:
+        """Forget a tier whose contents are gone (a dead process's memory tier); returns records touched."""
+        bit = 1 << slot
+        touched = 0
+        with self.env.write() as txn:
+            cur = txn.cursor(db=self._chunks)
+            for k, v in list(cur.iternext()):
+                rec = ChunkRecord.unpack(_dec(k), v)
+                if not rec.tiers & bit:
+                    continue
+                touched += 1
+                rest = rec.tiers & ~bit
+                if rest:
+                    txn.put(bytes(k), replace(rec, tiers=rest).pack(), db=self._chunks)
+                else:
+                    self._delete(txn, rec)
+            txn.delete(_enc(f"used/{slot}"), db=self._meta)
+            txn.delete(_enc(f"tier/{identity}"), db=self._meta)
+        return touched
+
     def used(self, slot: int) -> int:
         with self.env.read() as txn:
             v = txn.get(_enc(f"used/{slot}"), db=self._meta)
@@ -162,15 +188,15 @@ class Catalog:
                 out.append(None if v is None else ChunkRecord.unpack(k, v))
         return out
 
-    def count_present(self, namespace: str, digests: Sequence[bytes]) -> int:
-        """How many leading digests of a chain have a record held by some tier (the lookup fast path)."""
+    def count_present(self, namespace: str, digests: Sequence[bytes], mask: int = -1) -> int:
+        """How many leading digests of a chain have a record held by a tier in ``mask`` (the lookup fast path)."""
         prefix = _enc(namespace + "/")
         n = 0
         with self.env.read(buffers=True) as txn:
             db = self._chunks
             for d in digests:
                 v = txn.get(prefix + d.hex().encode(), db=db)
-                if v is None or not int.from_bytes(v[_TIERS_AT : _TIERS_AT + 4], "little"):
+                if v is None or not int.from_bytes(v[_TIERS_AT : _TIERS_AT + 4], "little") & mask:
                     break
                 n += 1
         return n

@@ -132,7 +132,7 @@ class Namespace:
         store = self.store
         store._check_writable()
         recs = store._records(keys)
-        todo = [i for i, r in enumerate(recs) if r is None or not r.tiers]
+        todo = [i for i, r in enumerate(recs) if r is None or not r.tiers & store.mask]
         if todo:
             found = store._exists_anywhere([keys[i] for i in todo], lambda k: toks[k.start : k.end])
             todo = [i for i, f in zip(todo, found) if not f]
@@ -173,7 +173,7 @@ class Namespace:
         keys = chunk_keys(spec.seed, self.path, toks, spec.chunk_tokens)
         recs = self.store._records(keys)
         n = 0
-        while n < len(keys) and recs[n] is not None and recs[n].tiers:
+        while n < len(keys) and recs[n] is not None and recs[n].tiers & self.store.mask:
             n += 1
         if n < len(keys):
             n += self.store._probe(keys[n:], lambda k: toks[k.start : k.end])
@@ -183,7 +183,11 @@ class Namespace:
             parent = keys[n - 1] if n else None
             best: tuple[int, str, int] | None = None
             rest = toks[covered:]
-            for hexd, ctoks in self.store.catalog.children(self.path, parent.hex if parent else "", int(rest[0])):
+            cands = self.store.catalog.children(self.path, parent.hex if parent else "", int(rest[0]))
+            held = self.store.catalog.get_many([f"{self.path}/{h}" for h, _ in cands])
+            for (hexd, ctoks), rec in zip(cands, held):
+                if rec is None or not rec.tiers & self.store.mask:
+                    continue
                 cp = common_prefix_length(ctoks, rest[: len(ctoks)])
                 if cp and (best is None or cp > best[0]):
                     best = (cp, hexd, len(ctoks))
@@ -199,7 +203,7 @@ class Namespace:
         self.store._check_open()
         toks = as_tokens(tokens)
         digests = chain(self.spec.seed, toks, self.spec.chunk_tokens)
-        if self.store.catalog.count_present(self.path, digests) == len(digests):
+        if self.store.catalog.count_present(self.path, digests, self.store.mask) == len(digests):
             return len(toks)  # every chunk is known: the common case needs no objects and no probing
         return sum(p.take for p in self.plan(toks))
 
@@ -264,7 +268,7 @@ class Namespace:
     def has_segment(self, tokens: Any) -> bool:
         keys = self.segment_keys(tokens)
         recs = self.store._records(keys)
-        if all(r is not None and r.tiers for r in recs):
+        if all(r is not None and r.tiers & self.store.mask for r in recs):
             return True
         return all(self.store._exists_anywhere(keys, lambda k: None))
 

@@ -18,6 +18,7 @@ import math
 import os
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
@@ -283,10 +284,18 @@ class Store:
             for b in backends:
                 b.close()
             raise
+        self._reap_volatile_slots()
         self.tiers: list[Tier] = []
         for i, (t, b) in enumerate(zip(tier_urls, backends)):
             shared = t.shared if t.shared is not None else bool(getattr(b, "shared", False))
-            self.tiers.append(Tier(i, t, b, self.catalog.tier_slot(t.identity), t.capacity, t.watermark, shared))
+            ident = t.identity
+            if getattr(b, "volatile", False):
+                # process-local storage: its catalog bit must mean nothing to other processes
+                ident += f"#{os.getpid()}." + (t.location or uuid.uuid4().hex[:12])
+            self.tiers.append(Tier(i, t, b, self.catalog.tier_slot(ident), t.capacity, t.watermark, shared))
+            self.tiers[-1].identity = ident
+        #: the catalog bits of the tiers this store can read
+        self.mask = sum(t.bit for t in self.tiers)
         self._writeback = WriteBack(self._writeback_one, parse_size(writeback_bytes))
 
     # ---------------------------------------------------------------------------------- life
@@ -334,10 +343,29 @@ class Store:
             self._closed = True
             for t in self.tiers:
                 t.backend.close()
+                if getattr(t.backend, "dropped", False):
+                    try:
+                        self.catalog.drop_slot(t.identity, t.slot)
+                    except OSError as e:
+                        log.warning("kvfs: cannot clean up the catalog of %s: %s", t, e)
             self.catalog.close()
         if errors:
             log.warning("kvfs: %d chunk(s) were not written back before close (first: %s: %s)",
                         len(errors), errors[0][0], errors[0][2])
+
+    def _reap_volatile_slots(self) -> None:
+        """Forget the memory tiers of processes that have exited (their chunks died with them)."""
+        for ident, slot in self.catalog.volatile_slots():
+            try:
+                pid = int(ident.rsplit("#", 1)[1].split(".", 1)[0])
+            except ValueError:
+                continue
+            if pid == os.getpid() or _pid_alive(pid):
+                continue
+            try:
+                self.catalog.drop_slot(ident, slot)
+            except OSError as e:
+                log.warning("kvfs: cannot clean up the memory tier of exited process %d: %s", pid, e)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -1082,7 +1110,7 @@ class Store:
             self._specs[nsp] = spec
         header = self.validate_chunk(data, path, spec)
         rec = self.catalog.get(key_of_path("/".join(parts)))
-        if rec is not None and rec.tiers:
+        if rec is not None and rec.tiers & self.mask:
             return False
         key = ChunkKey(bytes.fromhex(header.key), bytes.fromhex(header.parent) if header.parent else None,
                        header.start, header.start + header.num_tokens, nsp, header.kind == "segment")
@@ -1417,6 +1445,16 @@ class Store:
             if data is not None:
                 return bytes(data)
         raise NotFound(path)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class _DirectReader:

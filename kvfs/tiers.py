@@ -32,6 +32,7 @@ class Tier:
     watermark: float
     shared: bool
     lock: threading.Lock = field(default_factory=threading.Lock)
+    identity: str = ""  # the catalog's name for this storage (process-local for memory tiers)
 
     @property
     def bit(self) -> int:

@@ -309,3 +309,29 @@ def test_read_only_store(tmp_path):
         assert ns.get(toks).tobytes() == kv.tobytes()
         with pytest.raises(OSError, match="read-only"):
             ns.put(prompt(40, 3), kv)
+
+
+def test_memory_tiers_are_private_to_their_process(tmp_path):
+    """A chunk held only by another store's memory tier is not a hit here, and dies with its process."""
+    cat = str(tmp_path / "catalog")
+    toks, kv = prompt(64), rand_kv(SPEC, 64)
+    with kvfs.open("memory://a", catalog=cat) as a, kvfs.open("memory://b", catalog=cat) as b:
+        a.namespace(SPEC).put(toks, kv)
+        assert a.namespace(SPEC).lookup(toks) == 64
+        assert b.namespace(SPEC).lookup(toks) == 0
+    code = textwrap.dedent(f"""
+        import os, signal, numpy as np, kvfs
+        spec = kvfs.KVSpec.from_manifest({SPEC.manifest_bytes().decode()!r})
+        s = kvfs.open("memory://", catalog={cat!r})
+        s.namespace(spec).put(list(range(64)), np.zeros(spec.chunk_shape(64), spec.numpy_dtype))
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    subprocess.run([sys.executable, "-c", code])
+    from kvfs.catalog import Catalog
+
+    c = Catalog(cat)
+    assert c.count() == 2 and c.volatile_slots()
+    c.close()
+    with kvfs.open("memory://", catalog=cat) as s:  # opening reaps the dead process's memory tier
+        assert s.catalog.count() == 0
+        assert s.namespace(SPEC).lookup(list(range(64))) == 0
