@@ -12,7 +12,9 @@ import importlib
 import click
 
 # name -> "module:attribute" (a click.Command)
-COMMANDS: dict[str, str] = {}
+COMMANDS: dict[str, str] = {
+    "demo": "kvfs.cli.demo:demo",
+}
 
 
 class LazyGroup(click.Group):

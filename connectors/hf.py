@@ -1,0 +1,262 @@
+"""HuggingFace transformers: prefill that reuses stored KV, stores what it computed, generates.
+
+    import kvfs
+    from kvfs.connectors.hf import CachedLM
+
+    lm = CachedLM(model, "lmdb:///nvme/kvfs")      # any store URL, or an open kvfs.Store
+    out = lm.generate(prompt_ids, max_new_tokens=32)
+    out.tokens, out.prefill.reused, out.prefill.ttft_s
+
+For one prompt, :meth:`CachedLM.prefill` looks up the longest stored prefix
+of the prompt *without its last token* (that token must be computed: its
+logits are the first output), loads that prefix's KV into a
+``DynamicCache``, runs the model on the remaining tokens only, and stores
+the prompt's new chunks once the first token's logits exist (so storing
+never delays the first token). :meth:`CachedLM.generate` then decodes
+greedily. Outputs are the model's own: the cached KV is exactly what the
+model computed for those tokens, so logits match a full forward to float
+rounding and greedy outputs are token-identical.
+
+Works for decoder-only models whose cache is a plain ``DynamicCache`` of
+full-attention layers (Llama, Mistral without sliding window, Qwen2/3,
+...). The namespace (:func:`kv_spec`) comes from the model config: model
+name and revision, layers, KV heads, head size, KV dtype.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from ..errors import InvalidInput
+from ..keys import as_tokens
+from ..namespace import Namespace
+from ..spec import KVSpec
+from ..store import Store
+from ..store import open as open_store
+
+
+def kv_spec(model: Any, *, model_name: str | None = None, revision: str | None = None, dtype: Any = None,
+            chunk_tokens: int = 256) -> KVSpec:
+    """The namespace of a transformers model's KV, from its config.
+
+    ``model`` is a ``PreTrainedModel`` or its config. The model name is the
+    config's ``name_or_path`` (what ``from_pretrained`` was given) unless
+    ``model_name`` is passed; the revision is the hub commit the config was
+    loaded from, if any. ``dtype`` defaults to the model's dtype.
+    """
+    config = getattr(model, "config", model)
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    _check_full_attention(text)
+    name = model_name or getattr(config, "_name_or_path", "") or getattr(config, "name_or_path", "")
+    if not name:
+        raise InvalidInput(
+            "the model has no name (built from a config?): pass model_name='org/model' so that its KV "
+            "is stored under a name that identifies its weights"
+        )
+    if revision is None:
+        revision = getattr(config, "_commit_hash", None) or ""
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    if dtype is None:
+        dtype = getattr(model, "dtype", None) or getattr(config, "dtype", None) or torch.float32
+    return KVSpec(name, num_layers=text.num_hidden_layers, num_kv_heads=kv_heads, head_dim=head_dim,
+                  dtype=str(dtype).removeprefix("torch."), chunk_tokens=chunk_tokens, revision=revision)
+
+
+def _check_full_attention(text_config: Any) -> None:
+    types = getattr(text_config, "layer_types", None) or []
+    other = sorted({t for t in types if t != "full_attention"})
+    sliding = getattr(text_config, "sliding_window", None) and getattr(text_config, "use_sliding_window", True)
+    if other or sliding:
+        what = ", ".join(other) if other else f"sliding_window={text_config.sliding_window}"
+        raise InvalidInput(
+            f"kvfs.connectors.hf stores full-attention KV only; this model has {what} layers, whose cache "
+            "does not hold every token's KV"
+        )
+
+
+# ---------------------------------------------------------------------------------------------- conversion
+def cache_from_kv(kv: torch.Tensor) -> DynamicCache:
+    """A ``DynamicCache`` (batch 1) holding ``kv`` ``[layers, 2, tokens, kv_heads, head_dim]``."""
+    return DynamicCache([(kv[i, 0].transpose(0, 1).unsqueeze(0), kv[i, 1].transpose(0, 1).unsqueeze(0))
+                         for i in range(kv.shape[0])])
+
+
+def kv_from_cache(cache: DynamicCache, ntokens: int | None = None) -> torch.Tensor:
+    """The first ``ntokens`` tokens of a batch-1 ``DynamicCache`` as one contiguous CPU tensor
+    ``[layers, 2, tokens, kv_heads, head_dim]`` (the layout of a kvfs chunk)."""
+    layers = cache.layers
+    for i, layer in enumerate(layers):
+        if type(layer) is not DynamicLayer:
+            raise InvalidInput(f"cache layer {i} is a {type(layer).__name__}; kvfs stores full-attention "
+                               "DynamicLayer caches only")
+    k0 = layers[0].keys
+    if k0 is None or k0.dim() != 4 or k0.shape[0] != 1:
+        raise InvalidInput("kvfs.connectors.hf handles batch-1 caches [1, kv_heads, tokens, head_dim]")
+    t = k0.shape[2] if ntokens is None else ntokens
+    out = torch.empty((len(layers), 2, t, k0.shape[1], k0.shape[3]), dtype=k0.dtype)
+    for i, layer in enumerate(layers):
+        out[i, 0].copy_(layer.keys[0, :, :t].transpose(0, 1))
+        out[i, 1].copy_(layer.values[0, :, :t].transpose(0, 1))
+    return out
+
+
+def _prompt_tokens(input_ids: Any) -> np.ndarray:
+    if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2:
+        if input_ids.shape[0] != 1:
+            raise InvalidInput(f"one prompt at a time: input_ids has batch size {input_ids.shape[0]}")
+        input_ids = input_ids[0]
+    return as_tokens(input_ids)
+
+
+# ---------------------------------------------------------------------------------------------- results
+@dataclass
+class Prefill:
+    """What one prefill did. ``logits`` are the last prompt token's, ``[vocab]``."""
+
+    cache: DynamicCache
+    logits: torch.Tensor
+    prompt_tokens: int
+    reused: int  # leading tokens whose KV came from kvfs
+    load_s: float  # lookup and loading the reused KV
+    compute_s: float  # the model on the remaining tokens
+
+    @property
+    def computed(self) -> int:
+        return self.prompt_tokens - self.reused
+
+
+@dataclass
+class Generation:
+    """A greedy generation: the new tokens, the prefill, and timings."""
+
+    tokens: list[int]
+    prefill: Prefill
+    ttft_s: float  # prompt in -> first new token out
+    total_s: float
+    stored_chunks: int = 0
+    save_s: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------- the wrapper
+class CachedLM:
+    """A causal LM whose prefills reuse and store KV in a kvfs store.
+
+    ``store`` is an open :class:`kvfs.Store` (left open), a store URL or
+    ``None`` for the default store (opened here and closed by :meth:`close`).
+    ``load``/``save`` switch reuse and storing (``load=False`` is the full
+    prefill baseline).
+    """
+
+    def __init__(self, model: Any, store: Store | str | None = None, *, spec: KVSpec | None = None,
+                 model_name: str | None = None, chunk_tokens: int = 256, load: bool = True,
+                 save: bool = True) -> None:
+        self.model = model
+        self.spec = spec or kv_spec(model, model_name=model_name, chunk_tokens=chunk_tokens)
+        self._own_store = not isinstance(store, Store)
+        self.store = open_store(store) if self._own_store else store
+        self.ns: Namespace = self.store.namespace(self.spec)
+        self.load = load
+        self.save = save
+        self._torch_dtype = getattr(torch, self.spec.dtype)
+        self.device = next(model.parameters()).device
+
+    def close(self) -> None:
+        if self._own_store:
+            self.store.close()
+
+    def __enter__(self) -> "CachedLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------------------------- loading
+    def load_prefix(self, tokens: Any) -> tuple[int, DynamicCache]:
+        """The longest stored prefix of ``tokens`` as ``(n, DynamicCache of tokens[:n])``.
+
+        Only verified chunks are used: the prefix stops at the first chunk
+        that is missing or fails its checks (kvfs warns and quarantines it).
+        """
+        toks = as_tokens(tokens)
+        plan = self.ns.plan(toks)
+        if not plan:
+            return 0, DynamicCache()
+        total = plan[-1].end
+        buf = torch.empty(self.spec.chunk_shape(total), dtype=self._torch_dtype)
+        ok = self.ns.read(plan, self.ns.as_raw_kv(buf, total))
+        n = total
+        for p, good in zip(plan, ok):
+            if not good:
+                n = p.start
+                break
+        if n == 0:
+            return 0, DynamicCache()
+        kv = buf[:, :, :n]
+        if self.device.type != "cpu":
+            kv = kv.to(self.device, non_blocking=True)
+        return n, cache_from_kv(kv)
+
+    def store_prompt(self, tokens: Any, cache: DynamicCache) -> int:
+        """Store the KV of ``tokens`` held in ``cache`` (chunks already stored are skipped)."""
+        toks = as_tokens(tokens)
+        return self.ns.put(toks, kv_from_cache(cache, len(toks)).cpu())
+
+    # ---------------------------------------------------------------------------------- prefill
+    @torch.inference_mode()
+    def prefill(self, input_ids: Any) -> Prefill:
+        """Run the prompt, reusing its longest stored prefix (never the last token)."""
+        toks = _prompt_tokens(input_ids)
+        t0 = time.perf_counter()
+        if self.load and len(toks) > 1:
+            n, cache = self.load_prefix(toks[:-1])
+        else:
+            n, cache = 0, DynamicCache()
+        t1 = time.perf_counter()
+        rest = torch.from_numpy(toks[n:].astype(np.int64)).unsqueeze(0).to(self.device)
+        out = self.model(input_ids=rest, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        logits = out.logits[0, -1]
+        t2 = time.perf_counter()
+        return Prefill(out.past_key_values, logits, len(toks), n, t1 - t0, t2 - t1)
+
+    @torch.inference_mode()
+    def generate(self, input_ids: Any, max_new_tokens: int = 16) -> Generation:
+        """Greedy generation of up to ``max_new_tokens`` tokens (stops at the model's EOS, if it has one)."""
+        if max_new_tokens < 1:
+            raise InvalidInput(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        toks = _prompt_tokens(input_ids)
+        t0 = time.perf_counter()
+        pre = self.prefill(toks)
+        tok = int(torch.argmax(pre.logits))
+        ttft = time.perf_counter() - t0
+        stored, save_s = 0, 0.0
+        if self.save:
+            # after the first token: storing never delays it
+            t = time.perf_counter()
+            stored = self.store_prompt(toks, pre.cache)
+            save_s = time.perf_counter() - t
+        eos = self._eos()
+        new = [tok]
+        cache = pre.cache
+        while len(new) < max_new_tokens and tok not in eos:
+            step = torch.tensor([[tok]], dtype=torch.long, device=self.device)
+            out = self.model(input_ids=step, past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            tok = int(torch.argmax(out.logits[0, -1]))
+            new.append(tok)
+        return Generation(new, pre, ttft, time.perf_counter() - t0, stored, save_s)
+
+    def _eos(self) -> set[int]:
+        eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        if eos is None:
+            return set()
+        return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
