@@ -14,6 +14,7 @@ import click
 # name -> "module:attribute" (a click.Command)
 COMMANDS: dict[str, str] = {
     "demo": "kvfs.cli.demo:demo",
+    "plan": "kvfs.cli.plan:plan",
 }
 
 
