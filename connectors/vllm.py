@@ -1,0 +1,430 @@
+"""vLLM V1: ``KVFSConnector``, a ``KVConnectorBase_V1`` that loads and saves prefix KV in a kvfs store.
+
+Configure it as any vLLM connector::
+
+    vllm serve MODEL --kv-transfer-config '{"kv_connector": "KVFSConnector",
+        "kv_connector_module_path": "kvfs.connectors.vllm", "kv_role": "kv_both",
+        "kv_connector_extra_config": {"url": "s3://bucket/kv"}}'
+
+``kv_connector_extra_config``: ``url`` (any kvfs store URL; default
+``$KVFS_URL``, else the embedded store), ``chunk_tokens`` (default 256) and
+``model`` (the name KV is stored under; default: vLLM's model name).
+Roles: ``kv_producer`` only saves, ``kv_consumer`` only loads, ``kv_both``
+does both; a producer and a consumer sharing one store is prefill/decode
+disaggregation through storage.
+
+How one request goes through it:
+
+- scheduler, ``get_num_new_matched_tokens``: how many tokens past vLLM's own
+  prefix-cache hit kvfs holds: a lookup of the prompt without its last token
+  (the last token is always computed: its logits are the output), rounded
+  down to vLLM's block size. Read-only; nothing is reserved.
+- scheduler, ``update_state_after_alloc``: remembers which blocks the
+  external tokens go to.
+- scheduler, ``build_connector_meta``: a :class:`KVFSConnectorMetadata` per
+  step: what to load (token ids, token range, block ids) and what to save
+  (a prompt whose prefill completes this step, unless kvfs already holds
+  all of it).
+- worker, ``start_load_kv``: reads the chunks (verified: checksums, token ids)
+  and scatters them into the paged cache; a chunk that is missing or fails
+  its checks is not loaded, and the blocks it would have filled are reported
+  by ``get_block_ids_with_load_errors`` so vLLM recomputes them.
+- worker, ``save_kv_layer``: gathers each layer's KV of the saved prompts out
+  of the paged cache as the forward pass produces it; ``wait_for_save``
+  writes the new chunks (chunks already stored are skipped).
+
+Requests with LoRA adapters, multimodal inputs, prompt embeddings or a
+``cache_salt`` are passed through untouched: their KV depends on more than
+the token ids kvfs keys it by. Pipeline parallelism is not supported; with
+tensor parallelism each rank stores its own KV heads in a namespace of its
+own (``tp_rank``/``tp_size`` in the KVSpec), and the scheduler's lookups use
+rank 0's.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+from vllm.v1.kv_cache_interface import FullAttentionSpec, MLAAttentionSpec
+
+from ..keys import as_tokens
+from ..spec import KVSpec, canonical_dtype
+from ..store import open as open_store
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.attention.backend import AttentionMetadata
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+log = logging.getLogger("kvfs.vllm")
+
+__all__ = ["KVFSConnector", "KVFSConnectorMetadata", "LoadSpec", "SaveSpec", "kv_spec_for"]
+
+
+# ---------------------------------------------------------------------------------------------- metadata
+@dataclass
+class LoadSpec:
+    """Load the KV of tokens ``[start, end)`` of ``token_ids`` into the request's blocks."""
+
+    req_id: str
+    token_ids: list[int]  # the prompt's first `end` tokens (the keys hash the whole prefix)
+    start: int
+    end: int
+    block_ids: list[int]  # the request's blocks, from its first token
+
+
+@dataclass
+class SaveSpec:
+    """Store the KV of ``token_ids`` (a whole prompt), found in the request's blocks."""
+
+    req_id: str
+    token_ids: list[int]
+    block_ids: list[int]
+
+
+@dataclass
+class KVFSConnectorMetadata(KVConnectorMetadata):
+    """One scheduler step's work for the workers' connectors."""
+
+    loads: list[LoadSpec] = field(default_factory=list)
+    saves: list[SaveSpec] = field(default_factory=list)
+
+
+@dataclass
+class _Tracked:
+    """Scheduler-side state of one running request."""
+
+    token_ids: list[int]
+    block_ids: list[int]
+
+
+# ---------------------------------------------------------------------------------------------- the spec
+def _attention_spec(kv_cache_config: "KVCacheConfig"):
+    groups = kv_cache_config.kv_cache_groups
+    if len(groups) != 1:
+        raise ValueError(
+            f"KVFSConnector handles models with one KV cache group; this one has {len(groups)} "
+            "(hybrid attention). Run without the connector or with a full-attention model."
+        )
+    spec = groups[0].kv_cache_spec
+    if not isinstance(spec, FullAttentionSpec) or type(spec).__name__ not in ("FullAttentionSpec",
+                                                                              "MLAAttentionSpec"):
+        raise ValueError(f"KVFSConnector stores full-attention or MLA KV caches, not {type(spec).__name__}")
+    packed = spec.num_head_slots is not None or spec.state_content_bytes is not None
+    if packed or getattr(spec.kv_quant_mode, "name", "NONE") != "NONE" or spec.tokens_per_state != 1:
+        raise ValueError("KVFSConnector does not handle packed or quantized-with-scales KV cache pages")
+    if not isinstance(spec, MLAAttentionSpec) and spec.head_size_v != spec.head_size:
+        raise ValueError(f"KVFSConnector needs K and V of one head size (got {spec.head_size} and "
+                         f"{spec.head_size_v})")
+    return spec, list(groups[0].layer_names)
+
+
+def kv_spec_for(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig", *, tp_rank: int = 0) -> KVSpec:
+    """The kvfs namespace of a vLLM engine's KV: model, revision, layers, KV heads, head size, dtype, TP."""
+    extra = vllm_config.kv_transfer_config.kv_connector_extra_config or {}
+    spec, layers = _attention_spec(kv_cache_config)
+    mc = vllm_config.model_config
+    name = extra.get("model") or (mc.model if mc is not None else None)
+    if not name:
+        raise ValueError("KVFSConnector: no model name; set kv_connector_extra_config.model")
+    revision = extra.get("revision") or (getattr(mc, "revision", None) or "" if mc is not None else "")
+    pc = vllm_config.parallel_config
+    if pc.pipeline_parallel_size > 1:
+        raise ValueError("KVFSConnector does not support pipeline parallelism (each stage holds other layers)")
+    mla = isinstance(spec, MLAAttentionSpec)
+    return KVSpec(
+        str(name),
+        num_layers=len(layers),
+        num_kv_heads=1 if mla else spec.num_kv_heads,
+        head_dim=spec.head_size,
+        dtype=canonical_dtype(spec.dtype),
+        chunk_tokens=int(extra.get("chunk_tokens", 256)),
+        revision=str(revision),
+        tp_rank=tp_rank,
+        tp_size=pc.tensor_parallel_size,
+        mla=mla,
+    )
+
+
+def _slots(block_ids: list[int], block_size: int, start: int, end: int) -> np.ndarray:
+    """Slot numbers (``block_id * block_size + offset``) of token positions ``[start, end)``."""
+    pos = np.arange(start, end, dtype=np.int64)
+    blocks = np.asarray(block_ids, dtype=np.int64)
+    if len(blocks) * block_size < end:
+        raise ValueError(f"{len(blocks)} blocks of {block_size} tokens cannot hold {end} tokens")
+    return blocks[pos // block_size] * block_size + pos % block_size
+
+
+# ---------------------------------------------------------------------------------------------- the connector
+class KVFSConnector(KVConnectorBase_V1):
+    """vLLM V1 connector storing prefix KV in kvfs (see the module docstring)."""
+
+    def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole,
+                 kv_cache_config: "KVCacheConfig | None" = None) -> None:
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        if kv_cache_config is None:
+            raise ValueError("KVFSConnector needs the KV cache config (vLLM >= 0.11 passes it)")
+        ktc = self._kv_transfer_config
+        extra = ktc.kv_connector_extra_config or {}
+        self._block_size = vllm_config.cache_config.block_size
+        self._loads_enabled = ktc.is_kv_consumer
+        self._saves_enabled = ktc.is_kv_producer
+        tp_rank = 0
+        if role == KVConnectorRole.WORKER and vllm_config.parallel_config.tensor_parallel_size > 1:
+            from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+            tp_rank = get_tensor_model_parallel_rank()
+        self.spec = kv_spec_for(vllm_config, kv_cache_config, tp_rank=tp_rank)
+        _, self._layer_names = _attention_spec(kv_cache_config)
+        self.store = open_store(extra.get("url"))
+        self.ns = self.store.namespace(self.spec)
+        # scheduler side
+        self._lookups: dict[str, tuple[int, int]] = {}  # req_id -> (local tokens, kvfs tokens), last answer
+        self._pending_loads: dict[str, LoadSpec] = {}
+        self._tracked: dict[str, _Tracked] = {}
+        self._passthrough: set[str] = set()  # requests whose KV kvfs must not save (see _eligible)
+        # worker side
+        self._kv_caches: dict[str, torch.Tensor] = {}
+        self._layer_index: dict[str, int] = {}
+        self._staged: dict[str, tuple[SaveSpec, torch.Tensor, set[int]]] = {}
+        self._load_errors: set[int] = set()
+        self._failed_reqs: set[str] = set()  # requests whose load failed this step: their KV is not saved
+        self._lock = threading.Lock()
+        log.info("KVFSConnector (%s, %s) on %s, namespace %s", role.name.lower(), ktc.kv_role,
+                 self.store.redacted_url, self.spec.path)
+
+    # ======================================================================================= scheduler side
+    def _eligible(self, request: "Request") -> bool:
+        return not (request.lora_request is not None or request.mm_features or request.prompt_embeds is not None
+                    or getattr(request, "cache_salt", None) or not request.prompt_token_ids)
+
+    def on_new_request(self, request: "Request") -> None:
+        if not self._eligible(request):
+            self._passthrough.add(request.request_id)
+
+    def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
+        """Tokens past ``num_computed_tokens`` that kvfs can load: block-aligned, never the last prompt token."""
+        if not self._loads_enabled or not self._eligible(request):
+            return 0, False
+        prompt = request.prompt_token_ids
+        if len(prompt) < 2:
+            return 0, False
+        found = self.ns.lookup(prompt[: len(prompt) - 1])
+        usable = found - found % self._block_size
+        self._lookups[request.request_id] = (num_computed_tokens, usable)
+        return max(0, usable - num_computed_tokens), False
+
+    def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks",
+                                 num_external_tokens: int) -> None:
+        if num_external_tokens <= 0:
+            self._pending_loads.pop(request.request_id, None)
+            return
+        local, _ = self._lookups.get(request.request_id, (0, 0))
+        start, end = local, local + num_external_tokens
+        block_ids = list(blocks.get_block_ids()[0])
+        self._pending_loads[request.request_id] = LoadSpec(
+            request.request_id, list(request.prompt_token_ids[:end]), start, end, block_ids[: -(-end // self._block_size)]
+        )
+
+    def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
+        meta = KVFSConnectorMetadata(loads=list(self._pending_loads.values()))
+        self._pending_loads.clear()
+        self._lookups.clear()
+        scheduled = scheduler_output.num_scheduled_tokens
+        for new in scheduler_output.scheduled_new_reqs:
+            eligible = (new.req_id not in self._passthrough and new.prompt_token_ids
+                        and new.lora_request is None and not new.mm_features and new.prompt_embeds is None)
+            if self._saves_enabled and eligible:
+                self._tracked[new.req_id] = _Tracked(list(new.prompt_token_ids), list(new.block_ids[0]))
+                self._maybe_save(meta, new.req_id, new.num_computed_tokens, scheduled.get(new.req_id, 0))
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            t = self._tracked.get(req_id)
+            if t is None:
+                continue
+            new_blocks = cached.new_block_ids[i]
+            if new_blocks is not None:
+                if req_id in cached.resumed_req_ids:
+                    t.block_ids = list(new_blocks[0])
+                else:
+                    t.block_ids.extend(new_blocks[0])
+            self._maybe_save(meta, req_id, cached.num_computed_tokens[i], scheduled.get(req_id, 0))
+        for req_id in scheduler_output.finished_req_ids:
+            self._tracked.pop(req_id, None)
+            self._passthrough.discard(req_id)
+        return meta
+
+    def _maybe_save(self, meta: KVFSConnectorMetadata, req_id: str, computed_before: int, scheduled: int) -> None:
+        """Save a prompt in the step that completes its prefill (again if vLLM recomputes it after a failed load)."""
+        t = self._tracked[req_id]
+        p = len(t.token_ids)
+        if not computed_before < p <= computed_before + scheduled:
+            return
+        if self.ns.lookup(t.token_ids) == p:
+            return  # kvfs holds every chunk of this prompt already
+        meta.saves.append(SaveSpec(req_id, t.token_ids, t.block_ids[: -(-p // self._block_size)]))
+
+    def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        self._tracked.pop(request.request_id, None)
+        self._pending_loads.pop(request.request_id, None)
+        self._passthrough.discard(request.request_id)
+        return False, None  # saves are synchronous: vLLM may free the blocks now
+
+    # ======================================================================================= worker side
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        """Keep the per-layer paged caches (``[blocks, heads, block tokens, K|V content]`` views)."""
+        missing = [n for n in self._layer_names if n not in kv_caches]
+        if missing:
+            raise ValueError(f"KVFSConnector: no KV cache registered for layers {missing[:3]}")
+        self._kv_caches = {n: kv_caches[n] for n in self._layer_names}
+        self._layer_index = {n: i for i, n in enumerate(self._layer_names)}
+        for name, t in self._kv_caches.items():
+            want_c = self.spec.head_dim * (1 if self.spec.mla else 2)
+            if t.dim() != 4 or t.shape[1] != self.spec.num_kv_heads or t.shape[3] != want_c:
+                raise ValueError(f"KVFSConnector: layer {name}'s cache has shape {tuple(t.shape)}, expected "
+                                 f"[blocks, {self.spec.num_kv_heads}, tokens, {want_c}]")
+
+    def _rows(self, layer: torch.Tensor, slots: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row, column) of each slot in a layer view whose rows may be kernel blocks smaller than vLLM's."""
+        n = layer.shape[2]
+        s = torch.from_numpy(slots).to(layer.device)
+        return s // n, s % n
+
+    def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
+        meta = self._connector_metadata
+        if not isinstance(meta, KVFSConnectorMetadata) or not meta.loads:
+            return
+        for load in meta.loads:
+            self._load_one(load)
+
+    def _load_one(self, load: LoadSpec) -> None:
+        spec = self.spec
+        toks = as_tokens(load.token_ids)
+        plan = [p for p in self.ns.plan(toks) if p.end > load.start]
+        covered = plan[-1].end if plan else load.start
+        failed: list[tuple[int, int]] = []
+        if covered < load.end:  # evicted since the lookup: those tokens are recomputed
+            failed.append((max(covered, load.start), load.end))
+        if plan:
+            base = plan[0].start
+            dtype = getattr(torch, spec.dtype)
+            buf = torch.empty(spec.chunk_shape(covered - base), dtype=dtype)
+            ok = self.ns.read(plan, self.ns.as_raw_kv(buf, covered - base))
+            good: list[tuple[int, int]] = []
+            for p, fine in zip(plan, ok):
+                rng = (max(p.start, load.start), min(p.end, load.end))
+                (good if fine else failed).append(rng)
+            for s, e in good:
+                slots = _slots(load.block_ids, self._block_size, s, e)
+                part = buf[:, :, s - base: e - base]
+                for name, layer in self._kv_caches.items():
+                    self._scatter(layer, slots, part[self._layer_index[name]])
+        if failed:
+            bad = set()
+            for s, e in failed:
+                bad.update(int(b) for b in set(load.block_ids[s // self._block_size: -(-e // self._block_size)]))
+            log.warning("kvfs: request %s: %d tokens of cached KV could not be loaded; vLLM recomputes blocks %s",
+                         load.req_id, sum(e - s for s, e in failed), sorted(bad))
+            with self._lock:
+                self._load_errors.update(bad)
+                self._failed_reqs.add(load.req_id)
+
+    def _scatter(self, layer: torch.Tensor, slots: np.ndarray, kv: torch.Tensor) -> None:
+        """kv ``[planes, tokens, heads, dim]`` -> the layer's slots."""
+        rows, cols = self._rows(layer, slots)
+        kv = kv.to(layer.device, non_blocking=True)
+        if self.spec.mla:
+            layer[rows, :, cols] = kv[0]
+        else:
+            d = self.spec.head_dim
+            layer[rows, :, cols, :d] = kv[0]
+            layer[rows, :, cols, d:] = kv[1]
+
+    def _gather(self, layer: torch.Tensor, slots: np.ndarray, out: torch.Tensor) -> None:
+        """The layer's slots -> out ``[planes, tokens, heads, dim]`` (CPU)."""
+        rows, cols = self._rows(layer, slots)
+        page = layer[rows, :, cols]  # [tokens, heads, C]
+        if self.spec.mla:
+            out[0].copy_(page)
+        else:
+            d = self.spec.head_dim
+            out[0].copy_(page[..., :d])
+            out[1].copy_(page[..., d:])
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # loads complete inside start_load_kv
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: "AttentionMetadata",
+                      **kwargs: Any) -> None:
+        """Copy this layer's KV of the prompts being saved out of the paged cache, as soon as it exists."""
+        meta = self._connector_metadata
+        if not isinstance(meta, KVFSConnectorMetadata) or not meta.saves:
+            return
+        i = self._layer_index.get(layer_name)
+        if i is None:
+            return
+        for save in meta.saves:
+            if save.req_id in self._failed_reqs:
+                continue
+            staged, done = self._stage(save)
+            if i not in done:
+                self._gather(kv_layer, _slots(save.block_ids, self._block_size, 0, len(save.token_ids)), staged[i])
+                done.add(i)
+
+    def _stage(self, save: SaveSpec) -> tuple[torch.Tensor, set[int]]:
+        entry = self._staged.get(save.req_id)
+        if entry is None or entry[0] is not save:
+            shape = self.spec.chunk_shape(len(save.token_ids))
+            entry = (save, torch.empty(shape, dtype=getattr(torch, self.spec.dtype)), set())
+            self._staged[save.req_id] = entry
+        return entry[1], entry[2]
+
+    def wait_for_save(self) -> None:
+        """Write this step's prompts: layers the forward pass did not hand over are gathered now."""
+        meta = self._connector_metadata
+        try:
+            if not isinstance(meta, KVFSConnectorMetadata):
+                return
+            for save in meta.saves:
+                if save.req_id in self._failed_reqs:
+                    # part of its prompt's KV is missing from the cache this step; vLLM recomputes it and
+                    # the scheduler asks for the save again in the step that completes the prefill
+                    continue
+                staged, done = self._stage(save)
+                slots = None
+                for name, layer in self._kv_caches.items():
+                    i = self._layer_index[name]
+                    if i not in done:
+                        if slots is None:
+                            slots = _slots(save.block_ids, self._block_size, 0, len(save.token_ids))
+                        self._gather(layer, slots, staged[i])
+                        done.add(i)
+                try:
+                    self.ns.put(save.token_ids, staged)
+                except OSError as e:  # a full or unreachable store must not fail inference
+                    log.warning("kvfs: could not store the KV of request %s: %s", save.req_id, e)
+        finally:
+            self._staged.clear()
+            self._failed_reqs.clear()
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        with self._lock:
+            bad, self._load_errors = self._load_errors, set()
+        return bad
+
+    def shutdown(self) -> None:
+        self.store.close()

@@ -1,0 +1,362 @@
+"""KVFSConnector driven with vLLM's own objects on the CPU.
+
+vLLM builds the configs, the requests (with its block hasher), the block
+lists, the scheduler outputs and the paged KV caches themselves
+(``allocate_kv_cache``, in vLLM's layouts); the connector is created through
+vLLM's connector factory from ``kv_connector_module_path``, as ``vllm serve``
+does. The KV written into the paged caches is random data standing in for
+what a forward pass computes.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+
+os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+os.environ.setdefault("VLLM_CACHE_ROOT", tempfile.mkdtemp(prefix="kvfs-vllm-cache-"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("vllm")
+
+from vllm.config import CacheConfig, KVTransferConfig, VllmConfig  # noqa: E402
+from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory  # noqa: E402
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorRole  # noqa: E402
+from vllm.sampling_params import SamplingParams  # noqa: E402
+from vllm.utils.hashing import get_hash_fn_by_name  # noqa: E402
+from vllm.v1.core.kv_cache_manager import KVCacheBlocks  # noqa: E402
+from vllm.v1.core.kv_cache_utils import KVCacheBlock, get_request_block_hasher, init_none_hash  # noqa: E402
+from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput  # noqa: E402
+from vllm.v1.kv_cache_interface import (  # noqa: E402
+    FullAttentionSpec,
+    KVCacheConfig,
+    KVCacheGroupSpec,
+    KVCacheTensor,
+)
+from vllm.v1.kv_cache_layout import KVCacheLayout  # noqa: E402
+from vllm.v1.request import Request  # noqa: E402
+from vllm.v1.worker.utils import allocate_kv_cache  # noqa: E402
+
+import kvfs  # noqa: E402
+from kvfs.connectors.vllm import KVFSConnector, KVFSConnectorMetadata  # noqa: E402
+
+BLOCK = 16
+LAYERS = [f"model.layers.{i}.self_attn.attn" for i in range(3)]
+HEADS, HEAD = 2, 8
+NUM_BLOCKS = 40
+HASH = get_hash_fn_by_name("sha256")
+init_none_hash(HASH)
+
+pytestmark = pytest.mark.engines
+
+
+def kv_cache_config() -> KVCacheConfig:
+    spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=HEADS, head_size=HEAD, dtype=torch.float32)
+    page = spec.page_size_bytes
+    return KVCacheConfig(
+        num_blocks=NUM_BLOCKS,
+        kv_cache_tensors=[KVCacheTensor(size=page * NUM_BLOCKS * len(LAYERS), layers=LAYERS,
+                                        layer_stride=page * NUM_BLOCKS, block_stride=page)],
+        kv_cache_groups=[KVCacheGroupSpec(LAYERS, spec)],
+    )
+
+
+def make_connector(url: str, role: KVConnectorRole, kv_role: str = "kv_both", chunk_tokens: int = 16):
+    ktc = KVTransferConfig(kv_connector="KVFSConnector", kv_connector_module_path="kvfs.connectors.vllm",
+                           kv_role=kv_role,
+                           kv_connector_extra_config={"url": url, "chunk_tokens": chunk_tokens,
+                                                      "model": "test/llama-3-layers"})
+    cfg = VllmConfig(cache_config=CacheConfig(block_size=BLOCK), kv_transfer_config=ktc)
+    return KVConnectorFactory.create_connector(cfg, role, kv_cache_config())
+
+
+def paged_caches(layout: KVCacheLayout = KVCacheLayout.LBNHC) -> dict[str, torch.Tensor]:
+    """vLLM's own paged KV caches, zeroed: one ``[blocks, heads, block tokens, K|V]`` view per layer."""
+    return allocate_kv_cache(kv_cache_config(), torch.device("cpu"), layout, [BLOCK])
+
+
+def request(req_id: str, prompt: list[int]) -> Request:
+    return Request(req_id, prompt, SamplingParams(max_tokens=4), None,
+                   block_hasher=get_request_block_hasher(BLOCK, HASH))
+
+
+def blocks_of(ids: list[int]) -> KVCacheBlocks:
+    return KVCacheBlocks(blocks=([KVCacheBlock(block_id=i) for i in ids],))
+
+
+def step(req: Request, block_ids: list[int], num_scheduled: int, computed: int = 0) -> SchedulerOutput:
+    """A scheduler step that schedules ``req`` for the first time: its computed tokens (local and
+    external hits) are set before NewRequestData is made, as the scheduler does."""
+    req.num_computed_tokens = computed
+    out = SchedulerOutput.make_empty()
+    out.scheduled_new_reqs = [NewRequestData.from_request(req, (block_ids,))]
+    out.num_scheduled_tokens = {req.request_id: num_scheduled}
+    out.total_num_scheduled_tokens = num_scheduled
+    return out
+
+
+def write_kv(caches, block_ids: list[int], kv: torch.Tensor, start: int = 0) -> None:
+    """What the forward pass does: put ``kv`` [layers, 2, tokens, heads, dim] at positions start... ."""
+    for pos in range(kv.shape[2]):
+        p = start + pos
+        b, o = block_ids[p // BLOCK], p % BLOCK
+        for i, name in enumerate(LAYERS):
+            caches[name][b, :, o, :HEAD] = kv[i, 0, pos]
+            caches[name][b, :, o, HEAD:] = kv[i, 1, pos]
+
+
+def read_kv(caches, block_ids: list[int], start: int, end: int) -> torch.Tensor:
+    out = torch.empty(len(LAYERS), 2, end - start, HEADS, HEAD)
+    for p in range(start, end):
+        b, o = block_ids[p // BLOCK], p % BLOCK
+        for i, name in enumerate(LAYERS):
+            out[i, 0, p - start] = caches[name][b, :, o, :HEAD]
+            out[i, 1, p - start] = caches[name][b, :, o, HEAD:]
+    return out
+
+
+def run_worker_step(worker, caches, meta) -> set[int]:
+    """The model runner's calls around one forward pass."""
+    worker.bind_connector_metadata(meta)
+    worker.start_load_kv(None)
+    for name in LAYERS:
+        worker.wait_for_layer_load(name)
+        worker.save_kv_layer(name, caches[name], None)
+    worker.wait_for_save()
+    errors = worker.get_block_ids_with_load_errors()
+    worker.clear_connector_metadata()
+    return errors
+
+
+def gen(seed: int, *shape) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+PROMPT_A = list(range(1000, 1100))  # 100 tokens
+PROMPT_B = PROMPT_A[:70] + list(range(5000, 5030))  # shares 70 tokens with A
+BLOCKS_A = [5, 2, 17, 9, 30, 11, 3]  # 7 blocks of 16 hold 100 tokens; deliberately scattered
+BLOCKS_B = [8, 21, 0, 14, 33, 26, 19]
+
+
+@pytest.fixture
+def url(tmp_path):
+    return f"file://{tmp_path}/store"
+
+
+def store_a(url: str, layout=KVCacheLayout.LBNHC) -> torch.Tensor:
+    """Run request A through a kv_both scheduler and worker; returns the KV it computed."""
+    sched = make_connector(url, KVConnectorRole.SCHEDULER)
+    worker = make_connector(url, KVConnectorRole.WORKER)
+    caches = paged_caches(layout)
+    worker.register_kv_caches(caches)
+    a = request("A", PROMPT_A)
+    sched.on_new_request(a)
+    assert sched.get_num_new_matched_tokens(a, 0) == (0, False)  # empty store
+    sched.update_state_after_alloc(a, blocks_of(BLOCKS_A), 0)
+    meta = sched.build_connector_meta(step(a, BLOCKS_A, len(PROMPT_A)))
+    assert isinstance(meta, KVFSConnectorMetadata) and not meta.loads and len(meta.saves) == 1
+    kv_a = gen(1, len(LAYERS), 2, len(PROMPT_A), HEADS, HEAD)
+    write_kv(caches, BLOCKS_A, kv_a)
+    assert run_worker_step(worker, caches, meta) == set()
+    worker.shutdown()
+    sched.shutdown()
+    return kv_a
+
+
+def test_it_is_a_real_vllm_connector(url):
+    c = make_connector(url, KVConnectorRole.SCHEDULER)
+    assert isinstance(c, KVFSConnector) and isinstance(c, KVConnectorBase_V1)
+    assert c.spec.num_layers == 3 and c.spec.num_kv_heads == HEADS and c.spec.head_dim == HEAD
+    assert c.spec.dtype == "float32"
+    c.shutdown()
+
+
+@pytest.mark.parametrize("layout", [KVCacheLayout.LBNHC, KVCacheLayout.LBHNC])
+def test_two_requests_sharing_a_prefix(url, layout):
+    kv_a = store_a(url, layout)
+    with kvfs.open(url) as store:  # what A's prefill stored is exactly its KV
+        spec = make_connector(url, KVConnectorRole.SCHEDULER).spec
+        got = store.namespace(spec).get(PROMPT_A)
+        assert torch.equal(torch.from_numpy(got), kv_a)
+
+    # request B, in a fresh engine (new scheduler and worker connectors, zeroed caches)
+    sched = make_connector(url, KVConnectorRole.SCHEDULER)
+    worker = make_connector(url, KVConnectorRole.WORKER)
+    caches = paged_caches(layout)
+    worker.register_kv_caches(caches)
+    b = request("B", PROMPT_B)
+    sched.on_new_request(b)
+    # 70 shared tokens, rounded down to whole blocks: 64; vLLM's own cache already has the first block
+    assert sched.get_num_new_matched_tokens(b, 0) == (64, False)
+    assert sched.get_num_new_matched_tokens(b, 16) == (48, False)
+    assert sched.get_num_new_matched_tokens(b, 16) == (48, False)  # asking again changes nothing
+    sched.update_state_after_alloc(b, blocks_of(BLOCKS_B), 48)
+    meta = sched.build_connector_meta(step(b, BLOCKS_B, len(PROMPT_B) - 64, computed=64))
+    assert [(m.start, m.end) for m in meta.loads] == [(16, 64)]
+    # the forward pass computes B's new tokens 64..100 (the loaded ones are read from the cache)
+    kv_b_new = gen(2, len(LAYERS), 2, len(PROMPT_B) - 64, HEADS, HEAD)
+    write_kv(caches, BLOCKS_B, kv_b_new, start=64)
+    assert run_worker_step(worker, caches, meta) == set()
+    # exactly A's KV landed in B's slots 16..64; the locally cached first block was not touched
+    assert torch.equal(read_kv(caches, BLOCKS_B, 16, 64), kv_a[:, :, 16:64])
+    assert torch.count_nonzero(read_kv(caches, BLOCKS_B, 0, 16)) == 0
+    # and nothing else in the cache changed
+    touched = {(BLOCKS_B[p // BLOCK], p % BLOCK) for p in range(16, 100)}
+    for name in LAYERS:
+        for blk in range(NUM_BLOCKS):
+            for off in range(BLOCK):
+                if (blk, off) not in touched:
+                    assert not caches[name][blk, :, off].any()
+    # B was saved too: its whole prompt is now in kvfs
+    with kvfs.open(url) as store:
+        ns = store.namespace(sched.spec)
+        assert ns.lookup(PROMPT_B) == len(PROMPT_B)
+        want = torch.cat([kv_a[:, :, :64], kv_b_new], dim=2)
+        assert torch.equal(torch.from_numpy(ns.get(PROMPT_B)), want)
+    worker.shutdown()
+    sched.shutdown()
+
+
+def test_the_last_prompt_token_is_never_loaded(url):
+    store_a(url)
+    sched = make_connector(url, KVConnectorRole.SCHEDULER)
+    # all 100 tokens are stored; 99 may be loaded, rounded down to blocks: 96
+    assert sched.get_num_new_matched_tokens(request("A2", PROMPT_A), 0) == (96, False)
+    # a 96-token prompt fully stored: 95 loadable -> 80
+    assert sched.get_num_new_matched_tokens(request("A3", PROMPT_A[:96]), 0) == (80, False)
+    assert sched.get_num_new_matched_tokens(request("A4", PROMPT_A[:1]), 0) == (0, False)
+    sched.shutdown()
+
+
+def test_a_corrupt_chunk_is_reported_not_loaded(url, tmp_path, caplog):
+    kv_a = store_a(url)
+    sched = make_connector(url, KVConnectorRole.SCHEDULER)
+    worker = make_connector(url, KVConnectorRole.WORKER)
+    caches = paged_caches()
+    worker.register_kv_caches(caches)
+    # bit rot in the chunk holding tokens 32..48
+    bad = sched.ns.keys(PROMPT_A)[2]
+    path = os.path.join(tmp_path, "store", bad.path)
+    with open(path, "r+b") as f:
+        f.seek(-7, os.SEEK_END)
+        byte = f.read(1)
+        f.seek(-7, os.SEEK_END)
+        f.write(bytes([byte[0] ^ 0x01]))
+    b = request("B", PROMPT_B)
+    assert sched.get_num_new_matched_tokens(b, 0) == (64, False)  # the catalog still lists it
+    sched.update_state_after_alloc(b, blocks_of(BLOCKS_B), 64)
+    meta = sched.build_connector_meta(step(b, BLOCKS_B, len(PROMPT_B) - 64, computed=64))
+    with caplog.at_level("WARNING"):
+        errors = run_worker_step(worker, caches, meta)
+    assert errors == {BLOCKS_B[2]}  # tokens 32..48: vLLM recomputes from there
+    assert "quarantined" in caplog.text
+    assert torch.count_nonzero(read_kv(caches, BLOCKS_B, 32, 48)) == 0  # the corrupt KV never reached the cache
+    assert torch.equal(read_kv(caches, BLOCKS_B, 0, 32), kv_a[:, :, :32])
+    assert worker.get_block_ids_with_load_errors() == set()  # reported once
+    # B's prompt was not saved with the hole in it: the next lookup stops before the quarantined chunk
+    assert sched.get_num_new_matched_tokens(request("B2", PROMPT_B), 0) == (32, False)
+    # vLLM rolls B back to the first bad block and recomputes tokens 32..100; that step saves B
+    redo = SchedulerOutput.make_empty()
+    redo.scheduled_cached_reqs = CachedRequestData(
+        req_ids=["B"], resumed_req_ids=set(), new_token_ids=[[]], all_token_ids={},
+        new_block_ids=[None], num_computed_tokens=[32], num_output_tokens=[0])
+    redo.num_scheduled_tokens = {"B": len(PROMPT_B) - 32}
+    meta = sched.build_connector_meta(redo)
+    assert [s.req_id for s in meta.saves] == ["B"] and not meta.loads
+    kv_b = torch.cat([kv_a[:, :, :70], gen(4, len(LAYERS), 2, 30, HEADS, HEAD)], dim=2)
+    write_kv(caches, BLOCKS_B, kv_b[:, :, 32:], start=32)
+    assert run_worker_step(worker, caches, meta) == set()
+    assert torch.equal(torch.from_numpy(sched.ns.get(PROMPT_B)), kv_b)
+    worker.shutdown()
+    sched.shutdown()
+
+
+def test_a_chunk_evicted_after_the_lookup_is_reported(url):
+    store_a(url)
+    sched = make_connector(url, KVConnectorRole.SCHEDULER)
+    worker = make_connector(url, KVConnectorRole.WORKER)
+    caches = paged_caches()
+    worker.register_kv_caches(caches)
+    b = request("B", PROMPT_B)
+    assert sched.get_num_new_matched_tokens(b, 0) == (64, False)
+    sched.update_state_after_alloc(b, blocks_of(BLOCKS_B), 64)
+    meta = sched.build_connector_meta(step(b, BLOCKS_B, len(PROMPT_B) - 64, computed=64))
+    with kvfs.open(url) as store:  # another node evicts the last two chunks of the prefix
+        ns = store.namespace(sched.spec)
+        store.evict([k.path for k in ns.keys(PROMPT_A)[3:]], force=True)
+    errors = run_worker_step(worker, caches, meta)
+    assert errors == {BLOCKS_B[3]}
+    assert torch.count_nonzero(read_kv(caches, BLOCKS_B, 48, 64)) == 0
+    worker.shutdown()
+    sched.shutdown()
+
+
+def test_producer_saves_and_consumer_loads_exactly(url):
+    """Prefill/decode disaggregation through storage: one engine prefills, another reads its KV."""
+    p_sched = make_connector(url, KVConnectorRole.SCHEDULER, "kv_producer")
+    p_worker = make_connector(url, KVConnectorRole.WORKER, "kv_producer")
+    p_caches = paged_caches()
+    p_worker.register_kv_caches(p_caches)
+    a = request("A", PROMPT_A)
+    p_sched.on_new_request(a)
+    assert p_sched.get_num_new_matched_tokens(a, 0) == (0, False)
+    # chunked prefill: 64 tokens, then 36; the prompt is saved once, when its prefill completes
+    first = p_sched.build_connector_meta(step(a, BLOCKS_A[:4], 64))
+    assert not first.saves and not first.loads
+    kv_a = gen(3, len(LAYERS), 2, len(PROMPT_A), HEADS, HEAD)
+    write_kv(p_caches, BLOCKS_A, kv_a[:, :, :64])
+    run_worker_step(p_worker, p_caches, first)
+    second = SchedulerOutput.make_empty()
+    second.scheduled_cached_reqs = CachedRequestData(
+        req_ids=["A"], resumed_req_ids=set(), new_token_ids=[[]], all_token_ids={},
+        new_block_ids=[(BLOCKS_A[4:],)], num_computed_tokens=[64], num_output_tokens=[0])
+    second.num_scheduled_tokens = {"A": 36}
+    meta = p_sched.build_connector_meta(second)
+    assert [len(s.token_ids) for s in meta.saves] == [100] and meta.saves[0].block_ids == BLOCKS_A
+    write_kv(p_caches, BLOCKS_A, kv_a[:, :, 64:], start=64)
+    run_worker_step(p_worker, p_caches, meta)
+    # a producer never loads
+    assert p_sched.get_num_new_matched_tokens(request("A2", PROMPT_A), 0) == (0, False)
+
+    c_sched = make_connector(url, KVConnectorRole.SCHEDULER, "kv_consumer")
+    c_worker = make_connector(url, KVConnectorRole.WORKER, "kv_consumer")
+    c_caches = paged_caches(KVCacheLayout.LBHNC)  # the decode engine may even use another layout
+    c_worker.register_kv_caches(c_caches)
+    d = request("A-decode", PROMPT_A)
+    c_sched.on_new_request(d)
+    assert c_sched.get_num_new_matched_tokens(d, 0) == (96, False)
+    c_sched.update_state_after_alloc(d, blocks_of(BLOCKS_B), 96)
+    meta = c_sched.build_connector_meta(step(d, BLOCKS_B, 4, computed=96))
+    assert not meta.saves  # a consumer never saves
+    assert run_worker_step(c_worker, c_caches, meta) == set()
+    assert torch.equal(read_kv(c_caches, BLOCKS_B, 0, 96), kv_a[:, :, :96])
+    for c in (p_sched, p_worker, c_sched, c_worker):
+        c.shutdown()
+
+
+def test_requests_kvfs_must_not_share_are_passed_through(url):
+    store_a(url)
+    sched = make_connector(url, KVConnectorRole.SCHEDULER)
+    salted = Request("S", PROMPT_A, SamplingParams(max_tokens=4), None, cache_salt="tenant-1",
+                     block_hasher=get_request_block_hasher(BLOCK, HASH))
+    sched.on_new_request(salted)
+    assert sched.get_num_new_matched_tokens(salted, 0) == (0, False)
+    meta = sched.build_connector_meta(step(salted, BLOCKS_B, len(PROMPT_A)))
+    assert not meta.saves and not meta.loads
+    sched.shutdown()
+
+
+def test_unsupported_kv_caches_are_refused(url):
+    from vllm.v1.kv_cache_interface import SlidingWindowSpec
+
+    ktc = KVTransferConfig(kv_connector="KVFSConnector", kv_connector_module_path="kvfs.connectors.vllm",
+                           kv_role="kv_both", kv_connector_extra_config={"url": url, "model": "m"})
+    cfg = VllmConfig(cache_config=CacheConfig(block_size=BLOCK), kv_transfer_config=ktc)
+    spec = SlidingWindowSpec(block_size=BLOCK, num_kv_heads=HEADS, head_size=HEAD, dtype=torch.float32,
+                             sliding_window=64)
+    kcc = KVCacheConfig(num_blocks=4, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(LAYERS, spec)])
+    with pytest.raises(ValueError, match="SlidingWindowSpec"):
+        KVFSConnector(cfg, KVConnectorRole.SCHEDULER, kcc)
