@@ -11,16 +11,18 @@ whole or not at all, and a killed writer leaves nothing behind.
 from __future__ import annotations
 
 import os
+import time
 from contextlib import contextmanager
 from typing import Iterator, Mapping, Sequence
 
 from kvfs import _lmdbenv
-from kvfs.errors import InvalidURL
+from kvfs.errors import InvalidURL, NoSpace
 from kvfs.units import parse_size
 
 from ._base import Backend, Buffer, ObjectInfo, check_key
 
 DATA_DB = "kvfs.data"
+META_DB = "kvfs.lmdb.meta"
 
 
 def _truthy(v: object) -> bool:
@@ -75,15 +77,32 @@ class LMDBBackend(Backend):
 
     def put_many(self, items: Mapping[str, Buffer]) -> None:
         staged = [(self._k(k), v) for k, v in items.items()]
-        with self._env.write() as txn:
-            for k, v in staged:
-                txn.put(k, v, db=self._db)
+
+        def put() -> None:
+            with self._env.write() as txn:
+                for k, v in staged:
+                    txn.put(k, v, db=self._db)
+
+        try:
+            put()
+        except NoSpace:
+            # pages freed by the last transaction become reusable only two transactions later:
+            # advance once and retry before calling the map full
+            self._advance()
+            put()
 
     def delete_many(self, keys: Sequence[str]) -> None:
         bkeys = [self._k(k) for k in keys]
         with self._env.write() as txn:
-            for k in bkeys:
-                txn.delete(k, db=self._db)
+            deleted = sum(bool(txn.delete(k, db=self._db)) for k in bkeys)
+        if deleted:
+            self._advance()  # so that the next put can reuse the pages just freed
+
+    def _advance(self) -> None:
+        """Commit a tiny transaction: LMDB reuses pages freed by transaction N from N+2 on."""
+        meta = self._env.db(META_DB)  # open it outside the write transaction (open_db takes the write lock)
+        with self._env.write() as txn:
+            txn.put(b"txn-tick", str(time.time()).encode(), db=meta)
 
     def exists_many(self, keys: Sequence[str]) -> list[bool]:
         bkeys = [self._k(k) for k in keys]

@@ -138,10 +138,22 @@ def lmdb_error(e: lmdb.Error, env: Env | str) -> StoreError:
         err = oserror(errno.EMFILE, f"too many readers of LMDB environment {path}")
     elif isinstance(e, lmdb.MemoryError):
         err = oserror(errno.ENOMEM, f"out of memory in LMDB environment {path}")
+    elif _nearly_full(path):
+        # LMDB reports a write cut short by a full filesystem as EIO ("short write"): check the device
+        err = NoSpace(f"no space left on the device holding {path} ({type(e).__name__}: {e})")
     else:
         err = oserror(errno.EIO, f"LMDB error on {path}: {type(e).__name__}: {e}")
     err.__cause__ = e
     return err
+
+
+def _nearly_full(path: str) -> bool:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    free = st.f_bavail * st.f_frsize
+    return free < max(16 << 20, st.f_blocks * st.f_frsize // 100)
 
 
 def acquire(path: str, map_size: int | None = None, *, readonly: bool = False) -> Env:
