@@ -11,6 +11,7 @@ whole or not at all, and a killed writer leaves nothing behind.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from contextlib import contextmanager
 from typing import Iterator, Mapping, Sequence
@@ -23,6 +24,40 @@ from ._base import Backend, Buffer, ObjectInfo, check_key
 
 DATA_DB = "kvfs.data"
 META_DB = "kvfs.lmdb.meta"
+
+
+_malloc_tuned = False
+
+
+def _tune_malloc() -> None:
+    """Let glibc reuse freed large blocks instead of returning them to the kernel.
+
+    LMDB (with ``writemap`` off, so that a full disk is ENOSPC rather than
+    SIGBUS) copies each value into freshly ``malloc``'ed dirty pages before
+    writing them. glibc serves a block over 32 MiB (a Llama-3-8B chunk is
+    32 MiB + 4 KiB) with a new ``mmap`` each time, and faulting that memory
+    in costs more than the write itself. Raising the mmap threshold to
+    64 MiB and the trim threshold to 256 MiB keeps such blocks warm in the
+    heap: LMDB puts run about 2.5x faster. Set ``KVFS_MALLOC_TUNE=0`` to
+    leave the allocator alone.
+    """
+    global _malloc_tuned
+    if _malloc_tuned:
+        return
+    _malloc_tuned = True
+    if os.environ.get("KVFS_MALLOC_TUNE", "1") in ("0", "false", "no") or not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        if not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"):
+            return  # not glibc
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        libc.mallopt(M_MMAP_THRESHOLD, 64 << 20)
+        libc.mallopt(M_TRIM_THRESHOLD, 256 << 20)
+    except (OSError, AttributeError):
+        pass
 
 
 def _truthy(v: object) -> bool:
@@ -39,6 +74,8 @@ class LMDBBackend(Backend):
         self.path = os.path.abspath(os.path.expanduser(location))
         self.url = f"lmdb://{self.path}"
         self.readonly = _truthy(readonly)
+        if not self.readonly:
+            _tune_malloc()
         self._env = _lmdbenv.acquire(
             self.path, parse_size(map_size) if map_size is not None else None, readonly=self.readonly
         )
