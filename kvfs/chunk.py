@@ -192,7 +192,7 @@ def encode(
     meta["layer_checksums"] = ",".join(layer_sums)
     meta["meta_checksum"] = _xxh(_canonical_meta(meta))
     if signer is not None:
-        meta["signature"] = signer(_canonical_meta(meta), mv[data_offset:])
+        meta["signature"] = signer.sign(_canonical_meta(meta), mv[data_offset:])
     final = _header_json(meta, spec.dtype, shape, nbytes)
     if len(final) > hlen:  # cannot happen with fixed-width placeholders; guard anyway
         raise AssertionError("chunk header grew while encoding")

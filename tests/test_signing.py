@@ -1,0 +1,78 @@
+"""Signed chunks in a shared bucket: a poisoned chunk is refused when signing is on."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import kvfs
+from kvfs.errors import CacheMiss
+from s3servers import moto_server, s3_bucket_url  # noqa: F401  (fixtures)
+
+SPEC = kvfs.KVSpec("signed/tiny", num_layers=2, num_kv_heads=2, head_dim=16, dtype="float16", chunk_tokens=16)
+KEY = b"deployment-secret-0123456789"
+
+
+def kv(seed, n=32):
+    return np.random.default_rng(seed).standard_normal(SPEC.chunk_shape(n), dtype=np.float32).astype(np.float16)
+
+
+def test_poisoned_chunk_in_a_shared_bucket_is_refused_with_signing(s3_bucket_url, tmp_path, caplog):
+    tokens = list(range(100, 132))
+    good, poison = kv(1), kv(2)
+    with kvfs.open(s3_bucket_url, signing_key=KEY, catalog=str(tmp_path / "a")) as a:
+        a.namespace(SPEC).put(tokens, good)
+    # an attacker who can write the bucket but has no key plants different KV for the same tokens:
+    # a perfectly valid chunk (right key, tokens, checksums), just not what the model computes
+    with kvfs.open(s3_bucket_url, catalog=str(tmp_path / "evil")) as evil:
+        ns = evil.namespace(SPEC)
+        backend = evil.tiers[0].backend
+        from kvfs import chunk
+        from kvfs.keys import as_tokens
+
+        k = ns.keys(tokens)[1]
+        raw = poison.view(np.uint16)
+        buf = chunk.encode(SPEC, key=k.hex, parent=k.parent_hex, tokens=as_tokens(tokens)[16:32],
+                           kv=raw[:, :, 16:32], start=16)
+        backend.put(k.path, bytes(buf))
+    # a reader with signing on refuses it: the first chunk is served, the poisoned one is a miss
+    with kvfs.open(s3_bucket_url, signing_key=KEY, catalog=str(tmp_path / "b")) as b:
+        ns = b.namespace(SPEC)
+        with pytest.raises(CacheMiss):
+            ns.get(tokens)
+        n, got = ns.get_prefix(tokens)
+        assert n == 16 and got.tobytes() == good[:, :, :16].tobytes()
+        assert "signature" in caplog.text or "not signed" in caplog.text
+    # without signing the same chunk would be served: that is the documented threat model
+    with kvfs.open(s3_bucket_url, catalog=str(tmp_path / "c")) as c:
+        ns = c.namespace(SPEC)
+        got = ns.get(tokens[:16])
+        assert got.tobytes() == good[:, :, :16].tobytes()
+
+
+def test_wrong_key_and_unsigned_chunks_are_misses(tmp_path):
+    url = f"lmdb://{tmp_path}/s"
+    tokens = list(range(32))
+    with kvfs.open(url) as unsigned:
+        unsigned.namespace(SPEC).put(tokens, kv(3))
+    with kvfs.open(url, signing_key=KEY) as s:
+        with pytest.raises(CacheMiss):
+            s.namespace(SPEC).get(tokens)
+        s.namespace(SPEC).put(tokens, kv(3))  # the unsigned chunks were quarantined: write signed ones
+        assert s.namespace(SPEC).get(tokens).tobytes() == kv(3).tobytes()
+    with kvfs.open(url, signing_key=b"another key") as other:
+        with pytest.raises(CacheMiss):
+            other.namespace(SPEC).get(tokens)
+
+
+def test_signing_key_from_environment(tmp_path, monkeypatch):
+    keyfile = tmp_path / "key"
+    keyfile.write_bytes(KEY + b"\n")
+    monkeypatch.setenv("KVFS_SIGNING_KEY_FILE", str(keyfile))
+    url = f"lmdb://{tmp_path}/s"
+    with kvfs.open(url) as s:
+        s.namespace(SPEC).put(list(range(16)), kv(4, 16))
+        assert s.signer is not None
+    monkeypatch.delenv("KVFS_SIGNING_KEY_FILE")
+    with kvfs.open(url, signing_key=KEY) as s:
+        assert s.namespace(SPEC).get(list(range(16))).tobytes() == kv(4, 16).tobytes()
