@@ -534,7 +534,7 @@ class Store:
             if backend.supports_views:
                 with backend.views(paths) as views:
                     self._copy_from_buffers(spec, items, views, results, keep=want_bytes)
-            elif backend.direct_reads:
+            elif backend.direct_reads and not want_bytes:  # promotion needs the whole file's bytes
                 self._copy_direct(spec, backend, items, results)
             else:
                 datas = backend.get_many(paths)

@@ -160,7 +160,10 @@ class SeaweedServer:
             pass
 
     def close(self) -> None:
-        self.stop()
+        if self._own_dir:
+            self.kill()  # the data goes away with the directory: no need for a graceful stop
+        else:
+            self.stop()
         if self._own_dir:
             shutil.rmtree(self.data_dir, ignore_errors=True)
 

@@ -1,0 +1,256 @@
+"""Tiered stores on real backends: write-back, promotion, capacity eviction, pins, a lower tier that goes away."""
+
+from __future__ import annotations
+
+import errno
+import threading
+import time
+
+import numpy as np
+import pytest
+from s3servers import FaultyProxy, make_bucket, moto_server  # noqa: F401
+from seaweed import SeaweedServer, seaweed_available
+
+import kvfs
+from kvfs.errors import CacheMiss, NoSpace, StoreError
+
+SPEC = kvfs.KVSpec("tier-test", num_layers=2, num_kv_heads=2, head_dim=64, dtype="float16", chunk_tokens=64)
+CHUNK = SPEC.bytes_per_token * SPEC.chunk_tokens  # tensor bytes of one chunk (the file adds a 4 KiB header)
+
+
+def _prompt(n_chunks: int, seed: int):
+    rng = np.random.default_rng(seed)
+    toks = rng.integers(0, 50_000, n_chunks * SPEC.chunk_tokens).tolist()
+    kv = rng.standard_normal(SPEC.chunk_shape(len(toks))).astype(np.float16)
+    return toks, kv
+
+
+def _in_tier(store, tier: int, ns, toks) -> list[bool]:
+    return store.tiers[tier].backend.exists_many([k.path for k in ns.keys(toks)])
+
+
+# ------------------------------------------------------------------------------------ write-back
+def test_writeback_is_bounded_and_flushed_on_close(moto_server):
+    proxy = FaultyProxy(moto_server)
+    bucket = make_bucket(moto_server)
+    try:
+        proxy.delay = 0.05  # a slow lower tier: the producer must wait, not pile up memory
+        url = f"memory://::s3://{bucket}/kv?endpoint_url={proxy.endpoint}"
+        bound = 2 * CHUNK
+        store = kvfs.open(url, writeback_bytes=bound)
+        peak = [0]
+        stop = threading.Event()
+
+        def sample():
+            while not stop.is_set():
+                peak[0] = max(peak[0], store._writeback._queued_bytes)
+                time.sleep(0.001)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        ns = store.namespace(SPEC)
+        prompts = [_prompt(3, seed) for seed in range(4)]
+        try:
+            for toks, kv in prompts:
+                ns.put(toks, kv)
+            assert store._writeback.pending > 0, "write-back finished before put returned: not in the background"
+        finally:
+            stop.set()
+            sampler.join()
+            store.close()  # flushes the write-back queue
+        assert 0 < peak[0] <= bound + 4096 * 2, f"write-back queue held {peak[0]} bytes (bound {bound})"
+        import boto3
+
+        listed = boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1").list_objects_v2(
+            Bucket=bucket, Prefix="kv/")
+        names = {o["Key"] for o in listed.get("Contents", [])}
+        with kvfs.open("memory://") as scratch:
+            keys = [k.path for toks, _ in prompts for k in scratch.namespace(SPEC).keys(toks)]
+        assert {f"kv/{k}" for k in keys} <= names, "close() returned before every chunk was written back"
+    finally:
+        proxy.close()
+
+
+def test_flush_reports_writeback_failures_and_keeps_the_upper_copy(tmp_path):
+    root = tmp_path / "files"
+    with kvfs.open(f"memory://::file://{root}") as store:
+        ns = store.namespace(SPEC)
+        toks, kv = _prompt(2, 1)
+        ns.put(toks, kv)
+        store.flush()
+        assert _in_tier(store, 1, ns, toks) == [True, True]
+        # the lower tier's directory becomes unwritable (a file where a shard directory must go)
+        toks2, kv2 = _prompt(1, 2)
+        shard = root / ns.keys(toks2)[0].path.rsplit("/", 1)[0]
+        shard.parent.mkdir(parents=True, exist_ok=True)
+        shard.write_bytes(b"in the way")
+        ns.put(toks2, kv2)
+        with pytest.raises(StoreError) as ei:
+            store.flush()
+        assert ei.value.errno == errno.EIO and "written back" in str(ei.value)
+        np.testing.assert_array_equal(ns.get(toks2), kv2)  # still served from the tier above
+
+
+# ------------------------------------------------------------------------------------ promotion
+@pytest.mark.parametrize("lower", ["file", "lmdb"])
+def test_lower_tier_hits_are_promoted(tmp_path, lower):
+    url = f"memory://::{lower}://{tmp_path}/{lower}"
+    toks, kv = _prompt(3, 3)
+    with kvfs.open(url) as store:
+        store.namespace(SPEC).put(toks, kv)
+    with kvfs.open(url) as store:  # a new process-local memory tier: empty
+        ns = store.namespace(SPEC)
+        assert _in_tier(store, 0, ns, toks) == [False] * 3
+        assert ns.lookup(toks) == len(toks)
+        np.testing.assert_array_equal(ns.get(toks), kv)
+        assert _in_tier(store, 0, ns, toks) == [True] * 3, "a hit in the lower tier was not promoted"
+        recs = store.records(SPEC.path)
+        assert all(r.tiers & store.tiers[0].bit and r.tiers & store.tiers[1].bit for r in recs)
+        # the next read is served from memory: remove the lower copies behind the store's back
+        store.tiers[1].backend.delete_many([k.path for k in ns.keys(toks)])
+        np.testing.assert_array_equal(ns.get(toks), kv)
+
+
+def test_layer_subset_read_from_a_file_tier_promotes_whole_chunks(tmp_path):
+    url = f"memory://::file://{tmp_path}/f"
+    toks, kv = _prompt(2, 4)
+    with kvfs.open(url) as store:
+        store.namespace(SPEC).put(toks, kv)
+    with kvfs.open(url) as store:
+        ns = store.namespace(SPEC)
+        plan = ns.plan(toks)
+        dest = np.zeros(SPEC.chunk_shape(len(toks)), np.float16).view(np.uint16)
+        assert ns.read(plan, dest[1:2], layers=range(1, 2)) == [True, True]
+        np.testing.assert_array_equal(dest[1:2].view(np.float16), kv[1:2])
+        assert _in_tier(store, 0, ns, toks) == [True, True]
+        np.testing.assert_array_equal(ns.get(toks), kv)
+
+
+# ------------------------------------------------------------------------------------ capacity
+def test_capacity_evicts_lru_to_the_watermark_keeps_pins_and_loses_nothing_below(tmp_path):
+    size = CHUNK + 4096  # one chunk file
+    capacity = int(4.5 * size)
+    url = f"memory://?capacity={capacity}&watermark=0.5::file://{tmp_path}/f"
+    prompts = [_prompt(1, 10 + i) for i in range(10)]
+    with kvfs.open(url) as store:
+        ns = store.namespace(SPEC)
+        ns.put(*prompts[0])
+        store.flush()
+        assert ns.pin(prompts[0][0]) == 1
+        used = []
+        for toks, kv in prompts[1:]:
+            ns.put(toks, kv)
+            store.flush()  # written back: the memory copy becomes evictable
+            used.append(store.catalog.used(store.tiers[0].slot))
+            assert used[-1] <= capacity
+        # eviction happened and went down to the watermark, not just under the capacity
+        assert min(used[3:]) <= 0.5 * capacity + size
+        top = [_in_tier(store, 0, ns, toks)[0] for toks, _ in prompts]
+        assert top[0], "the pinned chunk was evicted"
+        assert top[-1], "the newest chunk should be in memory"
+        assert not all(top), "nothing was evicted from the full tier"
+        assert sum(top) * size <= capacity
+        # the least recently used went first
+        first_kept = [i for i, t in enumerate(top) if t and i > 0][0]
+        assert not any(top[1:first_kept])
+        # nothing is lost from the lower tier: every chunk is there and reads back exact
+        assert all(_in_tier(store, 1, ns, toks)[0] for toks, _ in prompts)
+        for toks, kv in prompts:
+            np.testing.assert_array_equal(ns.get(toks), kv)
+        assert store.usage()[0]["used"] <= capacity
+
+
+def test_reads_refresh_lru_order(tmp_path):
+    size = CHUNK + 4096
+    url = f"memory://?capacity={int(3.5 * size)}&watermark=0.7::file://{tmp_path}/f"
+    prompts = [_prompt(1, 30 + i) for i in range(5)]
+    with kvfs.open(url) as store:
+        ns = store.namespace(SPEC)
+        for toks, kv in prompts[:3]:
+            ns.put(toks, kv)
+            store.flush()
+            time.sleep(0.01)
+        ns.get(prompts[0][0])  # the oldest becomes the most recently used
+        time.sleep(0.01)
+        for toks, kv in prompts[3:]:
+            ns.put(toks, kv)
+            store.flush()
+        top = [_in_tier(store, 0, ns, toks)[0] for toks, _ in prompts]
+        assert top[0] and not top[1], top
+
+
+def test_a_full_tier_of_pinned_chunks_spills_to_the_next_tier(tmp_path):
+    size = CHUNK + 4096
+    url = f"memory://?capacity={2 * size}::file://{tmp_path}/f"
+    a, b, c = (_prompt(1, 40 + i) for i in range(3))
+    with kvfs.open(url) as store:
+        ns = store.namespace(SPEC)
+        for toks, kv in (a, b):
+            ns.put(toks, kv)
+            store.flush()
+            ns.pin(toks)
+        ns.put(*c)  # memory is full of pinned chunks: c goes straight to the file tier
+        store.flush()
+        assert [_in_tier(store, 0, ns, t[0])[0] for t in (a, b, c)] == [True, True, False]
+        assert _in_tier(store, 1, ns, c[0]) == [True]
+        np.testing.assert_array_equal(ns.get(c[0]), c[1])
+
+
+def test_last_tier_full_of_pinned_chunks_is_nospace(tmp_path):
+    size = CHUNK + 4096
+    with kvfs.open(f"file://{tmp_path}/f?capacity={2 * size}") as store:
+        ns = store.namespace(SPEC)
+        a, b = _prompt(2, 50)[0][: SPEC.chunk_tokens], None
+        toks, kv = _prompt(2, 50)
+        ns.put(toks, kv)
+        ns.pin(toks)
+        more, kv2 = _prompt(1, 51)
+        with pytest.raises(NoSpace) as ei:
+            ns.put(more, kv2)
+        assert ei.value.errno == errno.ENOSPC and "pinned" in str(ei.value)
+        np.testing.assert_array_equal(ns.get(toks), kv)
+        ns.unpin(toks)
+        ns.put(more, kv2)  # now the LRU unpinned chunks make room
+        np.testing.assert_array_equal(ns.get(more), kv2)
+
+
+# ------------------------------------------------------------------------------------ a lower tier goes away
+@pytest.mark.skipif(not seaweed_available(), reason="SeaweedFS is not installed")
+def test_store_stays_usable_while_the_s3_tier_is_down_and_recovers():
+    with SeaweedServer() as server:
+        bucket = server.make_bucket()
+        s3 = server.url(bucket, timeout=2, retries=1)
+        toks, kv = _prompt(4, 60)
+        with kvfs.open(f"memory://::{s3}") as writer:
+            writer.namespace(SPEC).put(toks, kv)
+        with kvfs.open(f"memory://::{s3}") as store:  # its own empty memory tier: reads go to S3
+            ns = store.namespace(SPEC)
+            server.pause()  # the server stops answering
+            t0 = time.monotonic()
+            with pytest.raises(CacheMiss):
+                ns.get(toks)
+            assert time.monotonic() - t0 < 2 * 2 + 4, "a read from a stopped server must give up within its timeout"
+            # the store is still usable: the memory tier takes new data and serves it
+            other, kv_other = _prompt(1, 61)
+            ns.put(other, kv_other)
+            np.testing.assert_array_equal(ns.get(other), kv_other)
+            server.resume()
+            store.flush()  # the write-back of `other` reaches S3 once the server is back
+            np.testing.assert_array_equal(ns.get(toks), kv)
+            # killed: write-back fails and flush says so; restarted: everything works again
+            server.kill()
+            third, kv3 = _prompt(1, 62)
+            ns.put(third, kv3)
+            with pytest.raises(StoreError) as ei:
+                store.flush()
+            assert ei.value.errno == errno.EIO
+            np.testing.assert_array_equal(ns.get(third), kv3)
+            server.start(same_ports=True)
+            fourth, kv4 = _prompt(1, 63)
+            ns.put(fourth, kv4)
+            store.flush()
+            assert store.tiers[1].backend.exists_many([ns.keys(fourth)[0].path]) == [True]
+        with kvfs.open(f"memory://::{s3}") as fresh:
+            ns = fresh.namespace(SPEC)
+            for t, k in ((toks, kv), (other, kv_other), (fourth, kv4)):
+                np.testing.assert_array_equal(ns.get(t), k)
