@@ -35,6 +35,7 @@ _LAZY = {
     "NotFound": ("kvfs.errors", "NotFound"),
     "PinnedError": ("kvfs.errors", "PinnedError"),
     "default_url": ("kvfs.url", "default_url"),
+    "KVFileSystem": ("kvfs.fsspec", "KVFileSystem"),
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

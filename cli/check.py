@@ -1,0 +1,79 @@
+"""Checking a store: ``verify`` (every copy's checksums) and ``fsck`` (rebuild the catalog)."""
+
+from __future__ import annotations
+
+import click
+
+from ._common import CommandError, echo_json, json_option, open_store, progress, progress_enabled, size, table, warn
+
+
+@click.command()
+@click.argument("path", required=False, default="")
+@click.option("--quarantine", is_flag=True, help="Remove copies that fail from their tier (logged in the catalog).")
+@json_option
+def verify(path: str, quarantine: bool, as_json: bool) -> None:
+    """Read every copy of every chunk at or under PATH and check it.
+
+    Checks the header, the namespace and key, the token ids against the key
+    chain, and the xxh3-64 checksums of the data and of each layer. Exits
+    with status 1 when a copy fails.
+    """
+    store = open_store(read_only=not quarantine)
+    if path.strip("/"):
+        store.stat(path)
+    recs = store.records(path)
+    total = sum(r.size * bin(r.tiers).count("1") for r in recs)
+    with progress(total, "verifying") as update:
+        results = store.verify_chunks(path, quarantine=quarantine, progress=update)
+    bad = [r for r in results if not r["ok"]]
+    if as_json:
+        echo_json({"path": path.strip("/"), "checked": len(results), "failed": len(bad),
+                   "quarantined": quarantine and bool(bad), "results": results})
+    else:
+        if bad:
+            table(["TIER", "PATH", "PROBLEM"], [[r["tier"].split("?", 1)[0], r["path"], r["error"]] for r in bad])
+        click.echo(f"checked {len(results)} cop{'y' if len(results) == 1 else 'ies'} of {len(recs)} chunk(s) "
+                   f"({size(sum(r.size for r in recs))}): {len(results) - len(bad)} ok, {len(bad)} failed"
+                   + ("; failed copies quarantined" if quarantine and bad else ""))
+    if bad:
+        hint = "" if quarantine else " (run with --quarantine to remove them)"
+        raise CommandError(f"{len(bad)} cop{'y' if len(bad) == 1 else 'ies'} failed verification{hint}", 1,
+                           "kvfs verify")
+
+
+@click.command()
+@click.option("--verify", is_flag=True, help="Also read every chunk in full and check its checksums (slow).")
+@click.option("--dry-run", "-n", is_flag=True, help="Report what is wrong; change nothing.")
+@json_option
+def fsck(verify: bool, dry_run: bool, as_json: bool) -> None:
+    """Rebuild this node's catalog from what the store's tiers hold.
+
+    Adds chunks present in a tier but missing from the catalog (written by
+    another node, or copied in by hand), drops entries whose chunk is gone,
+    and quarantines corrupt or foreign chunks. Pins and access times of
+    chunks still present are kept. Exits with status 1 when corrupt or
+    foreign chunks were found.
+    """
+    store = open_store(read_only=dry_run)
+    if progress_enabled():
+        click.echo("scanning the tiers...", err=True)
+    report = store.fsck(verify=verify, repair=not dry_run)
+    doc = report.to_dict()
+    doc["dry_run"] = dry_run
+    if as_json:
+        echo_json(doc)
+    else:
+        verb = "would " if dry_run else ""
+        click.echo(f"{report.chunks} chunk(s) in {report.namespaces} namespace(s); "
+                   + ("catalog is up to date" if report.clean else
+                      f"{verb}add {len(report.added)}, {verb}drop {len(report.stale)} stale, "
+                      f"{verb}fix {report.size_fixed} size(s)"))
+        for label, items in (("corrupt", report.corrupt), ("foreign", report.foreign)):
+            for item in items:
+                warn(f"kvfs fsck: {label}: {item}" + ("" if dry_run else " (quarantined)"))
+        if report.orphans:
+            warn(f"kvfs fsck: {len(report.orphans)} object(s) that are not kvfs chunks were left alone "
+                 f"(first: {report.orphans[0]})")
+    if report.corrupt or report.foreign:
+        raise CommandError(f"{len(report.corrupt)} corrupt and {len(report.foreign)} foreign chunk(s) "
+                           + ("found" if dry_run else "found and quarantined"), 1, "kvfs fsck")
