@@ -31,6 +31,7 @@ COMMANDS: dict[str, str] = {
     "plan": "kvfs.cli.plan:plan",
     "mount": "kvfs.cli.mount:mount",
     "umount": "kvfs.cli.mount:umount",
+    "demo": "kvfs.cli.demo:demo",
 }
 
 

@@ -22,8 +22,6 @@ def _fmt_s(s: float) -> str:
 
 
 @click.command("demo")
-@click.option("--url", default=None, metavar="URL",
-              help="Store URL (default: $KVFS_URL, else the embedded LMDB store in ~/.cache/kvfs).")
 @click.option("--context-tokens", default=4096, show_default=True, type=click.IntRange(16, 60000),
               help="Length of the shared context.")
 @click.option("--questions", default=4, show_default=True, type=click.IntRange(1, 50),
@@ -33,8 +31,11 @@ def _fmt_s(s: float) -> str:
 @click.option("--size", type=click.Choice(["demo", "tiny"]), default="demo", show_default=True,
               help="Model size (tiny: for a quick check).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random weights and of the context.")
-def demo(url: str | None, context_tokens: int, questions: int, new_tokens: int, size: str, seed: int) -> None:
-    """Show a model answering follow-ups on a long context many times faster with kvfs (CPU, random weights)."""
+def demo(context_tokens: int, questions: int, new_tokens: int, size: str, seed: int) -> None:
+    """Show a model answering follow-ups on a long context many times faster with kvfs (CPU, random weights).
+
+    Uses the store of ``kvfs --url`` ($KVFS_URL, else the embedded one).
+    """
     try:
         import torch
         from kvfs.connectors.demo_model import build_model
@@ -43,7 +44,7 @@ def demo(url: str | None, context_tokens: int, questions: int, new_tokens: int, 
         raise click.ClickException(
             f"kvfs demo needs torch and transformers ({e}); install them with: pip install 'kvfs[engines]'"
         ) from None
-    import kvfs
+    from ._common import open_store
 
     click.echo("Building the model ... ", nl=False)
     t = time.perf_counter()
@@ -53,7 +54,7 @@ def demo(url: str | None, context_tokens: int, questions: int, new_tokens: int, 
     click.echo(f"{time.perf_counter() - t:.1f} s")
     click.echo(
         f"Model: Llama architecture, RANDOM weights (seed {seed}; no download, so its answers are meaningless "
-        f"token ids),\n       {cfg.num_hidden_layers} layers, {params / 1e6:.0f} M parameters, float32, "
+        f"token ids),\n       {cfg.num_hidden_layers} layers, {params / 1e6:.1f} M parameters, float32, "
         f"on the CPU ({torch.get_num_threads()} threads)."
     )
     vocab = cfg.vocab_size
@@ -62,42 +63,41 @@ def demo(url: str | None, context_tokens: int, questions: int, new_tokens: int, 
     qs = [torch.randint(0, vocab, (int(torch.randint(12, 32, (1,), generator=gen)),), generator=gen).tolist()
           for _ in range(questions)]
 
-    with kvfs.open(url) as store:
-        lm = CachedLM(model, store)
-        click.echo(f"Store: {store.redacted_url}    namespace: {lm.spec.path}")
-        click.echo(f"Prompt: a shared context of {context_tokens:,} tokens (seeded random token ids) followed by "
-                   f"{questions} different questions.\n")
+    store = open_store(create=True)  # closed (and flushed) when the command ends
+    lm = CachedLM(model, store)
+    click.echo(f"Store: {store.redacted_url}    namespace: {lm.spec.path}")
+    click.echo(f"Prompt: a shared context of {context_tokens:,} tokens (seeded random token ids) followed by "
+               f"{questions} different questions.\n")
 
-        first = context + qs[0]
-        _warm_up(model, vocab)
-        base = CachedLM(model, store, spec=lm.spec, load=False, save=False).generate(first, new_tokens)
-        click.echo(f"{'':10} {'prompt':>8} {'reused':>8} {'computed':>9} {'TTFT':>10} {'speedup':>8}")
-        click.echo(f"{'baseline':10} {len(first):8,} {0:8,} {len(first):9,} {_fmt_s(base.ttft_s):>10} "
-                   f"{'1.0x':>8}   full prefill, kvfs not used")
-        outputs = []
-        for i, q in enumerate(qs, 1):
-            r = lm.generate(context + q, new_tokens)
-            outputs.append(r)
-            p = r.prefill
-            note = ""
-            if i == 1:
-                note = (f"   stored {r.stored_chunks} new chunks in {r.save_s * 1e3:.0f} ms (after the first token)"
-                        if p.reused == 0 else "   the context was stored by an earlier run")
-            click.echo(f"{'request ' + str(i):10} {p.prompt_tokens:8,} {p.reused:8,} {p.computed:9,} "
-                       f"{_fmt_s(r.ttft_s):>10} {base.ttft_s / r.ttft_s:7.1f}x{note}")
-        same = outputs[0].tokens == base.tokens
-        click.echo(f"\nRequest 1's {new_tokens} greedy tokens are {'identical to' if same else 'DIFFERENT from'} "
-                   f"the full-prefill baseline's: {outputs[0].tokens}")
-        warm = [r.ttft_s for r in outputs if r.prefill.reused]
-        if warm:
-            med = sorted(warm)[len(warm) // 2]
-            click.echo(f"Warm requests: median TTFT {med * 1e3:.0f} ms, {base.ttft_s / med:.0f}x faster than "
-                       f"the full prefill ({base.ttft_s:.2f} s).")
-        store.flush()
-        click.echo("\nWhat kvfs stored:")
-        _print_listing(store, lm.spec)
-    if not same:
-        raise SystemExit(1)
+    first = context + qs[0]
+    _warm_up(model, vocab)
+    base = CachedLM(model, store, spec=lm.spec, load=False, save=False).generate(first, new_tokens)
+    click.echo(f"{'':10} {'prompt':>8} {'reused':>8} {'computed':>9} {'TTFT':>10} {'speedup':>8}")
+    click.echo(f"{'baseline':10} {len(first):8,} {0:8,} {len(first):9,} {_fmt_s(base.ttft_s):>10} "
+               f"{'1.0x':>8}   full prefill, kvfs not used")
+    outputs = []
+    for i, q in enumerate(qs, 1):
+        r = lm.generate(context + q, new_tokens)
+        outputs.append(r)
+        p = r.prefill
+        note = ""
+        if i == 1:
+            note = (f"   stored {r.stored_chunks} new chunks in {r.save_s * 1e3:.0f} ms (after the first token)"
+                    if p.reused == 0 else "   the context was stored by an earlier run")
+        click.echo(f"{'request ' + str(i):10} {p.prompt_tokens:8,} {p.reused:8,} {p.computed:9,} "
+                   f"{_fmt_s(r.ttft_s):>10} {base.ttft_s / r.ttft_s:7.1f}x{note}")
+    same = outputs[0].tokens == base.tokens
+    click.echo(f"\nRequest 1's {new_tokens} greedy tokens are {'identical to' if same else 'DIFFERENT from'} "
+               f"the full-prefill baseline's: {outputs[0].tokens}")
+    warm = [r.ttft_s for r in outputs if r.prefill.reused]
+    if warm:
+        med = sorted(warm)[len(warm) // 2]
+        click.echo(f"Warm requests: median TTFT {med * 1e3:.0f} ms, {base.ttft_s / med:.0f}x faster than "
+                   f"the full prefill ({base.ttft_s:.2f} s).")
+    click.echo("\nWhat kvfs stored:")
+    _print_listing(store, lm.spec)
+    if not same:  # never expected: kvfs hands back exactly the KV the model computed
+        raise click.ClickException("kvfs changed the model's output; please report this")
 
 
 def _warm_up(model, vocab: int) -> None:
@@ -111,19 +111,12 @@ def _warm_up(model, vocab: int) -> None:
 
 
 def _print_listing(store, spec) -> None:
-    """``kvfs ls -l`` of the demo model's directory, then the namespace's chunks (``kvfs ls -lR``), oldest first."""
-    from kvfs.units import format_size
+    """What the CLI's ``kvfs ls -l`` prints for the model, then ``kvfs ls -lR`` of the namespace."""
+    from .listing import ls
 
-    def line(e, name: str) -> str:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.last_access or e.created or 0))
-        tiers = ",".join(t.split(":", 1)[0] for t in e.tiers) or "-"
-        return (f"{'d' if e.is_dir else '-'} {format_size(e.size):>10} {e.tokens:7,} tok  {when}  {tiers:5} "
-                f"{e.pins and 'pinned ' or ''}{name}")
-
+    store.flush()
+    ctx = click.get_current_context()
     click.echo(f"$ kvfs ls -l {spec.model_dir}")
-    for e in store.ls(spec.model_dir):
-        click.echo(line(e, e.name) + f"  ({e.chunks} chunks)")
+    ctx.invoke(ls, path=spec.model_dir, long=True, recursive=False, as_json=False)
     click.echo(f"$ kvfs ls -lR {spec.path}")
-    entries = [e for e in store.ls(spec.path, recursive=True) if e.kind == "chunk"]
-    for e in sorted(entries, key=lambda e: (e.created or 0, e.path)):
-        click.echo(line(e, e.path[len(spec.path) + 1:]))
+    ctx.invoke(ls, path=spec.path, long=True, recursive=True, as_json=False)

@@ -212,3 +212,24 @@ def test_models_without_a_name_or_with_sliding_windows_are_refused(tmp_path):
     with CachedLM(anon, f"lmdb://{tmp_path}/s", model_name="me/anon") as lm:
         with pytest.raises(kvfs.InvalidInput, match="one prompt at a time"):
             lm.prefill(torch.zeros((2, 4), dtype=torch.long))
+
+
+def test_kvfs_demo_runs_on_the_embedded_store_and_shows_the_reuse(tmp_path):
+    from click.testing import CliRunner
+
+    from kvfs.cli import main
+
+    r = CliRunner().invoke(main, ["demo", "--size", "tiny", "--context-tokens", "300", "--questions", "3",
+                                  "--new-tokens", "4"])
+    assert r.exit_code == 0, r.output
+    assert "RANDOM weights" in r.output and "CPU" in r.output
+    assert "identical to the full-prefill baseline" in r.output
+    rows = [ln.split() for ln in r.output.splitlines() if ln.startswith("request ")]
+    assert [int(row[3].replace(",", "")) for row in rows] == [0, 300, 300]  # tokens reused
+    assert f"kvfs ls -l {kv_spec(build_model('tiny')).model_dir}" in r.output
+    assert ".safetensors" in r.output  # the listing of what was stored
+    # the same with an explicit store URL
+    r = CliRunner().invoke(main, ["--url", f"file://{tmp_path}/s", "demo", "--size", "tiny",
+                                  "--context-tokens", "100", "--questions", "2", "--new-tokens", "2"])
+    assert r.exit_code == 0, r.output
+    assert f"file://{tmp_path}/s" in r.output
