@@ -388,3 +388,152 @@ def test_cli_plan_unloadable_tokenizer(tmp_path):
     batch = _write(tmp_path / "b.jsonl", [{"prompt": "hello"}])
     r = CliRunner().invoke(cli, ["plan", str(batch), "--tokenizer", str(tmp_path / "no-such-tokenizer")])
     assert r.exit_code == 2 and "cannot load tokenizer" in r.output and "offline" in r.output
+
+
+# ---------------------------------------------------------------------------------------------- the runner
+RUN_CHUNK = 16
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from kvfs.connectors.demo_model import build_model
+
+    return build_model("tiny", seed=0)  # a seeded random LlamaForCausalLM from a LlamaConfig, float32
+
+
+def _rand(seed: int, n: int) -> list[int]:
+    return np.random.default_rng(seed).integers(0, 512, n).tolist()
+
+
+def runner_batch() -> tuple[list[list[int]], list[int]]:
+    """Three documents behind one instruction, three questions each; two loners; a duplicate prompt."""
+    instr = _rand(1, 20)
+    docs = [_rand(10 + d, 30 + 17 * d) for d in range(3)]
+    prompts = [instr + docs[d] + _rand(100 + 10 * d + q, 3 + q) for q in range(3) for d in range(3)]
+    prompts += [_rand(7, 12), _rand(8, 40), list(prompts[4])]
+    new = [2 + (i % 4) for i in range(len(prompts))]
+    return prompts, new
+
+
+def reference_tokens(model, prompt: list[int], new: int) -> list[int]:
+    import torch
+
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=new, do_sample=False)
+    return out[0, len(prompt):].tolist()
+
+
+def _pins(store) -> dict[str, int]:
+    return {r.key: r.pins for r in store.records("") if r.pins}
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_runner_is_token_identical_and_computes_each_prefix_once(tiny, tmp_path, workers):
+    from kvfs.connectors.batch_runner import BatchRunner
+    from kvfs.connectors.hf import CachedLM
+
+    prompts, new = runner_batch()
+    plan = plan_batch(prompts, decode_tokens=new)
+    assert plan.report.shared_groups == 3
+    seen_pinned: list[bool] = []
+    with CachedLM(tiny, f"lmdb://{tmp_path}/store", chunk_tokens=RUN_CHUNK, save=False) as lm:
+        def check(res):  # the group's prefix is pinned while its requests run
+            g = plan.groups[res.group]
+            if g.size > 1:
+                seen_pinned.append(all(lm.store.records(p.key.path)[0].pins >= 1 for p in lm.ns.plan(g.prefix)))
+
+        result = BatchRunner(lm, kv_budget="64MiB", workers=workers).run(plan, new, on_result=check)
+        assert not result.failed
+        for i, p in enumerate(prompts):
+            assert result.outputs[i] == reference_tokens(tiny, p, new[i]), i
+        shared = [g for g in plan.groups if g.size > 1]
+        # each prefix once, and the instruction (20 tokens) only once: later prefixes reuse it from kvfs
+        assert result.prefix_tokens_computed == sum(len(g.prefix) for g in shared) - 20 * (len(shared) - 1)
+        for g in shared:
+            for r, s in zip(g.requests, g.suffixes):
+                res = result.results[r]
+                assert res.reused == (len(g.prefix) if len(s) else len(g.prefix) - 1)
+                assert res.reused + res.computed == len(prompts[r])
+        # at most the plan's count (kvfs also reuses across groups), plus the duplicate of a prefix, which
+        # computes that prefix's last token again (its logits are the first output)
+        assert plan.report.trie_tokens <= result.prompt_tokens_computed <= plan.report.prefill_tokens + 1
+        assert result.prompt_tokens_reused + result.prompt_tokens_computed - result.prefix_tokens_computed == \
+            plan.report.logical_tokens
+        assert seen_pinned and all(seen_pinned)
+        assert _pins(lm.store) == {}  # every prefix unpinned once its group was done
+        assert result.peak_kv_bytes <= result.kv_budget
+        if workers == 2:
+            assert result.peak_requests >= 2
+
+
+def test_runner_releases_pins_when_requests_fail(tiny, tmp_path):
+    from kvfs.connectors.batch_runner import BatchRunner
+    from kvfs.connectors.hf import CachedLM
+
+    prompts, new = runner_batch()
+    prompts[3] = prompts[3][:-1] + [600]  # token 600 is outside the tiny model's vocabulary (512)
+    bad_prefix = [700] + _rand(50, 30)
+    prompts += [bad_prefix + [1], bad_prefix + [2]]  # a group whose shared prefix itself cannot be computed
+    new += [2, 2]
+    plan = plan_batch(prompts, decode_tokens=new)
+    with CachedLM(tiny, f"lmdb://{tmp_path}/store", chunk_tokens=RUN_CHUNK, save=False) as lm:
+        result = BatchRunner(lm, kv_budget="64MiB", workers=2).run(plan, new)
+        failed = {r.index for r in result.failed}
+        assert failed == {3, len(prompts) - 2, len(prompts) - 1}
+        assert all(isinstance(r.error, IndexError) for r in result.failed)
+        assert list(result.prefix_errors) == [plan.group_of()[len(prompts) - 1]]
+        for i, p in enumerate(prompts):
+            if i not in failed:
+                assert result.outputs[i] == reference_tokens(tiny, p, new[i])
+        assert _pins(lm.store) == {}
+
+
+def test_runner_admits_requests_by_kv_bytes(tiny, tmp_path):
+    from kvfs.connectors.batch_runner import BatchRunner
+    from kvfs.connectors.hf import CachedLM
+
+    prompts, new = runner_batch()
+    plan = plan_batch(prompts, decode_tokens=new)
+    with CachedLM(tiny, "memory://", chunk_tokens=RUN_CHUNK, save=False) as lm:
+        bpt = lm.spec.bytes_per_token
+        needs = [(len(p) + n) * bpt for p, n in zip(prompts, new)]
+        # no two requests fit together; the larger ones do not fit at all and run alone
+        one = BatchRunner(lm, kv_budget=2 * min(needs) - 1, workers=4).run(plan, new)
+        assert one.peak_requests == 1 and one.peak_kv_bytes == max(needs)
+        two = BatchRunner(lm, kv_budget=max(needs) + min(needs), workers=4).run(plan, new)
+        assert two.peak_requests == 2 and two.peak_kv_bytes <= two.kv_budget
+        tight = BatchRunner(lm, kv_budget=1, workers=2).run(plan, new)  # each request alone, none refused
+        assert not tight.failed and tight.peak_requests == 1
+        assert one.outputs == tight.outputs
+        with pytest.raises(InvalidInput):
+            BatchRunner(lm, kv_budget=0)
+        with pytest.raises(InvalidInput):
+            BatchRunner(lm, workers=0)
+        with pytest.raises(InvalidInput, match="one per request"):
+            BatchRunner(lm).run(plan, [1, 2])
+        with pytest.raises(InvalidInput, match="request 0"):
+            BatchRunner(lm).run(plan, 0)
+
+
+def test_runner_prefix_can_be_evicted_after_its_group(tiny, tmp_path):
+    """Pins hold only while a group runs: afterwards eviction may take the prefix (and pinned ones refuse)."""
+    from kvfs.connectors.batch_runner import BatchRunner
+    from kvfs.connectors.hf import CachedLM
+
+    prompts, new = runner_batch()
+    plan = plan_batch(prompts, decode_tokens=new)
+    with CachedLM(tiny, f"lmdb://{tmp_path}/store", chunk_tokens=RUN_CHUNK, save=False) as lm:
+        during: list[int] = []
+
+        def try_evict(res):
+            g = plan.groups[res.group]
+            if g.size > 1:
+                during.append(len(lm.store.evict([p.key.path for p in lm.ns.plan(g.prefix)]).refused))
+
+        BatchRunner(lm, workers=1).run(plan, new, on_result=try_evict)
+        assert during and all(n > 0 for n in during)
+        shared = [g for g in plan.groups if g.size > 1]
+        paths = sorted({p.key.path for g in shared for p in lm.ns.plan(g.prefix)})  # groups share the instruction
+        res = lm.store.evict(paths)
+        assert not res.refused and len(res.evicted) == len(paths)
