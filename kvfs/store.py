@@ -56,6 +56,7 @@ log = logging.getLogger("kvfs")
 
 DEFAULT_WRITEBACK_BYTES = 1 << 30
 HEADER_PROBE = 4096
+DIRECT_READ_BYTES = 2 << 20  # direct reads: bytes read per call, then hashed while in cache
 MANIFEST_NAME = "manifest.json"
 _RAW = {1: np.uint8, 2: np.uint16, 4: np.uint32}
 
@@ -194,26 +195,31 @@ class _Source:
         plane_bytes = lb // planes
         if item.take == h.shape[2] and all(raw[i, p].flags.c_contiguous for i in range(len(layers))
                                            for p in range(planes)):
-            parts = []
-            for i, layer in enumerate(layers):
-                off = h.data_offset + layer * lb
-                for p in range(planes):
-                    parts.append((off + p * plane_bytes, raw[i, p].reshape(-1).view(np.uint8)))
-            got = self.backend.readinto_ranges(self.path, parts)
-            if got is None:
-                raise _Missing()
-            if any(n != len(buf) for n, (_, buf) in zip(got, parts)):
-                raise ChunkFormatError(f"{self.path} is truncated")
-            if verify:
-                sums = h.layer_checksums
-                import xxhash
+            import xxhash
 
-                for i, layer in enumerate(layers):
-                    hs = xxhash.xxh3_64()
+            sums = h.layer_checksums if verify else None
+            # a few layers (~2 MiB) per read, hashed at once while still in cache: one pass over memory
+            step = max(1, DIRECT_READ_BYTES // lb)
+            for g in range(0, len(layers), step):
+                sub = range(g, min(len(layers), g + step))
+                parts = []
+                for i in sub:
+                    off = h.data_offset + layers[i] * lb
                     for p in range(planes):
-                        hs.update(raw[i, p])
-                    if hs.hexdigest() != sums[layer]:
-                        raise IntegrityError(f"chunk {h.key[:16]}... layer {layer} checksum mismatch: corrupt")
+                        parts.append((off + p * plane_bytes, raw[i, p].reshape(-1).view(np.uint8)))
+                got = self.backend.readinto_ranges(self.path, parts)
+                if got is None:
+                    raise _Missing()
+                if any(n != len(buf) for n, (_, buf) in zip(got, parts)):
+                    raise ChunkFormatError(f"{self.path} is truncated")
+                if sums is not None:
+                    for i in sub:
+                        hs = xxhash.xxh3_64()
+                        for p in range(planes):
+                            hs.update(raw[i, p])
+                        if hs.hexdigest() != sums[layers[i]]:
+                            raise IntegrityError(
+                                f"chunk {h.key[:16]}... layer {layers[i]} checksum mismatch: corrupt")
             return
         scratch = bytearray(len(layers) * lb)
         got = self.backend.readinto_ranges(self.path, [(h.data_offset + layers.start * lb, scratch)])
