@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import sys
 import time
 from typing import Any, Callable, Iterator, Sequence
@@ -64,7 +65,8 @@ def translate(e: BaseException, command: str) -> click.ClickException:
     if isinstance(e, BackendUnavailable):
         return CommandError(str(e), EXIT_FAILED, command)
     if isinstance(e, OSError):
-        msg = str(e.strerror) if e.strerror else str(e)  # no "[Errno 2]" prefix
+        msg = str(e.strerror) if e.strerror else str(e)
+        msg = re.sub(r"\[Errno -?\d+\] ", "", msg)  # people read the words, not the number
         if e.filename and str(e.filename) not in msg:
             msg = f"{msg}: {e.filename}"
         return CommandError(msg, EXIT_FAILED, command)
@@ -230,7 +232,7 @@ def read_tokens_file(path: str) -> list[int]:
     text = text.strip()
     if not text:
         raise click.BadParameter(f"{path} holds no token ids", param_hint="'--tokens-file'")
-    if text.startswith("["):
+    if text[0] in "[{":
         try:
             toks = json.loads(text)
         except ValueError as e:
@@ -271,8 +273,8 @@ def namespace_of(store, ns_path: str):
 
 def prompt_paths(store, tokens_file: str, ns_path: str) -> tuple[list[str], int, int]:
     """The stored chunks of a prompt: (chunk paths, tokens covered, prompt length)."""
-    ns = namespace_of(store, ns_path)
     toks = read_tokens_file(tokens_file)
+    ns = namespace_of(store, ns_path)
     plan = ns.plan(toks)
     covered = plan[-1].end if plan else 0
     return [p.key.path for p in plan], covered, len(toks)
