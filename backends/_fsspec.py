@@ -47,7 +47,7 @@ import random
 import uuid
 from typing import Any, Awaitable, Callable, Iterator, Mapping, Sequence
 
-from kvfs.errors import InvalidURL, StoreError, oserror
+from kvfs.errors import BackendUnavailable, InvalidURL, StoreError, oserror
 
 from ._base import Backend, Buffer, ByteRange, ObjectInfo, check_key
 
@@ -258,6 +258,24 @@ def _fs_params(fs_cls: type) -> tuple[dict[str, Any], bool]:
     return params, var_kw
 
 
+def _fs_class(protocol: str) -> type:
+    """fsspec's filesystem class for a protocol; a missing client library is BackendUnavailable with a hint."""
+    import fsspec
+
+    try:
+        return fsspec.get_filesystem_class(protocol)
+    except ValueError as e:
+        raise InvalidURL(f"unknown fsspec protocol {protocol!r}: {e}") from None
+    except ImportError as e:
+        from . import _FSSPEC_HINTS
+
+        hint = _FSSPEC_HINTS.get(protocol, "")
+        raise BackendUnavailable(
+            f"the {protocol}:// backend needs a library that is missing ({e})"
+            + (f"; install it with: {hint}" if hint else "")
+        ) from e
+
+
 # ------------------------------------------------------------------------------------ backend
 class FsspecBackend(Backend):
     """A kvfs tier over any fsspec filesystem; s3fs for ``s3://``. The tier shared across nodes."""
@@ -267,8 +285,6 @@ class FsspecBackend(Backend):
 
     def __init__(self, location: str, *, protocol: str = "s3", concurrency: int | str = 32,
                  timeout: float | str = 30.0, retries: int | str = 4, **storage_options: Any) -> None:
-        import fsspec
-
         self.protocol = protocol.lower()
         self.concurrency = _positive("concurrency", concurrency, int)
         self.timeout = _positive("timeout", timeout, float)
@@ -276,11 +292,7 @@ class FsspecBackend(Backend):
             self.retries = max(0, int(retries))
         except (TypeError, ValueError):
             raise InvalidURL(f"option retries={retries!r} must be an integer") from None
-        try:
-            fs_cls = fsspec.get_filesystem_class(self.protocol)
-        except ValueError as e:
-            raise InvalidURL(f"unknown fsspec protocol {self.protocol!r}: {e}") from None
-        # ImportError (s3fs, gcsfs... missing) propagates: the registry turns it into an install hint
+        fs_cls = _fs_class(self.protocol)
         self._is_s3 = self.protocol in ("s3", "s3a")
         options = self._storage_options(fs_cls, dict(storage_options))
         try:
@@ -309,13 +321,8 @@ class FsspecBackend(Backend):
     @classmethod
     def from_url(cls, tier: Any, **options: Any) -> "FsspecBackend":
         """Build from a tier URL: the scheme is the protocol (``fsspec+NAME://`` selects fsspec's NAME)."""
-        import fsspec
-
         protocol = tier.scheme[len("fsspec+"):] if tier.scheme.startswith("fsspec+") else tier.scheme
-        try:
-            fs_cls = fsspec.get_filesystem_class(protocol)
-        except ValueError as e:
-            raise InvalidURL(f"unknown fsspec protocol {protocol!r}: {e}") from None
+        fs_cls = _fs_class(protocol)
         params, _ = _fs_params(fs_cls)
         opts: dict[str, Any] = {}
         for k, v in tier.backend_options.items():

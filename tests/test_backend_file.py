@@ -390,3 +390,16 @@ def test_store_over_file_tier_sigkilled_mid_put_reopens_and_fscks_clean(tmp_path
         assert not report.corrupt and not report.foreign, report.to_dict()
         assert report.chunks >= 1
         assert os.listdir(root / RESERVED / "tmp") == []
+
+
+def test_store_reads_through_o_direct_are_exact(tmp_path):
+    spec = kvfs.KVSpec("direct-test", num_layers=4, num_kv_heads=8, head_dim=128, dtype="float16", chunk_tokens=256)
+    toks, kv = _tokens(600, 5), _kv(spec, 600, 5)  # planes of 512 KiB: aligned reads into kvfs's arrays
+    with kvfs.open(f"file://{tmp_path}/s?direct=true") as store:
+        assert store.tiers[0].backend.direct
+        ns = store.namespace(spec)
+        ns.put(toks, kv)
+        got = ns.get(toks)
+        np.testing.assert_array_equal(got, kv)
+        out = np.zeros_like(kv)  # unaligned caller array: buffered reads, same bytes
+        np.testing.assert_array_equal(ns.get(toks, out=out), kv)

@@ -338,3 +338,14 @@ def test_wrong_secret_on_a_real_server_is_permission_denied(seaweed):
         assert ei.value.errno == errno.EACCES and "not-the-secret" not in str(ei.value)
     finally:
         b.close()
+
+
+def test_missing_client_library_gives_an_install_hint():
+    import importlib.util
+
+    from kvfs.errors import BackendUnavailable
+
+    if importlib.util.find_spec("gcsfs") is not None:
+        pytest.skip("gcsfs is installed here")
+    with pytest.raises(BackendUnavailable, match="pip install gcsfs"):
+        open_backend("gs://bucket/prefix")
