@@ -206,6 +206,10 @@ class KVFSConnector(KVConnectorBase_V1):
         self._lock = threading.Lock()
         log.info("KVFSConnector (%s, %s) on %s, namespace %s", role.name.lower(), ktc.kv_role,
                  self.store.redacted_url, self.spec.path)
+        if role == KVConnectorRole.SCHEDULER and self._loads_enabled and ktc.kv_load_failure_policy != "recompute":
+            log.warning("kvfs: kv_load_failure_policy is %r: a request whose cached KV fails its checks (or was "
+                        "evicted meanwhile) fails; set \"kv_load_failure_policy\": \"recompute\" to recompute "
+                        "it instead", ktc.kv_load_failure_policy)
 
     # ======================================================================================= scheduler side
     def _eligible(self, request: "Request") -> bool:
