@@ -88,8 +88,8 @@ class LazyGroup(click.Group):
             from ._common import one_line_usage
 
             raise one_line_usage(e, ctx) from None
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
-            raise
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, BrokenPipeError):
+            raise  # click reports these itself (a closed pipe, as in `kvfs ls | head`, quietly)
         except Exception as e:  # noqa: BLE001 - the CLI's one error boundary
             if _debug(ctx):
                 raise

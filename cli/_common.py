@@ -106,14 +106,19 @@ def open_store(url: str | None = None, *, read_only: bool = False, create: bool 
         explicit = bool(os.environ.get("KVFS_URL", "").strip())
         url = default_url()
     if explicit and not create:
-        for scheme, directory in _local_dirs(url):
-            if not os.path.isdir(directory):
-                raise CommandError(
-                    f"no kvfs store at {scheme}://{directory}: the directory does not exist "
-                    "(check --url or $KVFS_URL)",
-                    EXIT_FAILED,
-                    ctx.command_path,
-                )
+        from kvfs.url import parse_url
+
+        local = _local_dirs(url)
+        # a store kept only in local directories, none of which exists, is a typo, not a store; a missing
+        # directory next to existing tiers is a tier being added, and is created
+        if local and len(local) == len(parse_url(url)) and not any(os.path.isdir(d) for _, d in local):
+            scheme, directory = local[0]
+            raise CommandError(
+                f"no kvfs store at {scheme}://{directory}: the directory does not exist "
+                "(check --url or $KVFS_URL)",
+                EXIT_FAILED,
+                ctx.command_path,
+            )
     from kvfs.store import Store
 
     try:

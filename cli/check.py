@@ -22,7 +22,8 @@ def verify(path: str, quarantine: bool, as_json: bool) -> None:
     if path.strip("/"):
         store.stat(path)
     recs = store.records(path)
-    total = sum(r.size * bin(r.tiers).count("1") for r in recs)
+    mask = getattr(store, "mask", -1)  # this store's tiers among those sharing its catalog
+    total = sum(r.size * bin(r.tiers & mask).count("1") for r in recs)
     with progress(total, "verifying") as update:
         results = store.verify_chunks(path, quarantine=quarantine, progress=update)
     bad = [r for r in results if not r["ok"]]

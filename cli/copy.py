@@ -10,6 +10,7 @@ import click
 from ._common import CommandError, echo_json, json_option, open_store, progress, size, warn
 
 READ_AHEAD = 8  # source chunks read (and verified) concurrently while the previous ones are written
+HELD_BATCH = 1024  # destination existence checks per batch
 
 
 @click.command()
@@ -42,8 +43,11 @@ def cp(src_url: str, dst_url: str, path: str, as_json: bool) -> None:
         except NotFound:
             raise CommandError(f"the source holds chunks of {ns} but not its manifest.json; run "
                                f"`kvfs --url SRC_URL fsck` on the source first", 1, "kvfs cp") from None
-    known = dst.catalog.get_many([r.key for r in recs])
-    todo = [r for r, k in zip(recs, known) if k is None or not k.tiers]
+    # skip only what the destination really holds: its catalog, confirmed by its backends
+    held: list[bool] = []
+    for i in range(0, len(recs), HELD_BATCH):
+        held += dst.held([r.path for r in recs[i : i + HELD_BATCH]])
+    todo = [r for r, h in zip(recs, held) if not h]
     skipped = len(recs) - len(todo)
     copied, nbytes, failed = 0, 0, []
 

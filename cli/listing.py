@@ -272,8 +272,11 @@ def du(path: str, as_json: bool) -> None:
     usage = {u["tier"]: u for u in store.usage()}
     for name, t in doc["tiers"].items():
         u = usage.get(name, {})
-        t["used"] = u.get("used")
-        t["available"] = u.get("available")
+        t["used"] = u.get("used")  # bytes of chunks in the tier (all of it, not only under PATH)
+        t["available"] = u.get("available")  # free space of the device or map
+        room = t["capacity"] - (t["used"] or 0) if t["capacity"] else None
+        frees = [x for x in (room, t["available"]) if x is not None]
+        t["free"] = max(0, min(frees)) if frees else None
     if as_json:
         echo_json(doc)
         return
@@ -289,5 +292,5 @@ def du(path: str, as_json: bool) -> None:
     trows = []
     for name, t in doc["tiers"].items():
         trows.append([_short_tier(name), t["chunks"], size(t["bytes"]), size(t["capacity"]) if t["capacity"] else "-",
-                      size(t["available"]) if t.get("available") is not None else "-"])
+                      size(t["free"]) if t["free"] is not None else "-"])
     table(["TIER", "CHUNKS", "SIZE", "CAPACITY", "FREE"], trows, right=(1, 2, 3, 4))

@@ -133,8 +133,8 @@ def evict(paths: tuple[str, ...], all_: bool, to_size: int | None, older_than: f
         where = f" from tier {tier}" if tier is not None else ""
         click.echo(f"evicted {len(evicted)} chunk(s){where}, freed {size(freed)}")
     if refused:
-        shown = ", ".join(refused[:3]) + (f" (+{len(refused) - 3} more)" if len(refused) > 3 else "")
-        raise CommandError(f"refused to evict {len(refused)} pinned chunk(s): {shown}; unpin them or use --force",
+        first = f" (first: {refused[0]})" if len(refused) > 1 else f": {refused[0]}"
+        raise CommandError(f"refused to evict {len(refused)} pinned chunk(s){first}; unpin them or use --force",
                            1, "kvfs evict")
 
 

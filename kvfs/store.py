@@ -1097,6 +1097,31 @@ class Store:
             self.signer.verify(header, mv[header.data_offset :], path)
         return header
 
+    def held(self, paths: Sequence[str]) -> list[bool]:
+        """Whether each chunk is known to the catalog *and* its copy is confirmed by a backend.
+
+        Catalog entries whose copy is gone (evicted by another node from a
+        shared tier, deleted by hand) are dropped, as a read miss would drop
+        them, so that :meth:`import_chunk` writes those chunks again
+        (``kvfs cp`` skips only what is really there).
+        """
+        self._check_open()
+        paths = list(paths)
+        keys = [key_of_path(p) for p in paths]
+        recs = self.catalog.get_many(keys)
+        out = [False] * len(paths)
+        for t in self.tiers:
+            idx = [i for i, r in enumerate(recs) if not out[i] and r is not None and r.tiers & t.bit]
+            if not idx:
+                continue
+            found = t.backend.exists_many([paths[i] for i in idx])
+            stale = [keys[i] for i, ok in zip(idx, found) if not ok]
+            for i, ok in zip(idx, found):
+                out[i] = out[i] or bool(ok)
+            if stale and not self.read_only:
+                self.catalog.remove_from(stale, t.slot)
+        return out
+
     def import_chunk(self, path: str, data, *, manifest: bytes | None = None) -> bool:
         """Store a chunk file's bytes at ``path`` after full validation. ``False`` if already stored.
 

@@ -274,6 +274,18 @@ def test_cp_copies_chunks_byte_exact_and_skips_what_is_there(store_url, filled, 
         assert out.namespace(SPEC).get(P2).tobytes() == src.namespace(SPEC).get(P2).tobytes()
     doc = json.loads(run("cp", "--json", store_url, dst).stdout)
     assert doc["copied"] == 0 and doc["skipped"] == len(filled["paths"]) and doc["failed"] == []
+    # a chunk removed behind the destination catalog's back (as another node evicting from a shared tier)
+    # is copied again: the skip is confirmed by the destination's backend, not taken from its catalog
+    gone = filled["paths"][3]
+    from kvfs.backends import open_backend
+
+    b = open_backend(dst)
+    b.delete_many([gone])
+    b.close()
+    doc = json.loads(invoke("cp", "--json", store_url, dst).stdout)
+    assert doc["copied"] == 1 and doc["skipped"] == len(filled["paths"]) - 1
+    with kvfs.open(store_url) as src, kvfs.open(dst) as out:
+        assert out.cat(gone) == src.cat(gone)
     # a sub-path copies only what is under it
     one = filled["p1"][0]
     dst2 = f"{dst_scheme}://{tmp_path}/copy2"
