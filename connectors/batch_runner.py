@@ -38,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from ..errors import InvalidInput, NotFound
+from ..errors import InvalidInput, NoSpace, NotFound
 from ..units import parse_size
 from .batch import BatchPlan, Group
 from .hf import CachedLM
@@ -119,6 +119,12 @@ class _Budget:
             self.count -= 1
             self._cond.notify_all()
 
+    def wait_idle(self) -> None:
+        """Until nothing is in flight."""
+        with self._cond:
+            while self.count:
+                self._cond.wait()
+
 
 class _OpenGroup:
     """A group whose prefix is stored and pinned; unpinned once, when its last request is done."""
@@ -190,16 +196,13 @@ class BatchRunner:
                 state = _OpenGroup(self, g)
                 opened.append(state)
                 if g.size > 1 and len(g.prefix):
-                    budget.acquire(len(g.prefix) * bpt)
                     try:
-                        prefix_computed += self._open(state)
+                        prefix_computed += self._open(state, budget, bpt)
                     except Exception as e:  # noqa: BLE001 - the requests still run, without the shared prefix
                         log.warning("group %d: prefix of %d tokens could not be prepared (%s); its requests run "
                                     "without it", g.id, len(g.prefix), e)
                         prefix_errors[g.id] = e
                         state.close()
-                    finally:
-                        budget.release(len(g.prefix) * bpt)
                 for i, r in enumerate(g.requests):
                     need = (len(g.prefix) + len(g.suffixes[i]) + new[r]) * bpt
                     budget.acquire(need)
@@ -217,23 +220,50 @@ class BatchRunner:
         return BatchResult(done, time.perf_counter() - t0, prefix_computed, self.kv_budget, budget.peak,
                            budget.peak_count, prefix_errors)
 
-    def _open(self, state: _OpenGroup) -> int:
-        """Prefill (unless stored), store and pin the group's prefix; returns the tokens computed."""
+    def _open(self, state: _OpenGroup, budget: _Budget, bpt: int) -> int:
+        """Pin what is stored of the group's prefix, prefill and store the rest, pin that; returns tokens computed.
+
+        What is already stored is pinned first, so that making room for the
+        rest cannot evict it. If the store has no room because earlier
+        groups' prefixes are still pinned, wait for their requests to finish
+        (they unpin) and try again once.
+        """
         lm, prefix = self.lm, state.group.prefix
-        computed = 0
-        if lm.ns.lookup(prefix) < len(prefix):
+        covered = self._pin_stored(state)
+        if covered == len(prefix):
+            return 0
+        budget.acquire(len(prefix) * bpt)
+        try:
             pre = lm.prefill(prefix)
-            lm.store_prompt(prefix, pre.cache)
+            try:
+                lm.store_prompt(prefix, pre.cache)
+            except NoSpace:
+                budget.release(len(prefix) * bpt)  # not counted while waiting for the others to finish
+                budget.wait_idle()
+                budget.acquire(len(prefix) * bpt)
+                lm.store_prompt(prefix, pre.cache)
             computed = pre.computed
-        items = lm.ns.plan(prefix)
-        for item in items:
-            lm.store.pin(item.key.path)
-            state.pinned.append(item.key.path)
-        covered = items[-1].end if items else 0
+            del pre
+        finally:
+            budget.release(len(prefix) * bpt)
+        covered = self._pin_stored(state)
         if covered < len(prefix):
-            log.warning("group %d: only %d of its prefix's %d tokens are stored (no room?); its requests compute "
-                        "the rest", state.group.id, covered, len(prefix))
+            log.warning("group %d: only %d of its prefix's %d tokens are stored; its requests compute the rest",
+                        state.group.id, covered, len(prefix))
         return computed
+
+    def _pin_stored(self, state: _OpenGroup) -> int:
+        """Pin the stored chunks that serve the group's prefix (once each); returns the tokens they cover."""
+        items = self.lm.ns.plan(state.group.prefix)
+        have = set(state.pinned)
+        for item in items:
+            if item.key.path not in have:
+                try:
+                    self.lm.store.pin(item.key.path)
+                except NotFound:  # evicted since the lookup (other writers): the rest is not reachable
+                    return item.start
+                state.pinned.append(item.key.path)
+        return items[-1].end if items else 0
 
     def _task(self, state: _OpenGroup, i: int, r: int, new: int, need: int, budget: _Budget,
               results: list, on_result) -> None:
@@ -251,8 +281,8 @@ class BatchRunner:
             if on_result is not None:
                 on_result(res)
         finally:
+            state.finish_one()  # unpin (if last) before the budget says this request is done
             budget.release(need)
-            state.finish_one()
 
     def _unpin(self, paths: list[str]) -> None:
         for p in paths:

@@ -537,3 +537,26 @@ def test_runner_prefix_can_be_evicted_after_its_group(tiny, tmp_path):
         paths = sorted({p.key.path for g in shared for p in lm.ns.plan(g.prefix)})  # groups share the instruction
         res = lm.store.evict(paths)
         assert not res.refused and len(res.evicted) == len(paths)
+
+
+def test_runner_waits_for_room_when_pinned_prefixes_fill_the_store(tiny):
+    """A tier too small for two groups' prefixes: the next group waits for the previous one to unpin."""
+    from kvfs.connectors.batch_runner import BatchRunner
+    from kvfs.connectors.hf import CachedLM
+
+    prompts, new = runner_batch()
+    plan = plan_batch(prompts, decode_tokens=new)
+    shared = [g for g in plan.groups if g.size > 1]
+    from kvfs.connectors.hf import kv_spec
+
+    chunk_bytes = RUN_CHUNK * kv_spec(tiny).bytes_per_token + 4096  # a whole chunk file: data and header
+    capacity = int(1.5 * max(len(g.prefix) for g in shared) / RUN_CHUNK + 2) * chunk_bytes
+    with CachedLM(tiny, f"memory://?capacity={capacity}", chunk_tokens=RUN_CHUNK, save=False) as lm:
+        result = BatchRunner(lm, kv_budget="1GiB", workers=2).run(plan, new)
+        assert not result.failed and not result.prefix_errors
+        for g in shared:  # every request found its group's whole prefix in kvfs
+            for r, s in zip(g.requests, g.suffixes):
+                assert result.results[r].reused == (len(g.prefix) if len(s) else len(g.prefix) - 1)
+        for i, p in enumerate(prompts):
+            assert result.outputs[i] == reference_tokens(tiny, p, new[i])
+        assert _pins(lm.store) == {}
