@@ -360,3 +360,102 @@ def test_unsupported_kv_caches_are_refused(url):
     kcc = KVCacheConfig(num_blocks=4, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(LAYERS, spec)])
     with pytest.raises(ValueError, match="SlidingWindowSpec"):
         KVFSConnector(cfg, KVConnectorRole.SCHEDULER, kcc)
+
+
+# ------------------------------------------------------------------------------------ vLLM's own scheduler
+@pytest.fixture(scope="module")
+def model_config(tmp_path_factory):
+    """vLLM's ModelConfig of a tiny local Llama config (no weights, no download; takes a few seconds)."""
+    from transformers import LlamaConfig
+    from vllm.config import ModelConfig
+
+    d = tmp_path_factory.mktemp("tiny-llama")
+    cfg = LlamaConfig(vocab_size=2000, hidden_size=2 * HEADS * HEAD, intermediate_size=64,
+                      num_hidden_layers=len(LAYERS), num_attention_heads=2 * HEADS, num_key_value_heads=HEADS,
+                      head_dim=HEAD, max_position_embeddings=1024)
+    cfg.architectures = ["LlamaForCausalLM"]
+    cfg.save_pretrained(d)
+    return ModelConfig(model=str(d), skip_tokenizer_init=True, dtype="float32", max_model_len=512)
+
+
+def engine(model_config, url: str):
+    """vLLM's Scheduler with the connector (as the engine core builds it), and a worker-side connector."""
+    from vllm.config import SchedulerConfig
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.structured_output import StructuredOutputManager
+
+    ktc = KVTransferConfig(kv_connector="KVFSConnector", kv_connector_module_path="kvfs.connectors.vllm",
+                           kv_role="kv_both", kv_load_failure_policy="recompute",
+                           kv_connector_extra_config={"url": url, "chunk_tokens": 16})
+    cfg = VllmConfig(model_config=model_config, cache_config=CacheConfig(block_size=BLOCK),
+                     scheduler_config=SchedulerConfig(max_num_batched_tokens=512, max_num_seqs=4, max_model_len=512,
+                                                      is_encoder_decoder=False),
+                     kv_transfer_config=ktc)
+    cfg.cache_config.num_gpu_blocks = NUM_BLOCKS
+    sched = Scheduler(cfg, kv_cache_config(), StructuredOutputManager(cfg), block_size=BLOCK)
+    worker = KVConnectorFactory.create_connector(cfg, KVConnectorRole.WORKER, kv_cache_config())
+    caches = paged_caches()
+    worker.register_kv_caches(caches)
+    return sched, worker, caches
+
+
+def finish_step(sched, out, req_ids, errors=frozenset()):
+    from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
+
+    mro = ModelRunnerOutput(req_ids=list(req_ids), req_id_to_index={r: i for i, r in enumerate(req_ids)},
+                            sampled_token_ids=[[7] for _ in req_ids],
+                            kv_connector_output=KVConnectorOutput(invalid_block_ids=set(errors)))
+    sched.update_from_output(out, mro)
+
+
+def test_through_vllms_own_scheduler(model_config, tmp_path):
+    url = f"file://{tmp_path}/store"
+    # engine 1 prefills A; the connector saves its prompt in the step that computes it
+    sched, worker, caches = engine(model_config, url)
+    a = Request("A", PROMPT_A, SamplingParams(max_tokens=1), None, block_hasher=get_request_block_hasher(BLOCK, HASH))
+    sched.add_request(a)
+    out = sched.schedule()
+    meta = out.kv_connector_metadata
+    assert out.num_scheduled_tokens == {"A": 100} and not meta.loads and len(meta.saves) == 1
+    kv_a = gen(5, len(LAYERS), 2, len(PROMPT_A), HEADS, HEAD)
+    write_kv(caches, meta.saves[0].block_ids, kv_a)
+    assert run_worker_step(worker, caches, meta) == set()
+    finish_step(sched, out, ["A"])
+    assert a.is_finished()
+    worker.shutdown()
+
+    # engine 2 (an empty local prefix cache) gets B: 64 tokens come from kvfs, 36 are computed
+    sched, worker, caches = engine(model_config, url)
+    b = Request("B", PROMPT_B, SamplingParams(max_tokens=1), None, block_hasher=get_request_block_hasher(BLOCK, HASH))
+    sched.add_request(b)
+    out = sched.schedule()
+    meta = out.kv_connector_metadata
+    assert out.num_scheduled_tokens == {"B": len(PROMPT_B) - 64}
+    (load,) = meta.loads
+    assert (load.start, load.end) == (0, 64)
+    assert run_worker_step(worker, caches, meta) == set()
+    assert torch.equal(read_kv(caches, load.block_ids, 0, 64), kv_a[:, :, :64])
+    finish_step(sched, out, ["B"])
+    worker.shutdown()
+
+    # engine 3: a chunk of A's prefix rotted on disk; vLLM rolls B back and recomputes from the bad block
+    bad = worker.ns.keys(PROMPT_A)[2]
+    with open(os.path.join(tmp_path, "store", bad.path), "r+b") as f:
+        f.seek(-5, os.SEEK_END)
+        x = f.read(1)
+        f.seek(-5, os.SEEK_END)
+        f.write(bytes([x[0] ^ 0x20]))
+    sched, worker, caches = engine(model_config, url)
+    c = Request("C", PROMPT_B, SamplingParams(max_tokens=1), None, block_hasher=get_request_block_hasher(BLOCK, HASH))
+    sched.add_request(c)
+    out = sched.schedule()
+    (load,) = out.kv_connector_metadata.loads
+    errors = run_worker_step(worker, caches, out.kv_connector_metadata)
+    assert errors == {load.block_ids[2]}
+    finish_step(sched, out, ["C"], errors)
+    assert not c.is_finished()
+    out = sched.schedule()
+    assert out.num_scheduled_tokens == {"C": len(PROMPT_B) - 32}  # recomputed from token 32
+    meta = out.kv_connector_metadata
+    assert not meta.loads and [s.req_id for s in meta.saves] == ["C"]
+    worker.shutdown()
