@@ -629,6 +629,13 @@ class Store:
                 if got[0] < hlen:
                     raise ChunkFormatError(f"{item.path} is truncated inside its header")
             header = parse_header(memoryview(buf)[:hlen])
+            # the file must end where its header says: one byte read at that offset must find nothing
+            # (data short of it shows as a short read of the layers later)
+            tail = _readinto_ranges(backend, item.path, [(header.file_size, bytearray(1))])
+            if tail is None:
+                raise _Missing()
+            if tail[0]:
+                raise ChunkFormatError(f"{item.path} is longer than its header describes: not a valid chunk")
             self._headers[item.path] = header
             return header
 
