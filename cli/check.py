@@ -64,11 +64,11 @@ def fsck(verify: bool, dry_run: bool, as_json: bool) -> None:
     if as_json:
         echo_json(doc)
     else:
-        verb = "would " if dry_run else ""
+        add, drop, fix = ("would add", "would drop", "would fix") if dry_run else ("added", "dropped", "fixed")
         click.echo(f"{report.chunks} chunk(s) in {report.namespaces} namespace(s); "
                    + ("catalog is up to date" if report.clean else
-                      f"{verb}add {len(report.added)}, {verb}drop {len(report.stale)} stale, "
-                      f"{verb}fix {report.size_fixed} size(s)"))
+                      f"catalog entries: {add} {len(report.added)}, {drop} {len(report.stale)} stale, "
+                      f"{fix} {report.size_fixed} size(s)"))
         for label, items in (("corrupt", report.corrupt), ("foreign", report.foreign)):
             for item in items:
                 warn(f"kvfs fsck: {label}: {item}" + ("" if dry_run else " (quarantined)"))
