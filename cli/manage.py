@@ -118,7 +118,7 @@ def evict(paths: tuple[str, ...], all_: bool, to_size: int | None, older_than: f
                 batch = [p for p in plan.evicted[i : i + EVICT_BATCH] if p in sizes]
                 if not batch:
                     continue
-                res = store.evict(batch, force=force, tier=tier)
+                res = _evict_batch(store, batch, force, tier)
                 evicted += res.evicted
                 refused += res.refused  # pinned since the plan was made
                 freed += res.freed_bytes
@@ -136,6 +136,26 @@ def evict(paths: tuple[str, ...], all_: bool, to_size: int | None, older_than: f
         first = f" (first: {refused[0]})" if len(refused) > 1 else f": {refused[0]}"
         raise CommandError(f"refused to evict {len(refused)} pinned chunk(s){first}; unpin them or use --force",
                            1, "kvfs evict")
+
+
+def _evict_batch(store, paths: list[str], force: bool, tier: int | None):
+    """Evict planned chunks; one that someone else evicted meanwhile is skipped, not an error."""
+    from kvfs.errors import NotFound
+    from kvfs.store import EvictResult
+
+    try:
+        return store.evict(paths, force=force, tier=tier)
+    except NotFound:
+        out = EvictResult()
+        for p in paths:
+            try:
+                r = store.evict([p], force=force, tier=tier)
+            except NotFound:
+                continue
+            out.evicted += r.evicted
+            out.refused += r.refused
+            out.freed_bytes += r.freed_bytes
+        return out
 
 
 def _records(store, path: str):

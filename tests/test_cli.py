@@ -216,6 +216,17 @@ def test_evict_older_than_to_size_and_paths(store_url, filled):
     assert chunk_paths(store_url) == set()
 
 
+def test_evict_skips_chunks_someone_else_evicted_after_the_plan(store_url, filled):
+    from kvfs.cli.manage import _evict_batch
+
+    gone, kept = filled["p1"][4], filled["p1"][3]
+    with kvfs.open(store_url) as store:
+        store.evict([gone])  # another process, between `kvfs evict` planning and evicting
+        res = _evict_batch(store, [gone, kept], force=False, tier=None)
+        assert res.evicted == [kept] and res.refused == []
+    assert chunk_paths(store_url) == set(filled["paths"]) - {gone, kept}
+
+
 def test_pin_and_unpin_a_prompt_from_a_tokens_file(store_url, filled, tmp_path):
     as_json = tmp_path / "p1.json"
     as_json.write_text(json.dumps(P1))
