@@ -1,0 +1,828 @@
+"""The pyfuse3 operations of a kvfs mount.
+
+Rules every handler follows:
+
+* the handlers run on one trio event loop and own all the mount's state;
+  store and backend I/O runs in worker threads (:meth:`KVFSOperations._io`),
+  bounded by a limiter and a timeout, so that a slow or hung backend answers
+  ``EIO`` instead of hanging the mount;
+* errors become errnos in one place (:func:`boundary`): the store's
+  ``OSError`` subclasses keep the errno a filesystem would give, corrupt
+  chunks and backend failures are ``EIO`` plus a log line;
+* the kernel caches entries and attributes for ``attr_timeout`` seconds
+  only, so chunks stored or evicted by other processes appear and vanish
+  without a remount.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat as stat_m
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pyfuse3
+import trio
+from pyfuse3 import FUSEError
+
+from ..catalog import key_of_path
+from ..errors import ChunkFormatError, InvalidInput, NotFound
+from . import _tree
+from ._reader import ChunkReader, StaleChunk
+from ._staging import (
+    MANIFEST_NAME,
+    SHARD_NAME,
+    StagedFile,
+    check_manifest,
+    chunk_limit,
+    classify_new_name,
+    import_staged,
+)
+from ._tree import DIR_KINDS, XATTR_PREFIX, Stat, child_of, inode_of
+
+log = logging.getLogger("kvfs.fuse")
+
+#: errnos the store raises with a filesystem meaning (no such chunk, read-only store, full tier,
+#: bad input); any other OSError is a backend failure: EIO plus a log line. Handlers raise
+#: FUSEError(EPERM/EISDIR/...) themselves where they mean it.
+PASS_THROUGH = frozenset((errno.ENOENT, errno.EROFS, errno.ENOSPC, errno.EINVAL, errno.EFBIG, errno.ENAMETOOLONG))
+BLKSIZE = 1 << 20  # tells cp & co. to read in 1 MiB requests
+DIR_TTL = 2.0  # directory sizes/times are sums over chunks: recompute at most this often
+
+
+def errno_of(exc: BaseException, what: str) -> int:
+    """The errno a FUSE caller gets for an exception raised while doing ``what``."""
+    if isinstance(exc, FUSEError):
+        return exc.errno
+    if isinstance(exc, (NotFound, FileNotFoundError)):
+        return errno.ENOENT
+    if isinstance(exc, StaleChunk):
+        log.warning("kvfs mount: %s: the chunk was evicted while open", what)
+        return errno.ESTALE
+    if isinstance(exc, ChunkFormatError):  # a corrupt or foreign chunk read from the store
+        log.error("kvfs mount: %s: %s", what, exc)
+        return errno.EIO
+    if isinstance(exc, InvalidInput):
+        return errno.EINVAL
+    if isinstance(exc, OSError) and exc.errno in PASS_THROUGH:
+        return exc.errno
+    if isinstance(exc, OSError):
+        log.error("kvfs mount: %s: backend failure: %s", what, exc)
+    else:
+        log.error("kvfs mount: %s: unexpected error", what, exc_info=exc)
+    return errno.EIO
+
+
+def boundary(fn):
+    """Turn any exception of a handler into ``FUSEError(errno)``: a handler never kills the loop."""
+
+    @functools.wraps(fn)
+    async def handler(self, *args):
+        try:
+            return await fn(self, *args)
+        except FUSEError:
+            raise
+        except Exception as e:  # noqa: BLE001 - this is the one boundary
+            raise FUSEError(errno_of(e, f"{fn.__name__}{self._describe(args)}")) from None
+
+    return handler
+
+
+@dataclass(eq=False)
+class Node:
+    """An inode the kernel knows (its lookup count says how many references it holds)."""
+
+    ino: int
+    path: str
+    kind: str
+    lookups: int = 0
+
+
+class _Handle:
+    """One open file: a verified chunk reader, fixed bytes (a manifest) or a staged new file."""
+
+    __slots__ = ("ino", "reader", "data", "staged", "failed")
+
+    def __init__(self, ino: int, reader: ChunkReader | None = None, data: bytes | None = None,
+                 staged: StagedFile | None = None) -> None:
+        self.ino = ino
+        self.reader = reader
+        self.data = data
+        self.staged = staged
+        self.failed = False
+
+
+class KVFSOperations(pyfuse3.Operations):
+    """A store's namespace as a filesystem. See ``docs/fuse.md``."""
+
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, store: Any, *, read_write: bool = False, io_timeout: float = 120.0,
+                 attr_timeout: float = 1.0, threads: int = 16) -> None:
+        super().__init__()
+        self.store = store
+        self.read_write = read_write
+        self.io_timeout = io_timeout
+        self.attr_timeout = attr_timeout
+        self.uid, self.gid = os.getuid(), os.getgid()
+        self.started = time.time()
+        self.nursery: trio.Nursery | None = None
+        self._limiter = trio.CapacityLimiter(threads)
+        self._nodes: dict[int, Node] = {pyfuse3.ROOT_INODE: Node(pyfuse3.ROOT_INODE, "", "root", 1)}
+        self._handles: dict[int, _Handle] = {}
+        self._dirs: dict[int, list] = {}
+        self._next_fh = 1
+        self._pending: dict[str, str] = {}  # directories made by mkdir or emptied by rm: path -> kind
+        self._manifests: dict[str, bytes] = {}  # manifests of namespaces made through the mount, not stored yet
+        self._staged: dict[tuple[int, str], StagedFile] = {}
+        self._staged_ino: dict[int, StagedFile] = {}
+        self._dir_cache: dict[str, tuple[float, Stat]] = {}
+
+    # ------------------------------------------------------------------------------ plumbing
+    def _describe(self, args) -> str:
+        parts = []
+        for a in args[:2]:
+            if isinstance(a, int) and a in self._nodes:
+                parts.append(self._nodes[a].path or "/")
+            elif isinstance(a, int) and a in self._handles:
+                node = self._nodes.get(self._handles[a].ino)
+                parts.append(node.path if node else f"fh {a}")
+            elif isinstance(a, bytes):
+                parts.append(os.fsdecode(a))
+        return "(" + ", ".join(parts) + ")"
+
+    async def _io(self, fn, *args):
+        """Run blocking store work in a worker thread; a call past ``io_timeout`` answers EIO."""
+        with trio.move_on_after(self.io_timeout):
+            return await trio.to_thread.run_sync(functools.partial(fn, *args), abandon_on_cancel=True,
+                                                 limiter=self._limiter)
+        log.error("kvfs mount: %s%r took more than %.0f s; answering EIO", getattr(fn, "__name__", fn),
+                  args[:2], self.io_timeout)
+        raise FUSEError(errno.EIO)
+
+    def _node(self, ino: int) -> Node:
+        node = self._nodes.get(ino)
+        if node is None:
+            raise FUSEError(errno.ENOENT)
+        return node
+
+    def _remember(self, path: str, kind: str) -> Node:
+        ino = inode_of(path)
+        node = self._nodes.get(ino)
+        while node is not None and node.path != path:  # a 63-bit hash collision: probe on
+            ino += 1
+            node = self._nodes.get(ino)
+        if node is None:
+            node = self._nodes[ino] = Node(ino, path, kind)
+        node.kind = kind
+        return node
+
+    def _ino_of(self, path: str) -> int:
+        """The inode a path has (or will have) in this mount."""
+        ino = inode_of(path)
+        node = self._nodes.get(ino)
+        while node is not None and node.path != path:
+            ino += 1
+            node = self._nodes.get(ino)
+        return ino
+
+    def _refuse(self) -> int:
+        """The errno for a change this mount does not make: EROFS unless mounted --read-write."""
+        return errno.EPERM if self.read_write else errno.EROFS
+
+    def _new_fh(self, handle: _Handle) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = handle
+        return fh
+
+    def _forget_dir_cache(self, path: str) -> None:
+        parts = path.split("/")
+        for i in range(len(parts) + 1):
+            self._dir_cache.pop("/".join(parts[:i]), None)
+
+    def _invalidate(self, parent_path: str, name: str) -> None:
+        """Tell the kernel that ``parent/name`` is gone (if it knows the directory)."""
+        parent = self._nodes.get(self._ino_of(parent_path))
+        if parent is not None:
+            pyfuse3.invalidate_entry_async(parent.ino, os.fsencode(name), ignore_enoent=True)
+
+    # ------------------------------------------------------------------------------ attributes
+    def _attrs(self, ino: int, st: Stat) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = ino
+        a.generation = 0
+        a.entry_timeout = self.attr_timeout
+        a.attr_timeout = self.attr_timeout
+        if st.is_dir:
+            a.st_mode = stat_m.S_IFDIR | 0o755
+            a.st_nlink = 2
+            a.st_blocks = 0
+        else:
+            a.st_mode = stat_m.S_IFREG | (0o644 if st.kind == "staged" else 0o444)
+            a.st_nlink = 1
+            a.st_blocks = (st.size + 511) // 512
+        a.st_uid, a.st_gid, a.st_rdev = self.uid, self.gid, 0
+        a.st_size = st.size
+        a.st_blksize = BLKSIZE
+        a.st_atime_ns = int(st.atime * 1e9)
+        a.st_mtime_ns = int(st.mtime * 1e9)
+        a.st_ctime_ns = int(st.ctime * 1e9)
+        return a
+
+    def _staged_stat(self, staged: StagedFile) -> Stat:
+        return Stat("staged", len(staged.data), staged.modified, staged.modified, staged.created)
+
+    def _stat_sync(self, path: str, kind: str, pending_kind: str | None, pending_manifest: bytes | None) -> Stat:
+        """Attributes of a path (worker thread). Directories made through the mount count too."""
+        if kind == "manifest" and pending_manifest is not None:
+            try:
+                return _tree.stat_path(self.store, path, kind, self.started)
+            except NotFound:
+                return Stat("manifest", len(pending_manifest), self.started, self.started, self.started)
+        try:
+            return _tree.stat_path(self.store, path, kind, self.started)
+        except NotFound:
+            if pending_kind == kind:
+                return Stat(kind, 0, self.started, self.started, self.started)
+            raise
+
+    async def _stat(self, path: str, kind: str) -> Stat:
+        if kind in DIR_KINDS and kind != "root":
+            hit = self._dir_cache.get(path)
+            if hit is not None and hit[0] > time.monotonic():
+                return hit[1]
+        st = await self._io(self._stat_sync, path, kind, self._pending.get(path),
+                            self._manifests.get(path.rsplit("/", 1)[0]) if kind == "manifest" else None)
+        if kind in DIR_KINDS and kind != "root":
+            self._dir_cache[path] = (time.monotonic() + DIR_TTL, st)
+        return st
+
+    # ------------------------------------------------------------------------------ lookups
+    @boundary
+    async def lookup(self, parent_ino, name, ctx=None):
+        parent = self._node(parent_ino)
+        name_s = os.fsdecode(name)
+        if name_s == ".":
+            return await self.getattr(parent_ino)
+        if name_s == "..":
+            pp = parent.path.rsplit("/", 1)[0] if "/" in parent.path else ""
+            node = self._remember(pp, ("root", "model", "namespace", "shard")[pp.count("/") + 1 if pp else 0])
+            return self._attrs(node.ino, await self._stat(node.path, node.kind))
+        staged = self._staged.get((parent_ino, name_s))
+        if staged is not None:
+            staged.lookups += 1
+            return self._attrs(staged.ino, self._staged_stat(staged))
+        try:
+            path, kind = child_of(parent.path, parent.kind, name_s)
+        except NotADirectoryError:
+            raise FUSEError(errno.ENOTDIR) from None
+        st = await self._stat(path, kind)
+        node = self._remember(path, kind)
+        node.lookups += 1
+        return self._attrs(node.ino, st)
+
+    @boundary
+    async def forget(self, inode_list):
+        for ino, n in inode_list:
+            node = self._nodes.get(ino)
+            if node is not None and ino != pyfuse3.ROOT_INODE:
+                node.lookups -= n
+                if node.lookups <= 0:
+                    del self._nodes[ino]
+            staged = self._staged_ino.get(ino)
+            if staged is not None:
+                staged.lookups -= n
+                self._drop_staged_if_unused(staged)
+
+    @boundary
+    async def getattr(self, ino, ctx=None):
+        staged = self._staged_ino.get(ino)
+        if staged is not None:
+            return self._attrs(ino, self._staged_stat(staged))
+        node = self._node(ino)
+        return self._attrs(ino, await self._stat(node.path, node.kind))
+
+    @boundary
+    async def setattr(self, ino, attr, fields, fh, ctx):
+        staged = self._staged_ino.get(ino)
+        if staged is not None:
+            if fields.update_size:
+                staged.truncate(attr.st_size)
+            return self._attrs(ino, self._staged_stat(staged))  # mode and times of a new file do not matter
+        node = self._node(ino)
+        if fields.update_size or fields.update_mode or fields.update_uid or fields.update_gid:
+            raise FUSEError(self._refuse())
+        if (fields.update_atime or fields.update_mtime) and node.kind == "chunk" and not self.store.read_only:
+            # `touch chunk`: the chunk was used now (LRU). Chunk times come from the catalog, not from callers.
+            await self._io(self.store.catalog.touch, [key_of_path(node.path)])
+        return self._attrs(ino, await self._stat(node.path, node.kind))
+
+    @boundary
+    async def statfs(self, ctx):
+        usage = await self._io(self.store.usage)
+        nchunks = await self._io(self.store.catalog.count)
+        total = used = 0
+        for u in usage:
+            t_used = u["used"] or 0
+            used += t_used
+            if u["capacity"] is not None:
+                total += max(u["capacity"], t_used)
+            elif u["available"] is not None:
+                total += max(t_used, u["device_used"] or 0) + u["available"]
+            else:
+                total += t_used
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = 4096
+        s.f_blocks = (total + 4095) // 4096
+        s.f_bfree = s.f_bavail = max(0, total - used) // 4096
+        s.f_files = nchunks
+        s.f_ffree = s.f_favail = 1 << 32
+        s.f_namemax = 255
+        return s
+
+    # ------------------------------------------------------------------------------ directories
+    def _list_sync(self, path: str, kind: str):
+        return _tree.list_dir(self.store, path, kind, self.started)
+
+    @boundary
+    async def opendir(self, ino, ctx):
+        node = self._node(ino)
+        if node.kind not in DIR_KINDS:
+            raise FUSEError(errno.ENOTDIR)
+        entries = await self._io(self._list_sync, node.path, node.kind)
+        names = {e[0] for e in entries}
+        prefix = node.path + "/" if node.path else ""
+        for path, kind in sorted(self._pending.items()):  # made by mkdir, or emptied by rm
+            if path.startswith(prefix) and "/" not in path[len(prefix):] and path[len(prefix):] not in names:
+                entries.append((path[len(prefix):], path, kind, Stat(kind, 0, self.started, self.started,
+                                                                     self.started)))
+        if node.kind == "namespace" and MANIFEST_NAME not in names and node.path in self._manifests:
+            m = self._manifests[node.path]
+            entries.append((MANIFEST_NAME, f"{node.path}/{MANIFEST_NAME}", "manifest",
+                            Stat("manifest", len(m), self.started, self.started, self.started)))
+        for (p_ino, name), staged in sorted(self._staged.items(), key=lambda kv: kv[0][1]):
+            if p_ino == ino and name not in names:
+                entries.append((name, None, "staged", staged))
+        entries.sort(key=lambda e: e[0])
+        return self._new_dir(entries)
+
+    def _new_dir(self, entries) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self._dirs[fh] = entries
+        return fh
+
+    @boundary
+    async def readdir(self, fh, start_id, token):
+        entries = self._dirs.get(fh, [])
+        for i in range(start_id, len(entries)):
+            name, path, kind, st = entries[i]
+            if kind == "staged":
+                staged = st
+                if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attrs(staged.ino,
+                                                                                    self._staged_stat(staged)), i + 1):
+                    return
+                staged.lookups += 1
+                continue
+            ino = self._ino_of(path)
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attrs(ino, st), i + 1):
+                return
+            self._remember(path, kind).lookups += 1
+
+    @boundary
+    async def releasedir(self, fh):
+        self._dirs.pop(fh, None)
+
+    @boundary
+    async def mkdir(self, parent_ino, name, mode, ctx):
+        parent = self._node(parent_ino)
+        if not self.read_write:
+            raise FUSEError(errno.EROFS)
+        name_s = os.fsdecode(name)
+        if parent.kind not in ("root", "model", "namespace"):
+            raise FUSEError(errno.EPERM)
+        if parent.kind == "namespace" and not SHARD_NAME.match(name_s):
+            raise FUSEError(errno.EINVAL)  # a namespace holds manifest.json and <hh> shards only
+        if name_s.startswith(".") or "\\" in name_s:
+            raise FUSEError(errno.EINVAL)
+        path, kind = child_of(parent.path, parent.kind, name_s)
+        try:
+            await self._stat(path, kind)
+        except FUSEError:
+            raise
+        except (NotFound, FileNotFoundError):
+            pass
+        else:
+            raise FUSEError(errno.EEXIST)
+        self._pending[path] = kind
+        self._forget_dir_cache(path)
+        node = self._remember(path, kind)
+        node.lookups += 1
+        return self._attrs(node.ino, Stat(kind, 0, self.started, self.started, self.started))
+
+    def _dir_busy_sync(self, path: str, kind: str) -> bool:
+        return _tree.has_children(self.store, path, kind)
+
+    @boundary
+    async def rmdir(self, parent_ino, name, ctx):
+        parent = self._node(parent_ino)
+        name_s = os.fsdecode(name)
+        path, kind = child_of(parent.path, parent.kind, name_s)
+        if kind not in DIR_KINDS:
+            raise FUSEError(errno.ENOTDIR)
+        prefix = path + "/"
+        busy = await self._io(self._dir_busy_sync, path, kind)
+        busy = busy or any(p.startswith(prefix) for p in self._pending) or (kind == "namespace" and path in
+                                                                             self._manifests)
+        child_ino = self._ino_of(path)
+        busy = busy or any(p_ino == child_ino for p_ino, _ in self._staged)
+        if busy:
+            raise FUSEError(errno.ENOTEMPTY)
+        if path not in self._pending:
+            # nothing stored there and not made here: it does not exist (any more)
+            raise FUSEError(errno.ENOENT)
+        del self._pending[path]
+        self._forget_dir_cache(path)
+
+    # ------------------------------------------------------------------------------ removal
+    def _evict_sync(self, path: str) -> tuple[list[str], list[str], bool]:
+        res = self.store.evict([path])
+        shard = path.rsplit("/", 1)[0]
+        return res.evicted, res.refused, not _tree.has_children(self.store, shard, "shard")
+
+    @boundary
+    async def unlink(self, parent_ino, name, ctx):
+        parent = self._node(parent_ino)
+        name_s = os.fsdecode(name)
+        staged = self._staged.pop((parent_ino, name_s), None)
+        if staged is not None:  # a new file not stored yet: forget it
+            self._drop_staged_if_unused(staged)
+            return
+        path, kind = child_of(parent.path, parent.kind, name_s)
+        if kind == "manifest":
+            raise FUSEError(errno.EPERM)  # a namespace's manifest goes when its last chunk does: never alone
+        if kind != "chunk":
+            raise FUSEError(errno.EISDIR)
+        evicted, refused, shard_empty = await self._io(self._evict_sync, path)
+        if refused:
+            log.info("kvfs mount: rm %s refused: pinned", path)
+            raise FUSEError(errno.EPERM)
+        if not evicted:
+            raise FUSEError(errno.ENOENT)
+        shard = path.rsplit("/", 1)[0]
+        if shard_empty:
+            self._pending[shard] = "shard"  # like any filesystem: the directory stays until rmdir
+        self._forget_dir_cache(path)
+        # the chunk has two names (shard/<hash> and its alias ns/<hash>): the kernel forgets the one removed
+        other = shard.rsplit("/", 1)[0] if parent.kind == "shard" else shard
+        self._invalidate(other, name_s)
+
+    @boundary
+    async def rename(self, p_old, name_old, p_new, name_new, flags, ctx):
+        if not self.read_write:
+            raise FUSEError(errno.EROFS)
+        old = os.fsdecode(name_old)
+        new = os.fsdecode(name_new)
+        staged = self._staged.get((p_old, old))
+        if staged is None:
+            raise FUSEError(errno.EPERM)  # stored chunks are named by their content: never renamed
+        parent = self._node(p_new)
+        if parent.kind not in ("namespace", "shard"):
+            raise FUSEError(errno.EPERM)
+        kind, path = classify_new_name(parent.kind, parent.path, new)
+        if kind != "temp":
+            # rsync writes .name.XXXXXX, closes it, then renames it: this is where it becomes a chunk
+            await self._commit(staged, kind=kind, path=path)
+            return
+        del self._staged[(p_old, old)]
+        staged.parent_ino, staged.name, staged.path = p_new, new, path
+        self._staged[(p_new, new)] = staged
+
+    @boundary
+    async def link(self, ino, new_parent_ino, new_name, ctx):
+        raise FUSEError(self._refuse())  # a chunk has one name (and its alias in the namespace directory)
+
+    @boundary
+    async def symlink(self, parent_ino, name, target, ctx):
+        raise FUSEError(self._refuse())
+
+    @boundary
+    async def mknod(self, parent_ino, name, mode, rdev, ctx):
+        raise FUSEError(self._refuse())
+
+    # ------------------------------------------------------------------------------ xattrs
+    @boundary
+    async def getxattr(self, ino, name, ctx):
+        name_s = os.fsdecode(name)
+        if self._staged_ino.get(ino) is not None or not name_s.startswith(XATTR_PREFIX):
+            raise FUSEError(pyfuse3.ENOATTR)
+        node = self._node(ino)
+        key = name_s[len(XATTR_PREFIX):]
+        if node.kind == "root" and key == "pid":
+            return str(os.getpid()).encode()
+        if key not in _tree.xattr_names(node.kind):
+            raise FUSEError(pyfuse3.ENOATTR)
+        values = await self._io(_tree.xattrs, self.store, node.path, node.kind)
+        return values[key].encode()
+
+    @boundary
+    async def listxattr(self, ino, ctx):
+        if self._staged_ino.get(ino) is not None:
+            return []
+        node = self._node(ino)
+        names = [(XATTR_PREFIX + n).encode() for n in _tree.xattr_names(node.kind)]
+        if node.kind == "root":
+            names.append(b"user.kvfs.pid")
+        return names
+
+    def _set_pin_sync(self, path: str, kind: str, pin: bool) -> None:
+        if kind == "chunk" and pin:
+            if self.store.stat(path).pins == 0:  # a boolean view of the pin count: setting 1 twice pins once
+                self.store.pin(path)
+        elif pin:
+            self.store.pin(path)
+        else:
+            self.store.unpin(path, all_pins=True)
+
+    @boundary
+    async def setxattr(self, ino, name, value, ctx):
+        name_s = os.fsdecode(name)
+        staged = self._staged_ino.get(ino)
+        if not name_s.startswith(XATTR_PREFIX):
+            raise FUSEError(errno.ENOTSUP)  # kvfs keeps no other attributes
+        key = name_s[len(XATTR_PREFIX):]
+        if staged is not None:
+            if key == "pinned":
+                staged.pin = _tree.parse_bool(value)  # applied once the file is stored
+            return  # the others follow from the bytes, which the import checks
+        node = self._node(ino)
+        if key not in _tree.xattr_names(node.kind):
+            raise FUSEError(errno.ENOTSUP)
+        if key == "pinned":
+            pin = _tree.parse_bool(value)
+            if node.kind == "root":
+                raise FUSEError(errno.EPERM)  # pinning everything is `kvfs pin /`, not an accident of setfattr
+            await self._io(self._set_pin_sync, node.path, node.kind, pin)
+            self._forget_dir_cache(node.path)
+            return
+        # read-only attributes: setting the value they already have is fine (cp -a, rsync -X)
+        values = await self._io(_tree.xattrs, self.store, node.path, node.kind)
+        if values[key].encode() != bytes(value).rstrip(b"\x00"):
+            raise FUSEError(errno.EPERM)
+
+    @boundary
+    async def removexattr(self, ino, name, ctx):
+        name_s = os.fsdecode(name)
+        node = self._node(ino)
+        if name_s == XATTR_PREFIX + "pinned" and node.kind in ("chunk", "model", "namespace", "shard"):
+            await self._io(self._set_pin_sync, node.path, node.kind, False)
+            return
+        raise FUSEError(errno.EPERM if name_s.startswith(XATTR_PREFIX) else pyfuse3.ENOATTR)
+
+    # ------------------------------------------------------------------------------ reading
+    def _open_chunk_sync(self, path: str) -> ChunkReader:
+        reader = ChunkReader(self.store, path)
+        try:
+            reader.open()
+        except ChunkFormatError:
+            if self.store.spec_of("/".join(path.split("/")[:2])) is not None:  # corrupt, not just unknown
+                self._quarantine_sync(path)
+            raise
+        if not self.store.read_only:
+            try:
+                self.store.catalog.touch([key_of_path(path)])
+            except OSError as e:
+                log.warning("kvfs mount: cannot record the access to %s: %s", path, e)
+        return reader
+
+    def _quarantine_sync(self, path: str) -> None:
+        """A copy failed its checks: let the store verify every copy and drop the bad ones."""
+        if self.store.read_only:
+            return
+        try:
+            bad = [r for r in self.store.verify_chunks(path, quarantine=True) if not r["ok"]]
+            for r in bad:
+                log.warning("kvfs mount: quarantined %s in %s: %s", path, r["tier"], r["error"])
+        except Exception as e:  # noqa: BLE001 - best effort, the read already failed
+            log.warning("kvfs mount: could not quarantine %s: %s", path, e)
+
+    def _manifest_sync(self, path: str) -> bytes:
+        return self.store.cat(path)
+
+    @boundary
+    async def open(self, ino, flags, ctx):
+        writing = (flags & os.O_ACCMODE) != os.O_RDONLY
+        staged = self._staged_ino.get(ino)
+        if staged is not None:
+            staged.opens += 1
+            return pyfuse3.FileInfo(fh=self._new_fh(_Handle(ino, staged=staged)), direct_io=False)
+        node = self._node(ino)
+        if node.kind in DIR_KINDS:
+            raise FUSEError(errno.EISDIR)
+        if writing:
+            if not self.read_write:
+                raise FUSEError(errno.EROFS)
+            if not flags & os.O_TRUNC:
+                raise FUSEError(errno.EPERM)  # stored files are never changed in place
+            # cp onto an existing chunk: take the new bytes, check them at close (a no-op if already stored)
+            parent_path, name = node.path.rsplit("/", 1)
+            limit = await self._io(chunk_limit, self.store, "/".join(node.path.split("/")[:2]),
+                                   self._manifests.get("/".join(node.path.split("/")[:2])))
+            staged = StagedFile(ino, self._ino_of(parent_path), name, node.kind, node.path, limit=limit)
+            staged.opens = 1
+            return pyfuse3.FileInfo(fh=self._new_fh(_Handle(ino, staged=staged)))
+        if node.kind == "manifest":
+            nsp = node.path.rsplit("/", 1)[0]
+            data = self._manifests.get(nsp)
+            if data is None:
+                data = await self._io(self._manifest_sync, node.path)
+            return pyfuse3.FileInfo(fh=self._new_fh(_Handle(ino, data=data)), keep_cache=False)
+        reader = await self._io(self._open_chunk_sync, node.path)
+        # chunks never change under a name: the kernel may keep their pages across opens
+        # (a chunk evicted and stored again has a new mtime, which drops them)
+        return pyfuse3.FileInfo(fh=self._new_fh(_Handle(ino, reader=reader)), keep_cache=True)
+
+    def _fill_sync(self, reader: ChunkReader, off: int, size: int):
+        with reader.lock:
+            for _ in range(3):  # a window can be retired between fetch and use by concurrent readers: refetch
+                rng = reader.plan(off, size)
+                if rng is not None:
+                    try:
+                        reader.fetch(*rng)
+                    except ChunkFormatError:
+                        self._quarantine_sync(reader.path)
+                        raise
+                data = reader.read_cached(off, size)
+                if data is not None:
+                    # a copy: the window's buffer may be recycled before the event loop replies with it
+                    return bytes(data) if isinstance(data, memoryview) else data
+        raise OSError(errno.EIO, f"{reader.path}: layers for bytes {off}..{off + size} could not be kept in memory")
+
+    @boundary
+    async def read(self, fh, off, size):
+        h = self._handles.get(fh)
+        if h is None:
+            raise FUSEError(errno.EBADF)
+        if h.staged is not None:
+            return bytes(h.staged.data[off : off + size])
+        if h.data is not None:
+            return h.data[off : off + size]
+        if h.failed:
+            raise FUSEError(errno.EIO)
+        reader = h.reader
+        reader.release_retired()
+        data = reader.read_cached(off, size)
+        if data is None:
+            try:
+                data = await self._io(self._fill_sync, reader, off, size)
+            except ChunkFormatError:
+                h.failed = True  # a corrupt copy: this open file serves nothing more
+                raise
+        reader.advance(off, len(data))
+        ahead = reader.prefetch_plan()
+        if ahead is not None and self.nursery is not None:
+            self.nursery.start_soon(self._read_ahead, reader, *ahead)
+        return data
+
+    async def _read_ahead(self, reader: ChunkReader, first: int, last: int) -> None:
+        try:
+            await self._io(reader.fetch_ahead, first, last)
+        except Exception:  # noqa: BLE001 - the read that needs these layers fetches them again and reports
+            pass
+
+    # ------------------------------------------------------------------------------ writing
+    @boundary
+    async def create(self, parent_ino, name, mode, flags, ctx):
+        parent = self._node(parent_ino)
+        if not self.read_write:
+            raise FUSEError(errno.EROFS)
+        if parent.kind not in ("namespace", "shard"):
+            raise FUSEError(errno.EPERM)  # files live in namespace directories only
+        name_s = os.fsdecode(name)
+        kind, path = classify_new_name(parent.kind, parent.path, name_s)
+        nsp = "/".join(parent.path.split("/")[:2])
+        limit = await self._io(chunk_limit, self.store, nsp, self._manifests.get(nsp))
+        if kind == "manifest":
+            limit = 1 << 20
+        ino = self._ino_of(path)
+        staged = StagedFile(ino, parent_ino, name_s, kind, path, limit=limit)
+        staged.lookups = staged.opens = 1
+        self._staged[(parent_ino, name_s)] = staged
+        self._staged_ino[ino] = staged
+        fh = self._new_fh(_Handle(ino, staged=staged))
+        return pyfuse3.FileInfo(fh=fh), self._attrs(ino, self._staged_stat(staged))
+
+    @boundary
+    async def write(self, fh, off, buf):
+        h = self._handles.get(fh)
+        if h is None or h.staged is None:
+            raise FUSEError(errno.EBADF)
+        return h.staged.write(off, buf)
+
+    def _commit_sync(self, staged: StagedFile, kind: str, path: str, manifest: bytes | None):
+        nsp = "/".join(path.split("/")[:2])
+        if kind == "manifest":
+            data = check_manifest(self.store, nsp, bytes(staged.data))
+            return "manifest", None if self.store.spec_of(nsp) is not None else data
+        stored = import_staged(self.store, staged, path, manifest)
+        if staged.pin:
+            self.store.pin(path)
+        return "chunk", stored
+
+    async def _commit(self, staged: StagedFile, *, kind: str | None = None, path: str | None = None) -> None:
+        """Validate a closed new file and store it; the error (EINVAL: not a valid chunk) goes to close(2)."""
+        kind = kind or staged.kind
+        path = path or staged.path
+        if kind == "temp":
+            return
+        nsp = "/".join(path.split("/")[:2])
+        staged.dirty = False
+        try:
+            what, result = await self._io(self._commit_sync, staged, kind, path, self._manifests.get(nsp))
+        except ChunkFormatError as e:
+            log.warning("kvfs mount: refused %s: %s (nothing stored)", path, e)
+            raise FUSEError(errno.EINVAL) from None
+        if what == "manifest":
+            if result is not None:
+                self._manifests[nsp] = result  # visible now, stored with the namespace's first chunk
+        else:
+            log.info("kvfs mount: %s %s", "stored" if result else "already held", path)
+            self._manifests.pop(nsp, None)
+            for p in list(self._pending):
+                if path.startswith(p + "/"):
+                    del self._pending[p]  # real now
+        self._forget_dir_cache(path)
+        staged.data = bytearray()  # stored: the bytes live in the store now
+        self._adopt(staged, path, kind)
+
+    def _adopt(self, staged: StagedFile, path: str, kind: str) -> None:
+        """A new file was stored: its inode (and the kernel's references to it) now name the stored file."""
+        if self._staged.get((staged.parent_ino, staged.name)) is staged:
+            del self._staged[(staged.parent_ino, staged.name)]
+        if self._staged_ino.get(staged.ino) is staged:
+            del self._staged_ino[staged.ino]
+        if staged.lookups > 0:
+            node = self._nodes.get(staged.ino)
+            if node is None or node.path != path:
+                node = self._nodes[staged.ino] = Node(staged.ino, path, kind)
+            node.lookups += staged.lookups
+            staged.lookups = 0
+
+    def _finish_staged(self, h: _Handle) -> None:
+        """After a commit (or its failure) the new file's name is no longer a staged file."""
+        staged = h.staged
+        if self._staged.get((staged.parent_ino, staged.name)) is staged:
+            del self._staged[(staged.parent_ino, staged.name)]
+        self._drop_staged_if_unused(staged)
+
+    def _drop_staged_if_unused(self, staged: StagedFile) -> None:
+        if (staged.opens <= 0 and self._staged.get((staged.parent_ino, staged.name)) is not staged
+                and self._staged_ino.get(staged.ino) is staged):
+            del self._staged_ino[staged.ino]
+
+    async def _close_write(self, h: _Handle, *, report: bool) -> None:
+        staged = h.staged
+        if staged.kind == "temp" or not staged.dirty or h.failed:
+            return
+        try:
+            await self._commit(staged)
+        except FUSEError:
+            h.failed = True
+            self._finish_staged(h)
+            self._invalidate_staged(staged)
+            if report:
+                raise
+            return
+        self._finish_staged(h)
+
+    def _invalidate_staged(self, staged: StagedFile) -> None:
+        pyfuse3.invalidate_entry_async(staged.parent_ino, os.fsencode(staged.name), ignore_enoent=True)
+
+    @boundary
+    async def flush(self, fh):
+        h = self._handles.get(fh)
+        if h is not None and h.staged is not None:
+            await self._close_write(h, report=True)
+
+    @boundary
+    async def fsync(self, fh, datasync):
+        await self.flush(fh)
+
+    @boundary
+    async def release(self, fh):
+        h = self._handles.pop(fh, None)
+        if h is None:
+            return
+        if h.reader is not None:
+            h.reader.close()  # buffers are not recycled here: a read-ahead thread may still hold the lock
+        if h.staged is not None:
+            await self._close_write(h, report=False)  # nobody to tell: the log says it
+            h.staged.opens -= 1
+            self._drop_staged_if_unused(h.staged)

@@ -1,0 +1,289 @@
+"""Verified random-access reads of one chunk file, for the FUSE mount.
+
+A FUSE reader asks for arbitrary byte ranges; kvfs must never hand it bytes
+that fail the chunk's checks. The unit of verification is one layer: the
+header carries an xxh3-64 checksum per layer (one layer's K and V are one
+contiguous byte range), so a read fetches the layers that overlap the range
+asked for with one ranged backend read, checks each layer's checksum, and
+keeps them for the reads that follow. A small read costs one layer, not the
+whole chunk. Sequential readers get a growing read-ahead window.
+
+Opening a chunk reads and checks its header (namespace, key, token ids
+hashed back to the key, file size) before any byte is served; header bytes
+are served from that verified copy. With a signing key configured the
+signature covers the whole tensor, so the chunk is read and verified whole
+at open instead.
+
+Nothing here touches pyfuse3 or trio: the FUSE operations call these
+methods from worker threads (``fetch``) or directly on the event loop
+(``read_cached``, which never does I/O).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import xxhash
+
+from .. import _buffers
+from ..catalog import key_of_path
+from ..chunk import ChunkHeader, check_expected, header_length, parse_header
+from ..errors import ChunkFormatError, IntegrityError, NotFound
+from ..keys import SEGMENT_TAG, next_digest
+
+HEADER_PROBE = 4096
+#: bytes a sequential reader's fetches read ahead (one ranged read each)
+READAHEAD = 8 << 20
+#: bytes of verified layers one open file keeps
+MAX_CACHED = 32 << 20
+
+
+class StaleChunk(Exception):
+    """The chunk vanished from every tier while open (evicted by someone else)."""
+
+
+def readinto(backend: Any, key: str, offset: int, buf) -> int | None:
+    """Read ``len(buf)`` bytes of ``key`` at ``offset`` with the backend's ranged read."""
+    fn = getattr(backend, "readinto_ranges", None)
+    if fn is not None:
+        got = fn(key, [(offset, buf)])
+        return None if got is None else got[0]
+    return backend.readinto(key, buf, offset)
+
+
+def candidate_tiers(store: Any, path: str) -> list:
+    """Tiers that may hold ``path``, fastest first (as ``Store.read_range`` picks them)."""
+    rec = store.catalog.get(key_of_path(path))
+    return [t for t in store.tiers if rec is None or rec.tiers & t.bit or t.shared]
+
+
+def read_header(backend: Any, path: str) -> tuple[ChunkHeader, bytes] | None:
+    """A chunk's parsed header and its raw bytes (``None`` if the backend does not hold it)."""
+    buf = bytearray(HEADER_PROBE)
+    n = readinto(backend, path, 0, buf)
+    if n is None:
+        return None
+    hlen = header_length(memoryview(buf)[: min(n, 8)])
+    if hlen > n:
+        if n < HEADER_PROBE:
+            raise ChunkFormatError(f"{path} is truncated inside its header")
+        buf = bytearray(hlen)
+        n = readinto(backend, path, 0, buf)
+        if n is None:
+            return None
+        if n < hlen:
+            raise ChunkFormatError(f"{path} is truncated inside its header")
+    raw = bytes(memoryview(buf)[:hlen])
+    return parse_header(raw), raw
+
+
+def check_header(store: Any, path: str, header: ChunkHeader) -> None:
+    """Raise :class:`ChunkFormatError` unless ``header`` is the chunk that belongs at ``path``."""
+    parts = path.split("/")
+    nsp = f"{parts[0]}/{parts[1]}"
+    spec = store.spec_of(nsp)
+    if spec is None:
+        raise ChunkFormatError(f"{path}: namespace {nsp} has no manifest")
+    hexd = parts[3].removesuffix(".safetensors")
+    check_expected(header, spec, key=hexd, path=path)
+    # bind the token ids to the key (the file name) through the hash chain
+    if header.kind == "segment":
+        parent = bytes.fromhex(header.parent) if header.parent else spec.seed + SEGMENT_TAG
+    else:
+        parent = bytes.fromhex(header.parent) if header.parent else spec.seed
+    if next_digest(parent, header.tokens).hex() != header.key:
+        raise IntegrityError(f"{path}: key does not hash from its parent and token ids")
+
+
+class ChunkReader:
+    """One open chunk file: its verified header bytes and a cache of verified layers.
+
+    ``fetch`` does backend I/O (call it from a worker thread); ``read_cached``
+    only slices memory. One reader serves one open file handle; ``lock``
+    serialises fetches so that concurrent kernel read-ahead requests do not
+    fetch the same layers twice.
+    """
+
+    def __init__(self, store: Any, path: str) -> None:
+        self.store = store
+        self.path = path
+        self.lock = threading.Lock()
+        self.header: ChunkHeader | None = None
+        self.header_bytes = b""
+        self.size = 0
+        self.whole: memoryview | None = None  # whole verified file (signed stores)
+        self._tiers: list = []
+        self._windows: list[tuple[int, int, memoryview]] = []  # (first layer, end layer, bytes)
+        self._cached = 0
+        self._retired: list[memoryview] = []  # buffers of dropped windows, recycled by the event loop
+        self._next = 0  # where the last read ended: detects sequential access (from the start, too)
+        self._sequential = False
+        self._inflight = False  # a background read-ahead is running
+
+    # ------------------------------------------------------------------------------ open
+    def open(self) -> None:
+        """Read and check the header from the first tier holding the chunk."""
+        if self.store.signer is not None:
+            data = self.store.cat(self.path)  # the signature covers the whole tensor: verify it whole
+            self.header = parse_header(data)
+            self.whole = memoryview(data)
+            self.size = len(data)
+            return
+        self._tiers = candidate_tiers(self.store, self.path)
+        for tier in self._tiers:
+            got = read_header(tier.backend, self.path)
+            if got is None:
+                continue
+            header, raw = got
+            check_header(self.store, self.path, header)
+            info = tier.backend.stat(self.path)
+            if info is not None and info.size != header.file_size:
+                raise ChunkFormatError(f"{self.path} is {info.size} bytes but its header describes "
+                                       f"{header.file_size}: truncated or padded")
+            self.header, self.header_bytes, self.size = header, raw, header.file_size
+            return
+        raise NotFound(self.path)
+
+    # ------------------------------------------------------------------------------ reads
+    def _layers_of(self, off: int, end: int) -> tuple[int, int]:
+        """Layers overlapping data bytes ``[off, end)`` (file offsets, both past the header)."""
+        h = self.header
+        lb = h.layer_bytes
+        return (off - h.data_offset) // lb, (end - 1 - h.data_offset) // lb + 1
+
+    def read_cached(self, off: int, size: int) -> bytes | memoryview | None:
+        """Bytes ``[off, off+size)`` if every layer they need is cached, else ``None``. No I/O."""
+        end = min(off + size, self.size)
+        if off >= end:
+            return b""
+        if self.whole is not None:
+            return self.whole[off:end]
+        h = self.header
+        windows = tuple(self._windows)
+        parts = []
+        if off < h.data_offset:
+            parts.append(memoryview(self.header_bytes)[off : min(end, h.data_offset)])
+            off = h.data_offset
+        lb = h.layer_bytes
+        while off < end:
+            layer = (off - h.data_offset) // lb
+            win = next((w for w in windows if w[0] <= layer < w[1]), None)
+            if win is None:
+                return None
+            base = h.data_offset + win[0] * lb
+            stop = min(end, h.data_offset + win[1] * lb)
+            parts.append(win[2][off - base : stop - base])
+            off = stop
+        if len(parts) == 1:
+            return parts[0]
+        return b"".join(parts)
+
+    def _cached_run(self, layer: int) -> int:
+        """The end of the run of cached layers starting at ``layer`` (``layer`` if it is not cached)."""
+        windows = tuple(self._windows)
+        while True:
+            w = next((w for w in windows if w[0] <= layer < w[1]), None)
+            if w is None:
+                return layer
+            layer = w[1]
+
+    def plan(self, off: int, size: int) -> tuple[int, int] | None:
+        """The layers to fetch for a read at ``off`` (with read-ahead), or None if all are cached."""
+        end = min(off + size, self.size)
+        h = self.header
+        if self.whole is not None or end <= h.data_offset or off >= end:
+            return None
+        first, last = self._layers_of(max(off, h.data_offset), end)
+        first = self._cached_run(first)
+        if first >= last:
+            return None
+        # a read where the last one ended (or at the start) is sequential: read a whole window ahead
+        self._sequential = off == self._next
+        if self._sequential:
+            last = max(last, min(h.shape[0], first + max(1, READAHEAD // h.layer_bytes)))
+        return first, last
+
+    def prefetch_plan(self) -> tuple[int, int] | None:
+        """After a sequential read: the next window to read in the background, if it is time to.
+
+        Keeps up to two windows ahead of the reader, so that the several
+        requests the kernel's own read-ahead sends at once find their layers
+        verified and in memory.
+        """
+        if self.whole is not None or not self._sequential or self._inflight or self.header is None:
+            return None
+        h = self.header
+        lb = h.layer_bytes
+        cur = (max(self._next, h.data_offset) - h.data_offset) // lb
+        end = self._cached_run(cur)
+        if end >= h.shape[0] or (end - cur) * lb > READAHEAD:
+            return None
+        self._inflight = True
+        return end, min(h.shape[0], end + max(1, READAHEAD // lb))
+
+    def fetch_ahead(self, first: int, last: int) -> None:
+        """Background read-ahead (worker thread): fetch the layers a sequential reader needs next."""
+        try:
+            with self.lock:
+                first = self._cached_run(first)
+                if first < last:
+                    self.fetch(first, last)
+        finally:
+            self._inflight = False
+
+    def fetch(self, first: int, last: int) -> None:
+        """Read layers ``[first, last)`` with one ranged read and verify each one's checksum."""
+        h = self.header
+        lb = h.layer_bytes
+        mv = _buffers.alloc((last - first) * lb)  # huge pages, recycled (see release_retired)
+        off = h.data_offset + first * lb
+        for tier in self._tiers:
+            n = readinto(tier.backend, self.path, off, mv)
+            if n is None:
+                continue  # gone from this tier: the checksums tell whether another copy is the same chunk
+            if n != len(mv):
+                raise ChunkFormatError(f"{self.path} is truncated: layer {first + n // lb} is short")
+            sums = h.layer_checksums
+            for i in range(last - first):
+                if xxhash.xxh3_64_hexdigest(mv[i * lb : (i + 1) * lb]) != sums[first + i]:
+                    raise IntegrityError(f"{self.path}: layer {first + i} checksum mismatch: corrupt")
+            self._keep(first, last, mv)
+            return
+        raise StaleChunk(self.path)
+
+    def _keep(self, first: int, last: int, mv: memoryview) -> None:
+        """Add a verified window (under ``lock``); retire the oldest, and those a sequential reader passed."""
+        windows = self._windows + [(first, last, mv)]
+        keep = windows
+        if self._sequential:
+            h = self.header
+            done = (self._next - h.data_offset) // h.layer_bytes if self._next > h.data_offset else 0
+            keep = [w for w in windows if w[1] > done - 1]  # one layer of slack for reads in flight
+        cached = sum(len(w[2]) for w in keep)
+        while cached > MAX_CACHED and len(keep) > 1:
+            cached -= len(keep.pop(0)[2])
+        self._retired.extend(w[2] for w in windows if not any(w is k for k in keep))
+        self._windows = keep  # one assignment: the event loop reads a consistent list
+        self._cached = cached
+
+    def release_retired(self) -> None:
+        """Recycle the buffers of retired windows. Call only from the event loop, between reads.
+
+        Buffers are recycled (no page faults on the next window), so no slice
+        of one may outlive the read that took it: slices taken on the event
+        loop are copied to the kernel before the loop runs anything else, and
+        reads served from a worker thread return copies.
+        """
+        while self._retired:
+            _buffers.release(self._retired.pop())
+
+    def advance(self, off: int, n: int) -> None:
+        """Record that a read of ``n`` bytes at ``off`` was served (sequential-access detection)."""
+        self._next = off + n
+
+    def close(self) -> None:
+        self._windows = []
+        self._retired = []
+        self._cached = 0
+        self.whole = None

@@ -1,0 +1,583 @@
+"""The FUSE mount, used the way an operator uses it: `kvfs mount`, then ls, cat, cp, rm, getfattr and
+setfattr on real files, then `kvfs umount`. Mounts are real (libfuse3 through pyfuse3); the store is a real
+LMDB (or file) store that this test process opens at the same time as the mount's server process."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import kvfs
+from kvfs.chunk import decode, parse_header
+from kvfs.errors import IntegrityError, NotFound
+from kvfs.fuse import mounted_fstype, process_alive
+
+
+def _why_fuse_unusable() -> str | None:
+    try:
+        import pyfuse3  # noqa: F401
+        import trio  # noqa: F401
+    except ImportError as e:
+        return f"pyfuse3/trio are not installed ({e}): pip install 'kvfs[fuse]'"
+    tool = shutil.which("fusermount3")
+    if tool is None:
+        return "fusermount3 is not installed (apt-get install fuse3)"
+    if not os.path.exists("/dev/fuse"):
+        return "/dev/fuse does not exist here (no FUSE in this kernel or container)"
+    if os.getuid() == 0:
+        try:
+            os.close(os.open("/dev/fuse", os.O_RDWR))
+        except OSError as e:
+            return f"/dev/fuse cannot be opened here: {e.strerror}"
+    elif not os.stat(tool).st_mode & stat.S_ISUID:
+        return "fusermount3 is not setuid root and this is not root: unprivileged mounts are not possible"
+    return None
+
+
+_UNUSABLE = _why_fuse_unusable()
+pytestmark = [pytest.mark.fuse, pytest.mark.timeout(120),
+              pytest.mark.skipif(_UNUSABLE is not None, reason=f"FUSE unusable: {_UNUSABLE}")]
+needs_attr = pytest.mark.skipif(shutil.which("getfattr") is None or shutil.which("setfattr") is None,
+                                reason="getfattr/setfattr missing (apt-get install attr)")
+
+SPEC = kvfs.KVSpec("test/fuse-bf16", num_layers=4, num_kv_heads=2, head_dim=16, dtype="bfloat16", chunk_tokens=32)
+# 8 layers of 64 KiB: range reads, read-ahead and layer checks have something to chew on
+WIDE = kvfs.KVSpec("test/fuse-f16", num_layers=8, num_kv_heads=4, head_dim=64, dtype="float16", chunk_tokens=64)
+
+
+def tokens(n: int, seed: int) -> list[int]:
+    return np.random.default_rng(seed + 1000).integers(0, 32000, n).tolist()
+
+
+def kv(spec: kvfs.KVSpec, n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(spec.chunk_shape(n), dtype=np.float32).astype(spec.numpy_dtype)
+
+
+def put(url: str, spec: kvfs.KVSpec, n: int, seed: int) -> list[str]:
+    """Store a prompt of ``n`` tokens; returns its chunk paths in order."""
+    with kvfs.open(url) as store:
+        ns = store.namespace(spec)
+        toks = tokens(n, seed)
+        ns.put(toks, kv(spec, n, seed))
+        return [k.path for k in ns.keys(toks)]
+
+
+def model_of(spec: kvfs.KVSpec, name: str) -> kvfs.KVSpec:
+    """The same KV layout under its own model name: every test owns its part of the tree."""
+    return kvfs.KVSpec(f"test/fuse-{name}", spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.dtype,
+                       spec.chunk_tokens)
+
+
+def kvfs_cmd(*args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+    script = os.path.join(os.path.dirname(sys.executable), "kvfs")
+    base = [script] if os.path.exists(script) else [sys.executable, "-c", "from kvfs.cli import main; main()"]
+    res = subprocess.run(base + list(args), capture_output=True, text=True, timeout=timeout)
+    if check and res.returncode != 0:
+        raise AssertionError(f"kvfs {' '.join(args)} failed ({res.returncode}): {res.stderr}")
+    return res
+
+
+@pytest.fixture(scope="module", autouse=True)
+def reaper():
+    """Adopt the detached mount servers (as init would), so that umount tests can see them exit and reap them."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    adopted = libc.prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
+    yield adopted
+    if adopted:
+        libc.prctl(36, 0, 0, 0, 0)
+
+
+def gone(pid: int, adopted: bool, timeout: float = 30) -> int | None:
+    """Wait until the server ``pid`` no longer runs; its exit status if this process could reap it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if adopted:
+            try:
+                got, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                got, status = 0, None
+                if not process_alive(pid):
+                    return None
+            if got == pid:
+                return os.waitstatus_to_exitcode(status)
+        elif not process_alive(pid):
+            return None
+        time.sleep(0.02)
+    raise AssertionError(f"mount server {pid} still runs {timeout} s after umount")
+
+
+class Mounted:
+    """``kvfs mount URL DIR [flags]`` ... ``kvfs umount DIR``, checking that the server exits cleanly."""
+
+    def __init__(self, url: str, mnt: str, *flags: str, adopted: bool = True) -> None:
+        self.url, self.mnt, self.flags, self.adopted = url, mnt, flags, adopted
+
+    def __enter__(self) -> "Mounted":
+        os.makedirs(self.mnt, exist_ok=True)
+        kvfs_cmd("mount", *self.flags, self.url, self.mnt)
+        assert mounted_fstype(self.mnt) == "fuse.kvfs"  # ready when the command returns
+        self.pid = int(os.getxattr(self.mnt, "user.kvfs.pid"))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        kvfs_cmd("umount", self.mnt)
+        status = gone(self.pid, self.adopted)
+        assert mounted_fstype(self.mnt) is None
+        assert status in (0, None), f"mount server exited with status {status}"
+
+    def path(self, store_path: str = "") -> str:
+        return os.path.join(self.mnt, store_path)
+
+
+@pytest.fixture(scope="module")
+def store_url(tmp_path_factory):
+    return f"lmdb://{tmp_path_factory.mktemp('fuse')}/store"
+
+
+@pytest.fixture(scope="module")
+def mounted(store_url, tmp_path_factory, reaper):
+    put(store_url, SPEC, 100, seed=0)  # something to see from the start
+    with Mounted(store_url, str(tmp_path_factory.mktemp("mnt")), adopted=reaper) as m:
+        yield m
+
+
+@pytest.fixture(scope="module")
+def store(store_url, mounted):
+    """This process's own handle on the mounted store (LMDB: both processes use it at once)."""
+    with kvfs.open(store_url) as s:
+        yield s
+
+
+def wait_for(predicate, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+# ------------------------------------------------------------------------------------------ reading
+def test_ls_R_lists_what_was_put(mounted, store, store_url):
+    spec = model_of(SPEC, "ls")
+    put(store_url, spec, 100, seed=1)
+    put(store_url, spec, 70, seed=2)
+    out = subprocess.run(["ls", "-R", mounted.path(spec.model_dir)], capture_output=True, text=True, check=True)
+    seen, cwd = set(), None
+    for line in out.stdout.splitlines():
+        if line.endswith(":"):
+            cwd = os.path.relpath(line[:-1], mounted.mnt)
+        elif line and cwd is not None:
+            seen.add(f"{cwd}/{line}")
+    files = {e.path for e in store.ls(spec.model_dir, recursive=True)}
+    assert files and len(files) == 4 + 3 + 1  # chunks of both prompts and the manifest
+    dirs = {p.rsplit("/", 1)[0] for p in files} | {spec.path}
+    assert seen == files | {d for d in dirs if d != spec.model_dir}
+
+
+def test_cat_of_every_file_equals_store_cat(mounted, store, store_url):
+    spec = model_of(SPEC, "cat")
+    paths = put(store_url, spec, 100, seed=3)
+    for p in paths + [f"{spec.path}/manifest.json"]:
+        got = subprocess.run(["cat", mounted.path(p)], capture_output=True, check=True).stdout
+        assert got == store.cat(p), p
+
+
+def test_range_reads_are_exact_and_the_layers_they_need_verified(mounted, store, store_url):
+    spec = model_of(WIDE, "ranges")
+    path = put(store_url, spec, 64, seed=4)[0]
+    want = store.cat(path)
+    h = parse_header(want)
+    lb = h.layer_bytes
+    probes = [(0, 8), (100, 4096), (h.data_offset - 10, 20), (h.data_offset + 3 * lb - 5, 10),
+              (h.data_offset + 5 * lb + 123, 2 * lb), (len(want) - 7, 100), (len(want), 10), (len(want) + 5, 10)]
+    fd = os.open(mounted.path(path), os.O_RDONLY)
+    try:
+        for off, n in reversed(probes):  # backwards: no read-ahead helps
+            assert os.pread(fd, n, off) == want[off : off + n], (off, n)
+    finally:
+        os.close(fd)
+    with open(mounted.path(path), "rb") as f:  # and sequentially, in odd sizes
+        parts = []
+        while chunk := f.read(50_000):
+            parts.append(chunk)
+    assert b"".join(parts) == want
+
+
+def test_safetensors_opens_a_chunk_on_the_mount(mounted, store, store_url):
+    from safetensors import safe_open
+
+    spec = model_of(WIDE, "safetensors")
+    path = put(store_url, spec, 100, seed=5)[1]  # the second chunk: 36 tokens
+    header, expect = decode(store.cat(path), spec)
+    with safe_open(mounted.path(path), framework="numpy") as f:
+        assert list(f.keys()) == ["kv"]
+        meta = f.metadata()
+        tensor = f.get_tensor("kv")
+    assert meta["key"] == path.rsplit("/", 1)[1].removesuffix(".safetensors") and meta["namespace"] == spec.namespace_id
+    assert tensor.shape == spec.chunk_shape(36) and np.array_equal(tensor, expect)
+
+
+def test_stat_and_statfs_show_the_store(mounted, store, store_url):
+    spec = model_of(SPEC, "stat")
+    path = put(store_url, spec, 32, seed=6)[0]
+    entry = store.stat(path)
+    st = os.stat(mounted.path(path))
+    assert stat.S_ISREG(st.st_mode) and st.st_mode & 0o777 == 0o444
+    assert st.st_size == entry.size == len(store.cat(path))
+    assert abs(st.st_mtime - entry.created) < 1e-3
+    assert abs(st.st_atime - store.stat(path).last_access) < 1e-3  # last access is the atime
+    assert stat.S_ISDIR(os.stat(mounted.path(spec.path)).st_mode)
+    vfs = os.statvfs(mounted.mnt)
+    used = sum(u["used"] for u in store.usage())
+    assert (vfs.f_blocks - vfs.f_bfree) * vfs.f_frsize == pytest.approx(used, abs=vfs.f_frsize)
+    assert vfs.f_files == store.catalog.count() and vfs.f_namemax == 255
+
+
+def test_chunks_stored_and_evicted_elsewhere_appear_and_vanish(mounted, store, store_url):
+    spec = model_of(SPEC, "live")
+    first = put(store_url, spec, 32, seed=7)[0]
+    shard_dir = mounted.path(first.rsplit("/", 1)[0])
+    assert wait_for(lambda: os.path.exists(mounted.path(first)))
+    more = put(store_url, spec, 64, seed=8)  # another process stores chunks while mounted
+    assert wait_for(lambda: all(os.path.exists(mounted.path(p)) for p in more), timeout=3)
+    os.listdir(shard_dir)
+    store.evict([first])  # ... and evicts one
+    assert wait_for(lambda: not os.path.exists(mounted.path(first)), timeout=3)
+    assert os.path.basename(first) not in (os.listdir(shard_dir) if os.path.isdir(shard_dir) else [])
+
+
+# ------------------------------------------------------------------------------------------ managing
+@needs_attr
+def test_getfattr_shows_and_setfattr_sets_pins(mounted, store, store_url):
+    spec = model_of(SPEC, "xattr")
+    paths = put(store_url, spec, 64, seed=9)
+    f = mounted.path(paths[1])
+    out = subprocess.run(["getfattr", "-d", f], capture_output=True, text=True, check=True).stdout
+    rec = store.records(paths[1])[0]
+    for line in ('user.kvfs.tokens="32"', f'user.kvfs.parent="{rec.parent}"', 'user.kvfs.pinned="0"',
+                 f'user.kvfs.hits="{rec.hits}"', f'user.kvfs.tier="{store.tiers[0].url.redacted()}"'):
+        assert line in out, (line, out)
+    subprocess.run(["setfattr", "-n", "user.kvfs.pinned", "-v", "1", f], check=True)
+    assert store.stat(paths[1]).pinned
+    subprocess.run(["setfattr", "-n", "user.kvfs.pinned", "-v", "1", f], check=True)  # a flag: still one pin
+    assert store.stat(paths[1]).pins == 1
+    got = subprocess.run(["getfattr", "--only-values", "-n", "user.kvfs.pinned", f], capture_output=True,
+                         text=True, check=True).stdout
+    assert got == "1"
+    assert os.getxattr(mounted.path(spec.path), "user.kvfs.pinned") == b"1"  # a directory: chunks pinned under it
+    subprocess.run(["setfattr", "-n", "user.kvfs.pinned", "-v", "0", f], check=True)
+    assert not store.stat(paths[1]).pinned
+    # a whole namespace at once
+    os.setxattr(mounted.path(spec.path), "user.kvfs.pinned", b"1")
+    assert all(store.stat(p).pinned for p in paths)
+    os.setxattr(mounted.path(spec.path), "user.kvfs.pinned", b"0")
+    assert not any(store.stat(p).pinned for p in paths)
+    # the rest is read-only (setting the value it has is fine: cp -a, rsync -X), others do not exist
+    os.setxattr(f, "user.kvfs.tokens", b"32")
+    for name, value, code in (("user.kvfs.tokens", b"7", errno.EPERM), ("user.kvfs.pinned", b"maybe", errno.EINVAL),
+                              ("user.other", b"x", errno.ENOTSUP)):
+        with pytest.raises(OSError) as e:
+            os.setxattr(f, name, value)
+        assert e.value.errno == code, name
+    with pytest.raises(OSError) as e:
+        os.getxattr(f, "user.kvfs.nope")
+    assert e.value.errno == errno.ENODATA
+
+
+def test_rm_evicts_but_not_a_pinned_chunk(mounted, store, store_url):
+    spec = model_of(SPEC, "rm")
+    keep, drop = put(store_url, spec, 64, seed=10)
+    store.pin(keep)
+    res = subprocess.run(["rm", mounted.path(keep)], capture_output=True, text=True)
+    assert res.returncode != 0 and "Operation not permitted" in res.stderr
+    with pytest.raises(PermissionError) as e:
+        os.unlink(mounted.path(keep))
+    assert e.value.errno == errno.EPERM
+    assert store.stat(keep).pinned and store.cat(keep)
+    subprocess.run(["rm", mounted.path(drop)], check=True)
+    with pytest.raises(NotFound):
+        store.stat(drop)
+    assert not os.path.exists(mounted.path(drop))
+    shard = mounted.path(drop.rsplit("/", 1)[0])
+    if keep.rsplit("/", 1)[0] != drop.rsplit("/", 1)[0]:
+        assert os.listdir(shard) == []  # an emptied shard stays until rmdir, as on any filesystem
+        os.rmdir(shard)
+        assert not os.path.exists(shard)
+    with pytest.raises(OSError) as e:
+        os.rmdir(mounted.path(spec.path))
+    assert e.value.errno == errno.ENOTEMPTY
+    with pytest.raises(OSError) as e:
+        os.unlink(mounted.path(f"{spec.path}/manifest.json"))
+    assert e.value.errno == errno.EPERM
+
+
+def test_a_plain_mount_refuses_every_other_change(mounted, store, store_url):
+    spec = model_of(SPEC, "refuse")
+    path = put(store_url, spec, 32, seed=11)[0]
+    f = mounted.path(path)
+    d = mounted.path(spec.path)
+    attempts = {
+        "create": lambda: open(os.path.join(d, "new.safetensors"), "wb"),
+        "write in place": lambda: open(f, "r+b"),
+        "truncate": lambda: os.truncate(f, 0),
+        "mkdir": lambda: os.mkdir(os.path.join(d, "zz")),
+        "rename": lambda: os.rename(f, f + ".old"),
+        "chmod": lambda: os.chmod(f, 0o644),
+        "link": lambda: os.link(f, os.path.join(d, "x")),
+        "symlink": lambda: os.symlink(f, os.path.join(d, "y")),
+    }
+    for what, attempt in attempts.items():
+        with pytest.raises(OSError) as e:
+            attempt()
+        assert e.value.errno == errno.EROFS, (what, e.value)
+    assert store.cat(path) == open(f, "rb").read()
+
+
+def test_a_corrupt_chunk_reads_eio_and_is_quarantined(mounted, store, store_url):
+    spec = model_of(WIDE, "corrupt")
+    path = put(store_url, spec, 64, seed=12)[0]
+    good = store.cat(path)
+    h = parse_header(good)
+    bad = bytearray(good)
+    bad[h.data_offset + 6 * h.layer_bytes + 77] ^= 0x40  # one bit of layer 6
+    store.tiers[0].backend.put(path, bytes(bad))  # the store's bytes rot behind its back
+    fd = os.open(mounted.path(path), os.O_RDONLY)
+    try:
+        assert os.pread(fd, 4096, h.data_offset) == good[h.data_offset : h.data_offset + 4096]  # layer 0 is fine
+        with pytest.raises(OSError) as e:
+            os.pread(fd, 4096, h.data_offset + 6 * h.layer_bytes)
+        assert e.value.errno == errno.EIO
+    finally:
+        os.close(fd)
+    with pytest.raises(IntegrityError):  # what this test tampered with is really corrupt
+        store.validate_chunk(bytes(bad), path)
+    # the server quarantined it: a miss from now on, everywhere
+    assert wait_for(lambda: not store.records(spec.path))
+    assert os.listdir(mounted.mnt)  # and the mount carries on
+
+
+# ------------------------------------------------------------------------------------------ importing
+@pytest.fixture(scope="module")
+def rw(tmp_path_factory, reaper):
+    base = tmp_path_factory.mktemp("rw")
+    url = f"lmdb://{base}/store"
+    put(url, SPEC, 32, seed=20)  # the namespace exists here
+    with Mounted(url, str(base / "mnt"), "--read-write", adopted=reaper) as m:
+        with kvfs.open(url) as s:
+            m.store = s
+            yield m
+
+
+@pytest.fixture(scope="module")
+def donor(tmp_path_factory):
+    """Another store, with chunks of the same namespace (and of another one) as files on local disk."""
+    base = tmp_path_factory.mktemp("donor")
+    url = f"lmdb://{base}/store"
+    paths = put(url, SPEC, 100, seed=21)
+    other = put(url, WIDE, 64, seed=22)
+    files = {}
+    with kvfs.open(url) as s:
+        for p in paths + other:
+            files[p] = base / p.rsplit("/", 1)[1]
+            files[p].write_bytes(s.cat(p))
+    return paths, other, files
+
+
+def cp(src, dst) -> subprocess.CompletedProcess:
+    return subprocess.run(["cp", str(src), str(dst)], capture_output=True, text=True)
+
+
+def test_cp_of_a_valid_chunk_imports_it(rw, donor):
+    paths, _, files = donor
+    ns_dir = rw.path(SPEC.path)
+    assert cp(files[paths[0]], ns_dir + "/").returncode == 0  # into the namespace directory
+    shard = rw.path(paths[1].rsplit("/", 1)[0])
+    os.makedirs(shard, exist_ok=True)  # or into its shard, made by mkdir if new
+    assert cp(files[paths[1]], shard + "/").returncode == 0
+    for p in paths[:2]:
+        assert rw.store.cat(p) == files[p].read_bytes()
+        assert open(rw.path(p), "rb").read() == files[p].read_bytes()
+    assert cp(files[paths[0]], ns_dir + "/").returncode == 0  # again: already held, nothing to do
+    assert os.path.basename(paths[0]) in os.listdir(rw.path(paths[0].rsplit("/", 1)[0]))
+
+
+def test_cp_of_a_bad_chunk_fails_einval_and_stores_nothing(rw, donor, tmp_path):
+    paths, other, files = donor
+    ns_dir = rw.path(SPEC.path)
+    before = {r.key for r in rw.store.records()}
+    good = files[paths[2]].read_bytes()
+    h = parse_header(good)
+    name = os.path.basename(paths[2])
+    corrupt = bytearray(good)
+    corrupt[h.data_offset + 5] ^= 1
+    cases = {
+        "corrupt": (name, bytes(corrupt)),
+        "truncated": (name, good[:-100]),
+        "named for another chunk": (os.path.basename(paths[3]), good),
+        "of another namespace": (os.path.basename(other[0]), files[other[0]].read_bytes()),
+        "not a chunk": (name, b'{"hello": "world"}'),
+    }
+    for what, (target, data) in cases.items():
+        src = tmp_path / f"{what.replace(' ', '-')}.bin"
+        src.write_bytes(data)
+        res = cp(src, os.path.join(ns_dir, target))
+        assert res.returncode != 0 and "Invalid argument" in res.stderr, (what, res.stderr)
+        assert target not in os.listdir(ns_dir), what
+    res = cp(files[paths[2]], os.path.join(ns_dir, "notes.txt"))
+    assert res.returncode != 0 and "Invalid argument" in res.stderr
+    assert {r.key for r in rw.store.records()} == before  # nothing stored
+    for p in (paths[2], paths[3], other[0]):
+        assert not os.path.exists(rw.path(p))
+
+
+def test_rsync_style_temporary_file_then_rename_imports(rw, donor):
+    paths, _, files = donor
+    ns_dir = rw.path(SPEC.path)
+    tmp = os.path.join(ns_dir, ".incoming.XYZ123")
+    with open(tmp, "wb") as f:  # rsync writes a temporary name, closes it ...
+        f.write(files[paths[3]].read_bytes())
+    assert ".incoming.XYZ123" in os.listdir(ns_dir)
+    os.rename(tmp, os.path.join(ns_dir, os.path.basename(paths[3])))  # ... and renames it into place
+    assert rw.store.cat(paths[3]) == files[paths[3]].read_bytes()
+    assert not os.path.exists(tmp)
+    bad = os.path.join(ns_dir, ".bad.XYZ")
+    with open(bad, "wb") as f:
+        f.write(files[paths[3]].read_bytes()[:-1])
+    with pytest.raises(OSError) as e:
+        os.rename(bad, os.path.join(ns_dir, os.path.basename(paths[2])))
+    assert e.value.errno == errno.EINVAL
+    os.unlink(bad)
+    assert ".bad.XYZ" not in os.listdir(ns_dir)
+    with pytest.raises(OSError) as e:  # stored chunks are named by their content
+        os.rename(rw.path(paths[3]), rw.path(paths[3]) + ".x")
+    assert e.value.errno == errno.EPERM
+
+
+def test_a_new_namespace_is_made_with_mkdir_and_its_manifest(rw, donor):
+    _, other, files = donor
+    ns = WIDE.path
+    assert not os.path.exists(rw.path(ns))
+    os.makedirs(rw.path(ns))
+    chunk = files[other[0]]
+    res = cp(chunk, rw.path(ns) + "/")  # no manifest yet: the namespace is unknown
+    assert res.returncode != 0 and "Invalid argument" in res.stderr
+    manifest = rw.path(ns) + "/manifest.json"
+    with open(manifest, "wb") as f:
+        f.write(b'{"not": "a manifest"}')  # closes with EINVAL ...
+        with pytest.raises(OSError) as e:
+            f.flush()
+            os.fsync(f.fileno())
+    assert e.value.errno == errno.EINVAL
+    with open(manifest, "wb") as f:
+        f.write(WIDE.manifest_bytes())
+    assert open(manifest, "rb").read() == WIDE.manifest_bytes()
+    assert cp(chunk, rw.path(ns) + "/").returncode == 0
+    assert rw.store.cat(other[0]) == chunk.read_bytes()
+    assert rw.store.spec_of(ns) == WIDE
+
+
+# ------------------------------------------------------------------------------------------ lifecycle
+def test_umount_waits_for_the_server_and_leaves_no_process(tmp_path, reaper):
+    url = f"lmdb://{tmp_path}/store"
+    put(url, SPEC, 40, seed=30)
+    mnt = str(tmp_path / "mnt")
+    os.makedirs(mnt)
+    kvfs_cmd("mount", url, mnt)
+    pid = int(os.getxattr(mnt, "user.kvfs.pid"))
+    assert process_alive(pid)
+    f = open(os.path.join(mnt, SPEC.path, "manifest.json"), "rb")
+    res = kvfs_cmd("umount", mnt, check=False)  # busy: refused, still mounted
+    assert res.returncode == 1 and "busy" in res.stderr
+    assert mounted_fstype(mnt) == "fuse.kvfs" and process_alive(pid)
+    f.close()
+    kvfs_cmd("umount", mnt)
+    assert not process_alive(pid)  # gone by the time umount returns
+    assert gone(pid, reaper) in (0, None)
+    assert mounted_fstype(mnt) is None
+    res = kvfs_cmd("umount", mnt, check=False)
+    assert res.returncode == 1 and "not mounted" in res.stderr
+
+
+def test_mount_errors_are_reported_and_leave_nothing_running(tmp_path, reaper):
+    mnt = str(tmp_path / "mnt")
+    res = kvfs_cmd("mount", f"lmdb://{tmp_path}/s", mnt, check=False)
+    assert res.returncode != 0 and "not a directory" in res.stderr
+    os.makedirs(mnt)
+    res = kvfs_cmd("mount", "nosuchscheme://x", mnt, check=False)
+    assert res.returncode != 0 and "nosuchscheme" in res.stderr
+    assert mounted_fstype(mnt) is None
+    with Mounted(f"lmdb://{tmp_path}/s", mnt, adopted=reaper):
+        res = kvfs_cmd("mount", f"lmdb://{tmp_path}/s", mnt, check=False)
+        assert res.returncode != 0 and "already" in res.stderr
+
+
+def test_foreground_mount_serves_until_unmounted(tmp_path):
+    url = f"lmdb://{tmp_path}/store"
+    path = put(url, SPEC, 32, seed=31)[0]
+    mnt = str(tmp_path / "mnt")
+    os.makedirs(mnt)
+    script = os.path.join(os.path.dirname(sys.executable), "kvfs")
+    base = [script] if os.path.exists(script) else [sys.executable, "-c", "from kvfs.cli import main; main()"]
+    proc = subprocess.Popen(base + ["mount", "--foreground", url, mnt], stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_for(lambda: mounted_fstype(mnt) == "fuse.kvfs" and os.path.exists(os.path.join(mnt, path)), 30)
+        with kvfs.open(url) as s:
+            assert open(os.path.join(mnt, path), "rb").read() == s.cat(path)
+        kvfs_cmd("umount", mnt)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=30)
+    assert mounted_fstype(mnt) is None
+
+
+def test_a_failing_backend_answers_eio_and_the_mount_carries_on(tmp_path, reaper):
+    url = f"file://{tmp_path}/files"
+    a, b = put(url, SPEC, 64, seed=32)
+    with Mounted(url, str(tmp_path / "mnt"), adopted=reaper) as m:
+        victim = tmp_path / "files" / a
+        victim.unlink()
+        victim.mkdir()  # the backend's read now fails with EISDIR: an I/O error, not a missing chunk
+        with pytest.raises(OSError) as e:
+            open(m.path(a), "rb").read()
+        assert e.value.errno == errno.EIO
+        with kvfs.open(url) as s:
+            assert open(m.path(b), "rb").read() == s.cat(b)
+
+
+# ------------------------------------------------------------------------------------------ the reader
+def test_a_small_range_reads_one_layer_and_sequential_reads_read_ahead(tmp_path):
+    from kvfs.fuse._reader import READAHEAD, ChunkReader
+
+    url = f"lmdb://{tmp_path}/store"
+    path = put(url, WIDE, 64, seed=40)[0]
+    with kvfs.open(url) as store:
+        want = store.cat(path)
+        r = ChunkReader(store, path)
+        r.open()
+        lb = r.header.layer_bytes
+        off = r.header.data_offset + 5 * lb + 100
+        r._next = -1  # a reader that just read elsewhere: random access
+        assert r.read_cached(off, 4096) is None
+        assert r.plan(off, 4096) == (5, 6)  # one layer, not the chunk
+        r.fetch(5, 6)
+        assert bytes(r.read_cached(off, 4096)) == want[off : off + 4096]
+        r2 = ChunkReader(store, path)
+        r2.open()
+        assert r2.plan(0, 128 << 10) == (0, min(8, READAHEAD // lb))  # from the start: a window ahead
+        bad = bytearray(want)
+        bad[r.header.data_offset + 2 * lb] ^= 1
+        store.tiers[0].backend.put(path, bytes(bad))
+        with pytest.raises(IntegrityError):
+            r.fetch(2, 3)
