@@ -112,6 +112,16 @@ class _Tracked:
     block_ids: list[int]
 
 
+@dataclass
+class _Staged:
+    """Worker-side: a prompt being saved this step, gathered layer by layer into CPU memory."""
+
+    save: SaveSpec
+    kv: torch.Tensor  # [layers, planes, tokens, heads, dim]
+    slots: np.ndarray
+    done: set[int] = field(default_factory=set)
+
+
 # ---------------------------------------------------------------------------------------------- the spec
 def _attention_spec(kv_cache_config: "KVCacheConfig"):
     groups = kv_cache_config.kv_cache_groups
@@ -200,7 +210,7 @@ class KVFSConnector(KVConnectorBase_V1):
         # worker side
         self._kv_caches: dict[str, torch.Tensor] = {}
         self._layer_index: dict[str, int] = {}
-        self._staged: dict[str, tuple[SaveSpec, torch.Tensor, set[int]]] = {}
+        self._staged: dict[str, _Staged] = {}
         self._load_errors: set[int] = set()
         self._failed_reqs: set[str] = set()  # requests whose load failed this step: their KV is not saved
         self._lock = threading.Lock()
@@ -384,18 +394,19 @@ class KVFSConnector(KVConnectorBase_V1):
         for save in meta.saves:
             if save.req_id in self._failed_reqs:
                 continue
-            staged, done = self._stage(save)
-            if i not in done:
-                self._gather(kv_layer, _slots(save.block_ids, self._block_size, 0, len(save.token_ids)), staged[i])
-                done.add(i)
+            staged = self._stage(save)
+            if i not in staged.done:
+                self._gather(kv_layer, staged.slots, staged.kv[i])
+                staged.done.add(i)
 
-    def _stage(self, save: SaveSpec) -> tuple[torch.Tensor, set[int]]:
+    def _stage(self, save: SaveSpec) -> "_Staged":
         entry = self._staged.get(save.req_id)
-        if entry is None or entry[0] is not save:
-            shape = self.spec.chunk_shape(len(save.token_ids))
-            entry = (save, torch.empty(shape, dtype=getattr(torch, self.spec.dtype)), set())
+        if entry is None or entry.save is not save:
+            entry = _Staged(save, torch.empty(self.spec.chunk_shape(len(save.token_ids)),
+                                              dtype=getattr(torch, self.spec.dtype)),
+                            _slots(save.block_ids, self._block_size, 0, len(save.token_ids)))
             self._staged[save.req_id] = entry
-        return entry[1], entry[2]
+        return entry
 
     def wait_for_save(self) -> None:
         """Write this step's prompts: layers the forward pass did not hand over are gathered now."""
@@ -408,17 +419,14 @@ class KVFSConnector(KVConnectorBase_V1):
                     # part of its prompt's KV is missing from the cache this step; vLLM recomputes it and
                     # the scheduler asks for the save again in the step that completes the prefill
                     continue
-                staged, done = self._stage(save)
-                slots = None
+                staged = self._stage(save)
                 for name, layer in self._kv_caches.items():
                     i = self._layer_index[name]
-                    if i not in done:
-                        if slots is None:
-                            slots = _slots(save.block_ids, self._block_size, 0, len(save.token_ids))
-                        self._gather(layer, slots, staged[i])
-                        done.add(i)
+                    if i not in staged.done:
+                        self._gather(layer, staged.slots, staged.kv[i])
+                        staged.done.add(i)
                 try:
-                    self.ns.put(save.token_ids, staged)
+                    self.ns.put(save.token_ids, staged.kv)
                 except OSError as e:  # a full or unreachable store must not fail inference
                     log.warning("kvfs: could not store the KV of request %s: %s", save.req_id, e)
         finally:
