@@ -237,6 +237,10 @@ def test_stat_and_statfs_show_the_store(mounted, store, store_url):
     assert abs(st.st_mtime - entry.created) < 1e-3
     assert abs(st.st_atime - store.stat(path).last_access) < 1e-3  # last access is the atime
     assert stat.S_ISDIR(os.stat(mounted.path(spec.path)).st_mode)
+    before = store.stat(path).last_access
+    time.sleep(0.01)
+    subprocess.run(["touch", mounted.path(path)], check=True)  # touch: used now, for LRU eviction
+    assert store.stat(path).last_access > before
     vfs = os.statvfs(mounted.mnt)
     used = sum(u["used"] for u in store.usage())
     assert (vfs.f_blocks - vfs.f_bfree) * vfs.f_frsize == pytest.approx(used, abs=vfs.f_frsize)
@@ -519,6 +523,18 @@ def test_mount_errors_are_reported_and_leave_nothing_running(tmp_path, reaper):
     with Mounted(f"lmdb://{tmp_path}/s", mnt, adopted=reaper):
         res = kvfs_cmd("mount", f"lmdb://{tmp_path}/s", mnt, check=False)
         assert res.returncode != 0 and "already" in res.stderr
+
+
+def test_sigterm_unmounts_and_exits_cleanly(tmp_path, reaper):
+    url = f"lmdb://{tmp_path}/store"
+    put(url, SPEC, 32, seed=33)
+    mnt = str(tmp_path / "mnt")
+    os.makedirs(mnt)
+    kvfs_cmd("mount", url, mnt)
+    pid = int(os.getxattr(mnt, "user.kvfs.pid"))
+    os.kill(pid, 15)
+    assert gone(pid, reaper) in (0, None)
+    assert wait_for(lambda: mounted_fstype(mnt) is None)
 
 
 def test_foreground_mount_serves_until_unmounted(tmp_path):

@@ -193,6 +193,11 @@ def unmount(mountpoint: str, *, timeout: float = 60.0, lazy: bool = False) -> in
     mountpoint = os.path.abspath(mountpoint)
     pid = _read_pid(mountpoint)
     fstype = mounted_fstype(mountpoint)
+    if pid is None and fstype == "fuse.kvfs":
+        try:  # mounted with another state directory (another $XDG_RUNTIME_DIR): the server says who it is
+            pid = int(os.getxattr(mountpoint, "user.kvfs.pid"))
+        except (OSError, ValueError):
+            pid = None
     if fstype is None:
         if pid is not None and process_alive(pid):
             _wait_exit(pid, mountpoint, timeout)  # being unmounted already: wait for it

@@ -269,12 +269,12 @@ class KVFSOperations(pyfuse3.Operations):
     async def lookup(self, parent_ino, name, ctx=None):
         parent = self._node(parent_ino)
         name_s = os.fsdecode(name)
-        if name_s == ".":
-            return await self.getattr(parent_ino)
-        if name_s == "..":
-            pp = parent.path.rsplit("/", 1)[0] if "/" in parent.path else ""
-            node = self._remember(pp, ("root", "model", "namespace", "shard")[pp.count("/") + 1 if pp else 0])
-            return self._attrs(node.ino, await self._stat(node.path, node.kind))
+        if name_s in (".", ".."):  # only asked for with export support, which is off; answered anyway
+            path = parent.path if name_s == "." or not parent.path else parent.path.rpartition("/")[0]
+            node = self._remember(path, ("root", "model", "namespace", "shard")[path.count("/") + 1 if path else 0])
+            st = await self._stat(node.path, node.kind)
+            node.lookups += 1
+            return self._attrs(node.ino, st)
         staged = self._staged.get((parent_ino, name_s))
         if staged is not None:
             staged.lookups += 1
