@@ -1,0 +1,339 @@
+"""Scatter kvfs chunk tensors into an engine's paged KV cache, and gather them back.
+
+A kvfs chunk holds ``[layers, planes, tokens, heads, dim]`` (planes = 2 for
+K and V; MLA: ``[layers, 1, tokens, 1, latent]``). An engine keeps its KV in
+fixed-size *blocks* (pages) and says where each token lives with a *slot
+mapping*: ``slot = block_id * block_size + offset``, one slot per token, a
+negative slot meaning "skip this token" (vLLM pads with -1). A *block table*
+(the block ids of one request, in order) gives the slot mapping of token
+positions ``[start, end)`` through :func:`slot_mapping`.
+
+Every supported layout is first turned into a strided *logical view* (no
+copy) of shape ``[planes, blocks, block_size, heads, dim]`` for layouts that
+keep one tensor per layer, or ``[layers, planes, blocks, block_size, heads,
+dim]`` for layouts that keep every layer in one tensor. A scatter or gather
+is then one advanced-indexing operation on that view: one per layer for
+per-layer caches, one for all layers of a whole-cache tensor. No Python loop
+over tokens or blocks.
+
+==========================  =====================================================  ==============
+layout                      engine tensor (shape as the engine allocates it)       one tensor per
+==========================  =====================================================  ==============
+``flash``                   vLLM FlashAttention/Triton/xFormers (vLLM <= 0.10):    layer
+                            ``[2, num_blocks, block_size, heads, dim]``; NHD is
+                            contiguous, HND is the same logical shape with the
+                            strides of ``[2, num_blocks, heads, block_size,
+                            dim]`` (what vLLM hands a connector): both work
+``flash_hnd``               the HND tensor as physically allocated:                layer
+                            ``[2, num_blocks, heads, block_size, dim]``
+``flashinfer``              vLLM FlashInfer: ``[num_blocks, 2, block_size,         layer
+                            heads, dim]``
+``kv_concat``               vLLM >= 0.33 FlashAttention: ``[num_blocks, heads,     layer
+                            block_size, 2 * dim]``, K in ``[..., :dim]``, V in
+                            ``[..., dim:]``
+``mla``                     vLLM MLA: ``[num_blocks, block_size, latent]``         layer
+``sglang_layer_first``      SGLang ``MHATokenToKVPoolHost`` ``layer_first``:       cache
+                            ``[2, layers, size, heads, dim]``
+``sglang_page_first``       ``page_first``: ``[2, size, layers, heads, dim]``      cache
+``sglang_page_first_direct``  ``page_first_direct``: ``[2, pages, layers,          cache
+                            page_size, heads, dim]``
+``sglang_page_head``        ``page_head``: ``[2, pages, heads, page_size,          cache
+                            layers, dim]``
+``sglang_mla_layer_first``  SGLang ``MLATokenToKVPoolHost`` ``layer_first``:       cache
+                            ``[layers, size, 1, latent]``
+``sglang_mla_page_first``   ``page_first``: ``[size, layers, 1, latent]``          cache
+``sglang_mla_page_first_direct``  ``page_first_direct``: ``[pages, layers,         cache
+                            page_size, 1, latent]``
+==========================  =====================================================  ==============
+
+SGLang's ``layer_first`` / ``page_first`` pools index tokens directly (a slot
+is a host index, the block size is 1); the ``*_direct`` and ``page_head``
+pools have pages of ``page_size`` tokens and slots ``page * page_size +
+offset``, exactly like vLLM's.
+
+    cache = PagedCache(kv_caches, "flash")            # list of per-layer tensors
+    slots = slot_mapping(block_ids, block_size=16, start=0, end=n)
+    cache.scatter(chunk_kv, slots)                    # chunk_kv [layers, 2, n, heads, dim]
+    back = cache.gather(slots)                        # the same tensor
+
+Slots are checked (one device sync for a device tensor): out of range is an
+``IndexError`` naming the slot count, never a silent write elsewhere.
+Gathering a negative slot leaves that token of ``out`` as it was (zeros when
+``gather`` allocates ``out``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from kvfs.errors import InvalidInput
+
+__all__ = ["LAYOUTS", "PagedCache", "SlotIndex", "gather", "logical_view", "scatter", "slot_mapping"]
+
+
+@dataclass(frozen=True)
+class _Layout:
+    name: str
+    per_layer: bool  # one tensor per layer (vLLM) or one tensor holding every layer (SGLang host pools)
+    mla: bool
+    view: Callable[[torch.Tensor], torch.Tensor]  # engine tensor -> logical view (no copy)
+    shape: str  # for error messages
+
+
+def _kv_concat(t: torch.Tensor) -> torch.Tensor:
+    nb, h, bs, c = t.shape
+    if c % 2:
+        raise InvalidInput(f"kv_concat cache's last dim {c} is not 2 * head_dim")
+    return t.unflatten(3, (2, c // 2)).permute(3, 0, 2, 1, 4)
+
+
+_LAYOUT_LIST = [
+    _Layout("flash", True, False, lambda t: t, "[2, num_blocks, block_size, heads, dim]"),
+    _Layout("flash_hnd", True, False, lambda t: t.permute(0, 1, 3, 2, 4), "[2, num_blocks, heads, block_size, dim]"),
+    _Layout("flashinfer", True, False, lambda t: t.permute(1, 0, 2, 3, 4), "[num_blocks, 2, block_size, heads, dim]"),
+    _Layout("kv_concat", True, False, _kv_concat, "[num_blocks, heads, block_size, 2 * dim]"),
+    _Layout("mla", True, True, lambda t: t[None, :, :, None, :], "[num_blocks, block_size, latent]"),
+    _Layout("sglang_layer_first", False, False, lambda t: t.permute(1, 0, 2, 3, 4)[:, :, :, None],
+            "[2, layers, size, heads, dim]"),
+    _Layout("sglang_page_first", False, False, lambda t: t.permute(2, 0, 1, 3, 4)[:, :, :, None],
+            "[2, size, layers, heads, dim]"),
+    _Layout("sglang_page_first_direct", False, False, lambda t: t.permute(2, 0, 1, 3, 4, 5),
+            "[2, pages, layers, page_size, heads, dim]"),
+    _Layout("sglang_page_head", False, False, lambda t: t.permute(4, 0, 1, 3, 2, 5),
+            "[2, pages, heads, page_size, layers, dim]"),
+    _Layout("sglang_mla_layer_first", False, True, lambda t: t[:, None, :, None],
+            "[layers, size, 1, latent]"),
+    _Layout("sglang_mla_page_first", False, True, lambda t: t.transpose(0, 1)[:, None, :, None],
+            "[size, layers, 1, latent]"),
+    _Layout("sglang_mla_page_first_direct", False, True, lambda t: t.transpose(0, 1)[:, None],
+            "[pages, layers, page_size, 1, latent]"),
+]
+#: every supported layout, by name
+LAYOUTS: dict[str, _Layout] = {lay.name: lay for lay in _LAYOUT_LIST}
+_NDIM = {lay.name: lay.shape.count(",") + 1 for lay in _LAYOUT_LIST}
+
+
+def _layout(name: str) -> _Layout:
+    lay = LAYOUTS.get(name)
+    if lay is None:
+        raise InvalidInput(f"unknown paged layout {name!r}; use one of {', '.join(LAYOUTS)}")
+    return lay
+
+
+def logical_view(cache: torch.Tensor, layout: str) -> torch.Tensor:
+    """The engine tensor as ``[planes, blocks, block_size, heads, dim]`` (per-layer layouts) or
+    ``[layers, planes, blocks, block_size, heads, dim]`` (whole-cache layouts); shares memory."""
+    lay = _layout(layout)
+    if not isinstance(cache, torch.Tensor):
+        raise InvalidInput(f"a {layout} cache must be a torch tensor, got {type(cache).__name__}")
+    if cache.dim() != _NDIM[layout]:
+        raise InvalidInput(f"a {layout} cache is {lay.shape}; got shape {tuple(cache.shape)}")
+    v = lay.view(cache)
+    planes = v.shape[-5]
+    if planes != (1 if lay.mla else 2) or (lay.mla and v.shape[-2] != 1):
+        raise InvalidInput(f"a {layout} cache is {lay.shape}; got shape {tuple(cache.shape)}")
+    return v
+
+
+def slot_mapping(block_table: Any, block_size: int, start: int = 0, end: int | None = None, *,
+                 device: Any = None) -> torch.Tensor:
+    """Slots (``block_id * block_size + offset``, int64) of token positions ``[start, end)`` of a request
+    whose blocks are ``block_table`` (block ids in token order; a negative id gives negative slots)."""
+    blocks = torch.as_tensor(np.asarray(block_table, dtype=np.int64) if not isinstance(block_table, torch.Tensor)
+                             else block_table, dtype=torch.int64)
+    if device is not None:
+        blocks = blocks.to(device)
+    end = blocks.numel() * block_size if end is None else end
+    if block_size <= 0 or not 0 <= start <= end:
+        raise InvalidInput(f"bad slot range [{start}, {end}) with block size {block_size}")
+    if blocks.numel() * block_size < end:
+        raise InvalidInput(f"{blocks.numel()} blocks of {block_size} tokens cannot hold {end} tokens")
+    pos = torch.arange(start, end, dtype=torch.int64, device=blocks.device)
+    b = blocks[pos // block_size]
+    return torch.where(b >= 0, b * block_size + pos % block_size, torch.full_like(b, -1))
+
+
+@dataclass(frozen=True)
+class SlotIndex:
+    """A checked slot mapping, ready to index one cache geometry (reuse it for every layer)."""
+
+    ntokens: int  # tokens in the chunk tensor (negative slots included)
+    keep: torch.Tensor | None  # token indices with a slot, or None when every token has one
+    flat: torch.Tensor  # the slots that are kept
+    block: torch.Tensor  # flat // block_size
+    offset: torch.Tensor  # flat % block_size
+
+
+class PagedCache:
+    """An engine's paged KV cache in one of :data:`LAYOUTS`: one tensor (whole-cache layouts, or a single
+    layer of a per-layer layout) or a sequence of per-layer tensors.
+
+    ``scatter``/``gather`` move ``[layers, planes, tokens, heads, dim]`` (all layers) or, with
+    ``layer=i``, ``[planes, tokens, heads, dim]``. Views and slot indices are computed once and reused.
+    """
+
+    def __init__(self, cache: torch.Tensor | Sequence[torch.Tensor], layout: str) -> None:
+        self.layout = _layout(layout)
+        if isinstance(cache, torch.Tensor):
+            tensors = [cache]
+            self._single = True
+        else:
+            tensors = list(cache)
+            self._single = False
+            if not self.layout.per_layer:
+                raise InvalidInput(f"a {layout} cache is one tensor holding every layer, not a list")
+            if not tensors:
+                raise InvalidInput("no per-layer cache tensors given")
+        self._views = [logical_view(t, layout) for t in tensors]
+        v0 = self._views[0]
+        geo = tuple(v0.shape[-5:])
+        for i, v in enumerate(self._views):
+            if tuple(v.shape[-5:]) != geo or v.dtype != v0.dtype or v.device != v0.device:
+                raise InvalidInput(f"layer {i}'s cache {tuple(tensors[i].shape)} {tensors[i].dtype} differs from "
+                                   f"layer 0's {tuple(tensors[0].shape)} {tensors[0].dtype}")
+        self.planes, self.num_blocks, self.block_size, self.heads, self.dim = geo
+        self.num_layers = len(self._views) if self.layout.per_layer else v0.shape[0]
+        self.dtype = v0.dtype
+        self.device = v0.device
+        self.num_slots = self.num_blocks * self.block_size
+        # views whose (blocks, block_size) dims merge into one slot dim are indexed with one index tensor
+        self._flat = [_merge_slots(v) for v in self._views]
+
+    def __repr__(self) -> str:
+        return (f"PagedCache({self.layout.name}, layers={self.num_layers}, blocks={self.num_blocks}, "
+                f"block_size={self.block_size}, heads={self.heads}, dim={self.dim}, {self.dtype}, {self.device})")
+
+    # ------------------------------------------------------------------------------------------ slots
+    def index(self, slots: Any) -> SlotIndex:
+        """Check a slot mapping (one int per token, negative = skip) and precompute its indices."""
+        if isinstance(slots, SlotIndex):
+            return slots
+        s = slots if isinstance(slots, torch.Tensor) else torch.as_tensor(np.asarray(slots, dtype=np.int64))
+        if s.dim() != 1:
+            raise InvalidInput(f"a slot mapping is one slot per token (1-D), got shape {tuple(s.shape)}")
+        if s.dtype not in (torch.int64, torch.int32):
+            raise InvalidInput(f"slots must be integers, got {s.dtype}")
+        s = s.to(device=self.device, dtype=torch.int64)
+        n = s.numel()
+        keep = None
+        if n:
+            lo, hi = (int(x) for x in torch.stack(torch.aminmax(s)).tolist())  # one sync on a device
+            if hi >= self.num_slots:
+                raise IndexError(f"slot {hi} is out of range: the cache has {self.num_blocks} blocks of "
+                                 f"{self.block_size} tokens ({self.num_slots} slots)")
+            if lo < 0:
+                keep = torch.nonzero(s >= 0).flatten()
+                s = s.index_select(0, keep)
+        return SlotIndex(n, keep, s, s // self.block_size, s % self.block_size)
+
+    # ------------------------------------------------------------------------------------------ scatter
+    def scatter(self, kv: torch.Tensor, slots: Any, *, layer: int | None = None) -> None:
+        """Write ``kv`` into the cache at ``slots`` (negative slots skipped)."""
+        idx = self.index(slots)
+        kv = self._check_kv(kv, idx.ntokens, layer)
+        if idx.keep is not None:
+            kv = kv.index_select(-3, idx.keep)
+        if not idx.flat.numel():
+            return
+        pairs = self._sources(layer)
+        for (view, flat), src in zip(pairs, self._per_target(kv, layer, len(pairs))):
+            if flat is not None:
+                flat[..., idx.flat, :, :] = src
+            else:
+                view[..., idx.block, idx.offset, :, :] = src
+
+    # ------------------------------------------------------------------------------------------ gather
+    def gather(self, slots: Any, *, layer: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Read the cache at ``slots`` into ``out`` (allocated on the cache's device if None)."""
+        idx = self.index(slots)
+        shape = self._kv_shape(idx.ntokens, layer)
+        if out is None:
+            alloc = torch.zeros if idx.keep is not None else torch.empty
+            out = alloc(shape, dtype=self.dtype, device=self.device)
+        else:
+            self._check_kv(out, idx.ntokens, layer, what="out")
+        pairs = self._sources(layer)
+        dsts = self._per_target(out, layer, len(pairs))
+        for (view, flat), d in zip(pairs, dsts):
+            if idx.keep is None and flat is not None and d.is_contiguous() and d.device == flat.device:
+                torch.index_select(flat, flat.dim() - 3, idx.flat, out=d)
+                continue
+            if flat is not None:
+                got = flat.index_select(flat.dim() - 3, idx.flat)
+            else:
+                got = view[..., idx.block, idx.offset, :, :]
+            if idx.keep is not None:
+                d.index_copy_(d.dim() - 3, idx.keep.to(d.device), got.to(d.device))
+            else:
+                d.copy_(got)
+        return out
+
+    # ------------------------------------------------------------------------------------------ helpers
+    def _one_layer(self, layer: int | None) -> bool:
+        return layer is not None or (self._single and self.layout.per_layer)
+
+    def _kv_shape(self, ntokens: int, layer: int | None) -> tuple[int, ...]:
+        one = (self.planes, ntokens, self.heads, self.dim)
+        return one if self._one_layer(layer) else (self.num_layers,) + one
+
+    def _check_kv(self, kv: torch.Tensor, ntokens: int, layer: int | None, what: str = "kv") -> torch.Tensor:
+        if not isinstance(kv, torch.Tensor):
+            raise InvalidInput(f"{what} must be a torch tensor, got {type(kv).__name__}")
+        if layer is not None and not 0 <= layer < self.num_layers:
+            raise IndexError(f"layer {layer} is out of range: the cache has {self.num_layers} layers")
+        want = self._kv_shape(ntokens, layer)
+        got = tuple(kv.shape)
+        if got != want and not (self._one_layer(layer) and got == (1,) + want):
+            raise InvalidInput(f"{what} shape {got} != {want} ({'' if self._one_layer(layer) else 'layers, '}"
+                               f"planes, tokens, heads, dim) for {ntokens} slots in {self!r}")
+        if kv.dtype != self.dtype:
+            raise InvalidInput(f"{what} dtype {kv.dtype} differs from the cache's {self.dtype}")
+        if what == "kv" and kv.device != self.device:
+            kv = kv.to(self.device, non_blocking=True)
+        return kv
+
+    def _sources(self, layer: int | None) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """(view, merged view or None) per target: one per layer tensor, or the whole-cache tensor."""
+        if self.layout.per_layer:
+            if layer is not None:
+                return [(self._views[layer], self._flat[layer])]
+            return list(zip(self._views, self._flat))
+        v, f = self._views[0], self._flat[0]
+        if layer is not None:
+            return [(v[layer], None if f is None else f[layer])]
+        return [(v, f)]
+
+    def _per_target(self, kv: torch.Tensor, layer: int | None, n: int) -> list[torch.Tensor]:
+        """Split a kv/out tensor to match :meth:`_sources`: per layer, or whole for a whole-cache tensor."""
+        if self._one_layer(layer):
+            return [kv[0] if kv.dim() == 5 else kv]
+        if self.layout.per_layer:
+            return [kv[i] for i in range(n)]
+        return [kv]
+
+
+def _merge_slots(v: torch.Tensor) -> torch.Tensor | None:
+    """``v`` with its (blocks, block_size) dims merged into one slot dim, or None where strides forbid it."""
+    nb, bs = v.shape[-4], v.shape[-3]
+    if bs != 1 and nb != 1 and v.stride(-4) != bs * v.stride(-3):
+        return None
+    shape = v.shape[:-4] + (nb * bs,) + v.shape[-2:]
+    slot_stride = v.stride(-3) if bs != 1 else v.stride(-4)
+    strides = v.stride()[:-4] + (slot_stride,) + v.stride()[-2:]
+    return v.as_strided(shape, strides, v.storage_offset())
+
+
+def scatter(kv: torch.Tensor, cache: torch.Tensor | Sequence[torch.Tensor], slots: Any, *, layout: str,
+            layer: int | None = None) -> None:
+    """Write a chunk tensor into a paged cache at ``slots``; see :class:`PagedCache` for shapes."""
+    PagedCache(cache, layout).scatter(kv, slots, layer=layer)
+
+
+def gather(cache: torch.Tensor | Sequence[torch.Tensor], slots: Any, *, layout: str, layer: int | None = None,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """Read ``[layers, planes, tokens, heads, dim]`` (or one layer) out of a paged cache at ``slots``."""
+    return PagedCache(cache, layout).gather(slots, layer=layer, out=out)
