@@ -26,7 +26,7 @@ whole budget runs alone. ``workers`` threads execute the admitted requests
 kernels, so threads overlap on a GPU or many cores, hardly on two).
 
 Pins live in the store's catalog: a process killed mid-group leaves its
-group's prefix pinned; ``kvfs unpin`` clears it.
+group's prefix pinned; ``kvfs unpin --reset MODEL/NS`` clears it.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ class BatchResult:
     prefix_tokens_computed: int  # prefixes prefilled for their groups
     kv_budget: int
     peak_kv_bytes: int  # the most KV bytes admitted at once
-    peak_requests: int  # the most requests admitted at once
+    peak_requests: int  # the most requests admitted at once (a prefix being prefilled counts as one)
     prefix_errors: dict[int, BaseException] = field(default_factory=dict)  # group id -> why its prefix failed
 
     @property
@@ -211,13 +211,15 @@ class BatchRunner:
                     except BaseException:
                         budget.release(need)
                         raise
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)  # interrupted: finish what runs, start nothing more
+            raise
         finally:
             pool.shutdown(wait=True)
-            for state in opened:  # an interrupted run leaves nothing pinned either
+            for state in opened:  # whatever happened, no group stays pinned
                 state.close()
-        done = [r if r is not None else RequestResult(i, -1, None, RuntimeError("not run: the batch was interrupted"))
-                for i, r in enumerate(results)]
-        return BatchResult(done, time.perf_counter() - t0, prefix_computed, self.kv_budget, budget.peak,
+        assert all(r is not None for r in results)
+        return BatchResult(results, time.perf_counter() - t0, prefix_computed, self.kv_budget, budget.peak,
                            budget.peak_count, prefix_errors)
 
     def _open(self, state: _OpenGroup, budget: _Budget, bpt: int) -> int:
@@ -279,7 +281,10 @@ class BatchRunner:
                 res = RequestResult(r, g.id, None, e, seconds=time.perf_counter() - t)
             results[r] = res
             if on_result is not None:
-                on_result(res)
+                try:
+                    on_result(res)
+                except Exception:  # noqa: BLE001 - the caller's callback must not stop the batch
+                    log.exception("on_result raised for request %d", r)
         finally:
             state.finish_one()  # unpin (if last) before the budget says this request is done
             budget.release(need)
