@@ -479,7 +479,7 @@ class FsspecBackend(Backend):
         paths = [self._full(k) for k in keys]
 
         async def go():
-            return await self._batch("reading", [(p, self._cat(p)) for p in paths])
+            return await self._batch("reading", [(k, self._cat(p)) for k, p in zip(keys, paths)])
 
         return [None if v is _MISSING else v for v in self._run(go)]
 
@@ -493,7 +493,7 @@ class FsspecBackend(Backend):
             return lambda: self._ranged(path, start, r.end)
 
         async def go():
-            return await self._batch("reading a range of", [(p, job(p, r)) for p, r in zip(paths, ranges)])
+            return await self._batch("reading a range of", [(r.key, job(p, r)) for p, r in zip(paths, ranges)])
 
         return [None if v is _MISSING else v for v in self._run(go)]
 
@@ -538,7 +538,7 @@ class FsspecBackend(Backend):
         paths = [self._full(k) for k in keys]
 
         async def go():
-            return await self._batch("checking", [(p, lambda p=p: self._exists(p)) for p in paths])
+            return await self._batch("checking", [(k, lambda p=p: self._exists(p)) for k, p in zip(keys, paths)])
 
         return [v is True for v in self._run(go)]
 
@@ -546,7 +546,7 @@ class FsspecBackend(Backend):
         path = self._full(key)
 
         async def go():
-            return await self._batch("checking", [(path, lambda: self._head(path))])
+            return await self._batch("checking", [(key, lambda: self._head(path))])
 
         (info,) = self._run(go)
         if info is None or info is _MISSING:
@@ -565,7 +565,7 @@ class FsspecBackend(Backend):
             return await self._afs._find(base)
 
         async def go():
-            return await self._batch("listing", [(base or "/", find)])
+            return await self._batch("listing", [(prefix or "/", find)])
 
         (found,) = self._run(go)
         if found is _MISSING:
@@ -582,7 +582,7 @@ class FsspecBackend(Backend):
 
     # ---------------------------------------------------------------------------------- writes
     def put_many(self, items: Mapping[str, Buffer]) -> None:
-        staged = [(self._full(k), v) for k, v in items.items()]  # every key checked before any write
+        staged = [(k, self._full(k), v) for k, v in items.items()]  # every key checked before any write
 
         def job(path: str, value: Buffer):
             if self._is_s3:
@@ -596,7 +596,7 @@ class FsspecBackend(Backend):
             return lambda: self._put_via_tmp(path, data)
 
         async def go():
-            await self._batch("writing", [(p, job(p, v)) for p, v in staged])
+            await self._batch("writing", [(k, job(p, v)) for k, p, v in staged])
 
         self._run(go)
 
@@ -621,9 +621,9 @@ class FsspecBackend(Backend):
             return
         if self._is_s3:
             groups = [paths[i : i + 1000] for i in range(0, len(paths), 1000)]  # DeleteObjects takes 1000
-            jobs = [(g[0], lambda g=g: self.fs._bulk_delete(g)) for g in groups]
+            jobs = [(keys[i], lambda g=g: self.fs._bulk_delete(g)) for i, g in zip(range(0, len(paths), 1000), groups)]
         else:
-            jobs = [(p, lambda p=p: self._afs._rm_file(p)) for p in paths]
+            jobs = [(k, lambda p=p: self._afs._rm_file(p)) for k, p in zip(keys, paths)]
 
         async def go():
             await self._batch("deleting", jobs)

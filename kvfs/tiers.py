@@ -20,6 +20,7 @@ from .errors import StoreError
 from .url import TierURL
 
 log = logging.getLogger("kvfs")
+DOWN_SECONDS = 3.0  # after a timeout or refused connection, write-back to that tier fails fast this long
 
 
 @dataclass(eq=False)
@@ -75,6 +76,7 @@ class WriteBack:
         self._errors: list[tuple[str, int, BaseException]] = []
         self._closed = False
         self._thread: threading.Thread | None = None
+        self._down: dict[int, tuple[float, BaseException]] = {}  # tier -> (fail fast until, why)
 
     def submit(self, job: WriteJob) -> None:
         """Queue a job; blocks while the queue holds ``max_bytes`` (unless it is empty)."""
@@ -120,14 +122,26 @@ class WriteBack:
                     self._cond.notify_all()
 
     def _write_with_retries(self, job: WriteJob, tier_index: int) -> None:
+        down = self._down.get(tier_index)
+        if down is not None and time.monotonic() < down[0]:
+            # the tier timed out or refused us moments ago: fail fast instead of waiting out its
+            # deadline once more for every queued chunk (close() would take minutes)
+            with self._cond:
+                self._errors.append((job.path, tier_index, down[1]))
+            return
         delay = self._backoff
         for attempt in range(self._retries + 1):
             try:
                 self._write(job, tier_index)
                 job.on_written(tier_index)
+                self._down.pop(tier_index, None)
                 return
             except Exception as e:  # noqa: BLE001 - reported through flush()
-                if attempt == self._retries:
+                # an unreachable tier already used up its own deadline and retries inside the backend
+                unreachable = isinstance(e, (TimeoutError, ConnectionError))
+                if attempt == self._retries or unreachable:
+                    if unreachable:
+                        self._down[tier_index] = (time.monotonic() + DOWN_SECONDS, e)
                     log.warning("kvfs: write-back of %s to tier %d failed: %s", job.path, tier_index, e)
                     with self._cond:
                         self._errors.append((job.path, tier_index, e))

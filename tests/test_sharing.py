@@ -132,7 +132,7 @@ def test_concurrent_writers_of_the_same_chunks_are_harmless(bucket_url, tmp_path
     # moto's server itself breaks when one key is read while it is overwritten; SeaweedFS does not
     read_back = "1" if "key=" in bucket_url else "0"
     procs = [
-        subprocess.Popen([sys.executable, "-c", _WRITER, f"memory://::{bucket_url}", "7", "4", read_back],
+        subprocess.Popen([sys.executable, "-c", _WRITER, f"memory://::{bucket_url}", "7", "2", read_back],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for _ in range(3)
     ]
