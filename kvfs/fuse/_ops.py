@@ -134,6 +134,7 @@ class KVFSOperations(pyfuse3.Operations):
         self.started = time.time()
         self.nursery: trio.Nursery | None = None
         self._limiter = trio.CapacityLimiter(threads)
+        self._ahead_limiter = trio.CapacityLimiter(4)  # read-ahead never takes the threads reads need
         self._nodes: dict[int, Node] = {pyfuse3.ROOT_INODE: Node(pyfuse3.ROOT_INODE, "", "root", 1)}
         self._handles: dict[int, _Handle] = {}
         self._dirs: dict[int, list] = {}
@@ -693,7 +694,9 @@ class KVFSOperations(pyfuse3.Operations):
 
     async def _read_ahead(self, reader: ChunkReader, first: int, last: int) -> None:
         try:
-            await self._io(reader.fetch_ahead, first, last)
+            with trio.move_on_after(self.io_timeout):
+                await trio.to_thread.run_sync(reader.fetch_ahead, first, last, abandon_on_cancel=True,
+                                              limiter=self._ahead_limiter)
         except Exception:  # noqa: BLE001 - the read that needs these layers fetches them again and reports
             pass
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+import numpy as np
 import xxhash
 
 from .. import _buffers
@@ -45,6 +46,17 @@ class StaleChunk(Exception):
 
 def readinto(backend: Any, key: str, offset: int, buf) -> int | None:
     """Read ``len(buf)`` bytes of ``key`` at ``offset`` with the backend's ranged read."""
+    if backend.supports_views and len(buf) >= 1 << 16:
+        # zero-copy view (LMDB, memory), copied with numpy: the GIL is released while the bytes move,
+        # so the event loop keeps answering the kernel meanwhile
+        with backend.views([key]) as (view,):
+            if view is None:
+                return None
+            if view.ndim != 1 or view.itemsize != 1:
+                view = view.cast("B")
+            n = max(0, min(len(buf), len(view) - offset))
+            np.copyto(np.frombuffer(buf, np.uint8, n), np.frombuffer(view, np.uint8, n, offset))
+            return n
     fn = getattr(backend, "readinto_ranges", None)
     if fn is not None:
         got = fn(key, [(offset, buf)])

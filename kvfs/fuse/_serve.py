@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 log = logging.getLogger("kvfs.fuse")
 
-READAHEAD_KB = 4096
+READAHEAD_KB = 1024
 
 
 def mount_options(*, allow_other: bool = False, debug: bool = False) -> set[str]:
