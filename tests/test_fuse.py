@@ -129,7 +129,10 @@ class Mounted:
         return self
 
     def __exit__(self, *exc) -> None:
-        kvfs_cmd("umount", self.mnt)
+        res = kvfs_cmd("umount", self.mnt, check=False)
+        if res.returncode != 0:  # leave no mount behind, then fail
+            kvfs_cmd("umount", "--lazy", self.mnt, check=False)
+            raise AssertionError(f"kvfs umount {self.mnt} failed: {res.stderr}")
         status = gone(self.pid, self.adopted)
         assert mounted_fstype(self.mnt) is None
         assert status in (0, None), f"mount server exited with status {status}"
@@ -155,6 +158,11 @@ def store(store_url, mounted):
     """This process's own handle on the mounted store (LMDB: both processes use it at once)."""
     with kvfs.open(store_url) as s:
         yield s
+
+
+def read(path) -> bytes:
+    with open(path, "rb") as f:  # closed at once, even when an assertion fails (a busy mount cannot unmount)
+        return f.read()
 
 
 def wait_for(predicate, timeout: float = 5.0) -> bool:
@@ -344,7 +352,7 @@ def test_a_plain_mount_refuses_every_other_change(mounted, store, store_url):
         with pytest.raises(OSError) as e:
             attempt()
         assert e.value.errno == errno.EROFS, (what, e.value)
-    assert store.cat(path) == open(f, "rb").read()
+    assert store.cat(path) == read(f)
 
 
 def test_a_corrupt_chunk_reads_eio_and_is_quarantined(mounted, store, store_url):
@@ -410,7 +418,7 @@ def test_cp_of_a_valid_chunk_imports_it(rw, donor):
     assert cp(files[paths[1]], shard + "/").returncode == 0
     for p in paths[:2]:
         assert rw.store.cat(p) == files[p].read_bytes()
-        assert open(rw.path(p), "rb").read() == files[p].read_bytes()
+        assert read(rw.path(p)) == files[p].read_bytes()
     assert cp(files[paths[0]], ns_dir + "/").returncode == 0  # again: already held, nothing to do
     assert os.path.basename(paths[0]) in os.listdir(rw.path(paths[0].rsplit("/", 1)[0]))
 
@@ -442,6 +450,14 @@ def test_cp_of_a_bad_chunk_fails_einval_and_stores_nothing(rw, donor, tmp_path):
     assert {r.key for r in rw.store.records()} == before  # nothing stored
     for p in (paths[2], paths[3], other[0]):
         assert not os.path.exists(rw.path(p))
+    # what a failed cp wrote is never read back: not over a stored chunk, not under a name stored later
+    stored = paths[0]  # imported by the test before
+    res = cp(tmp_path / "corrupt.bin", rw.path(stored))
+    assert res.returncode != 0 and "Invalid argument" in res.stderr
+    assert read(rw.path(stored)) == files[stored].read_bytes() == rw.store.cat(stored)
+    assert cp(files[paths[2]], ns_dir + "/").returncode == 0
+    assert read(rw.path(paths[2])) == good
+    assert read(os.path.join(ns_dir, name)) == good
 
 
 def test_rsync_style_temporary_file_then_rename_imports(rw, donor):
@@ -484,7 +500,7 @@ def test_a_new_namespace_is_made_with_mkdir_and_its_manifest(rw, donor):
     assert e.value.errno == errno.EINVAL
     with open(manifest, "wb") as f:
         f.write(WIDE.manifest_bytes())
-    assert open(manifest, "rb").read() == WIDE.manifest_bytes()
+    assert read(manifest) == WIDE.manifest_bytes()
     assert cp(chunk, rw.path(ns) + "/").returncode == 0
     assert rw.store.cat(other[0]) == chunk.read_bytes()
     assert rw.store.spec_of(ns) == WIDE
@@ -548,7 +564,7 @@ def test_foreground_mount_serves_until_unmounted(tmp_path):
     try:
         assert wait_for(lambda: mounted_fstype(mnt) == "fuse.kvfs" and os.path.exists(os.path.join(mnt, path)), 30)
         with kvfs.open(url) as s:
-            assert open(os.path.join(mnt, path), "rb").read() == s.cat(path)
+            assert read(os.path.join(mnt, path)) == s.cat(path)
         kvfs_cmd("umount", mnt)
         assert proc.wait(timeout=30) == 0
     finally:
@@ -566,10 +582,10 @@ def test_a_failing_backend_answers_eio_and_the_mount_carries_on(tmp_path, reaper
         victim.unlink()
         victim.mkdir()  # the backend's read now fails with EISDIR: an I/O error, not a missing chunk
         with pytest.raises(OSError) as e:
-            open(m.path(a), "rb").read()
+            read(m.path(a))
         assert e.value.errno == errno.EIO
         with kvfs.open(url) as s:
-            assert open(m.path(b), "rb").read() == s.cat(b)
+            assert read(m.path(b)) == s.cat(b)
 
 
 # ------------------------------------------------------------------------------------------ the reader

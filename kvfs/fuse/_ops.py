@@ -500,7 +500,10 @@ class KVFSOperations(pyfuse3.Operations):
         kind, path = classify_new_name(parent.kind, parent.path, new)
         if kind != "temp":
             # rsync writes .name.XXXXXX, closes it, then renames it: this is where it becomes a chunk
-            await self._commit(staged, kind=kind, path=path)
+            try:
+                await self._commit(staged, kind=kind, path=path)
+            finally:
+                self._forget_cached(staged.ino)
             return
         del self._staged[(p_old, old)]
         staged.parent_ino, staged.name, staged.path = p_new, new, path
@@ -622,8 +625,10 @@ class KVFSOperations(pyfuse3.Operations):
         writing = (flags & os.O_ACCMODE) != os.O_RDONLY
         staged = self._staged_ino.get(ino)
         if staged is not None:
+            if writing and flags & os.O_TRUNC:
+                staged.truncate(0)
             staged.opens += 1
-            return pyfuse3.FileInfo(fh=self._new_fh(_Handle(ino, staged=staged)), direct_io=False)
+            return pyfuse3.FileInfo(fh=self._new_fh(_Handle(ino, staged=staged)), direct_io=True)
         node = self._node(ino)
         if node.kind in DIR_KINDS:
             raise FUSEError(errno.EISDIR)
@@ -638,7 +643,7 @@ class KVFSOperations(pyfuse3.Operations):
                                    self._manifests.get("/".join(node.path.split("/")[:2])))
             staged = StagedFile(ino, self._ino_of(parent_path), name, node.kind, node.path, limit=limit)
             staged.opens = 1
-            return pyfuse3.FileInfo(fh=self._new_fh(_Handle(ino, staged=staged)))
+            return pyfuse3.FileInfo(fh=self._new_fh(_Handle(ino, staged=staged)), direct_io=True)
         if node.kind == "manifest":
             nsp = node.path.rsplit("/", 1)[0]
             data = self._manifests.get(nsp)
@@ -720,7 +725,9 @@ class KVFSOperations(pyfuse3.Operations):
         self._staged[(parent_ino, name_s)] = staged
         self._staged_ino[ino] = staged
         fh = self._new_fh(_Handle(ino, staged=staged))
-        return pyfuse3.FileInfo(fh=fh), self._attrs(ino, self._staged_stat(staged))
+        # direct_io: written bytes, checked only at close, never sit in the kernel's page cache,
+        # where a later reader of this inode (chunks are opened with keep_cache) could be served them
+        return pyfuse3.FileInfo(fh=fh, direct_io=True), self._attrs(ino, self._staged_stat(staged))
 
     @boundary
     async def write(self, fh, off, buf):
@@ -790,6 +797,18 @@ class KVFSOperations(pyfuse3.Operations):
                 and self._staged_ino.get(staged.ino) is staged):
             del self._staged_ino[staged.ino]
 
+    def _forget_cached(self, ino: int) -> None:
+        """After an import attempt: the kernel re-asks for this inode's size and bytes (a background task)."""
+        if self.nursery is not None:
+            self.nursery.start_soon(self._forget_cached_task, ino)
+
+    async def _forget_cached_task(self, ino: int) -> None:
+        # from a worker thread, after the reply: the kernel may wait for requests on the inode in flight
+        try:
+            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino, abandon_on_cancel=True)
+        except OSError:
+            pass  # the kernel no longer knows the inode: nothing cached
+
     async def _close_write(self, h: _Handle, *, report: bool) -> None:
         staged = h.staged
         if staged.kind == "temp" or not staged.dirty or h.failed:
@@ -803,6 +822,8 @@ class KVFSOperations(pyfuse3.Operations):
             if report:
                 raise
             return
+        finally:
+            self._forget_cached(h.ino)
         self._finish_staged(h)
 
     def _invalidate_staged(self, staged: StagedFile) -> None:
