@@ -272,6 +272,21 @@ class Namespace:
             return True
         return all(self.store._exists_anywhere(keys, lambda k: None))
 
+    # ---------------------------------------------------------------------------------- device (kvfs.gpu)
+    def prefetch(self, tokens: Any, *, device: Any = "cpu", **options: Any):
+        """Start loading the cached prefix of ``tokens`` in the background, layer by layer
+        (:class:`kvfs.gpu.Prefetcher`: ``wait_layer(i)``, ``valid_tokens``, ``close()``)."""
+        from kvfs.gpu import Prefetcher  # torch enters here, not at import
+
+        return Prefetcher(self, tokens, device=device, **options)
+
+    def saver(self, tokens: Any, **options: Any):
+        """A :class:`kvfs.gpu.LayerSaver` for ``tokens``: ``save_layer(i, k, v)`` as the engine computes
+        each layer, ``finish()`` writes the chunks not stored yet."""
+        from kvfs.gpu import LayerSaver
+
+        return LayerSaver(self, tokens, **options)
+
     # ---------------------------------------------------------------------------------- pins
     def pin(self, tokens: Any) -> int:
         """Pin the stored chunks of ``tokens`` (never evicted while pinned); returns how many."""

@@ -1,0 +1,192 @@
+"""Layer-wise reads of one fixed list of chunks: the loader behind :mod:`kvfs.gpu`'s prefetch.
+
+A layer-wise loader reads layer 0 of every chunk, then layer 1, and so on.
+Going through :meth:`Store._read` for each layer would redo, per layer and
+chunk, the catalog lookup, the tier search, the header checks against the
+request and the access-time update (a catalog write). :class:`LayerReader`
+does all of that once, on its first read, through the store's full read path
+(tier search, promotion of lower-tier hits, quarantine, access times). Later
+reads go straight to the tier each chunk was found in, with the header kept
+from the first read, and still verify every layer read against its xxh3
+checksum; a chunk that fails is quarantined and is a miss from then on.
+
+With chunk signing on, the signature (over the whole tensor and the header,
+layer checksums included) is checked on the first read; later layers are
+checked against the signed layer checksums.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import _pool
+from .chunk import ChunkHeader, copy_verified
+from .errors import ChunkFormatError
+from .store import ReadItem, Store, _DirectReader, _guard, _Source
+from .spec import KVSpec
+
+log = logging.getLogger("kvfs")
+
+
+class LayerReader:
+    """Read any layers of the chunks of a plan (``Namespace.plan``), many times, cheaply.
+
+    ``read(layers, dests)`` fills ``dests[i]`` (raw-typed ``[len(layers), planes, take_i, heads, dim]``,
+    any strides; ``None`` skips item ``i``) and returns one ok flag per item. An item that failed once
+    (missing, corrupt, unreadable) stays failed: its flag is ``False`` and nothing is read for it.
+    """
+
+    def __init__(self, store: Store, spec: KVSpec, plan: Sequence[Any]) -> None:
+        self.store = store
+        self.spec = spec
+        self.plan = list(plan)
+        n = len(self.plan)
+        self.failed = [False] * n
+        self._opened = False
+        self._tier: list[Any] = [None] * n  # the Tier each chunk is read from after the first read
+        self._header: list[ChunkHeader | None] = [None] * n
+        #: reads that went through the fast path (tests and benchmarks look at it)
+        self.fast_reads = 0
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def source(self, i: int) -> tuple[Any, ChunkHeader] | None:
+        """``(tier, header)`` item ``i`` is read from once opened, or None (failed or not resolvable)."""
+        if self.failed[i] or self._header[i] is None:
+            return None
+        return self._tier[i], self._header[i]
+
+    def fail(self, i: int, reason: str, *, corrupt: bool = True) -> None:
+        """Mark item ``i`` failed (a caller's own check failed); quarantine it where it is when corrupt."""
+        if self.failed[i]:
+            return
+        self.failed[i] = True
+        if corrupt and self._tier[i] is not None:
+            self.store._quarantine(self._tier[i], self.plan[i].key.path, reason)
+
+    # ------------------------------------------------------------------------------------------ reads
+    def read(self, layers: range, dests: Sequence[np.ndarray | None]) -> list[bool]:
+        if len(dests) != len(self.plan):
+            raise ValueError(f"{len(dests)} destinations for {len(self.plan)} chunks")
+        ok = [False] * len(self.plan)
+        want = [i for i, d in enumerate(dests) if d is not None and not self.failed[i]]
+        if not want:
+            return ok
+        if not self._opened:
+            return self._open(layers, dests, want)
+        groups: dict[int, list[int]] = {}
+        slow: list[int] = []
+        for i in want:
+            if self._header[i] is None:
+                slow.append(i)
+            else:
+                groups.setdefault(self._tier[i].index, []).append(i)
+        for idxs in groups.values():
+            self._read_tier(self._tier[idxs[0]], idxs, layers, dests, ok)
+        if slow:
+            self._slow(slow, layers, dests, ok)
+        return ok
+
+    def _items(self, idxs: Sequence[int], layers: range, dests) -> list[ReadItem]:
+        return [ReadItem(self.plan[i].key, self.plan[i].take, dests[i], layers, self.plan[i].tokens,
+                         self.plan[i].whole) for i in idxs]
+
+    def _open(self, layers: range, dests, want: list[int]) -> list[bool]:
+        """The first read: the store's full read path, then remember where each chunk was found."""
+        store = self.store
+        got = store._read(self.spec, self._items(want, layers, dests))
+        self._opened = True
+        ok = [False] * len(self.plan)
+        recs = store.catalog.get_many([f"{self.plan[i].key.namespace}/{self.plan[i].key.hex}" for i in want])
+        for i, good, rec in zip(want, got, recs):
+            if not good:
+                self.failed[i] = True
+                continue
+            ok[i] = True
+            header = store._headers.get(self.plan[i].key.path)
+            tier = None
+            if rec is not None:
+                tier = next((t for t in store.tiers if rec.tiers & t.bit), None)
+            if header is not None and tier is not None:
+                self._header[i], self._tier[i] = header, tier
+            # else: read through the store's own path every time (correct, slower)
+        return ok
+
+    def _slow(self, idxs: list[int], layers: range, dests, ok: list[bool]) -> None:
+        got = self.store._read(self.spec, self._items(idxs, layers, dests), promote=False)
+        for i, good in zip(idxs, got):
+            ok[i] = good
+            self.failed[i] = self.failed[i] or not good
+
+    def _read_tier(self, tier, idxs: list[int], layers: range, dests, ok: list[bool]) -> None:
+        store = self.store
+        backend = tier.backend
+        items = self._items(idxs, layers, dests)
+        headers = [self._header[i] for i in idxs]
+        results: list[tuple[str, Any]] = [("missing", None)] * len(idxs)
+        try:
+            if backend.supports_views:
+                with backend.views([it.path for it in items]) as views:
+                    sources = {}
+                    for j, (h, buf) in enumerate(zip(headers, views)):
+                        if buf is None:
+                            continue
+                        if buf.ndim != 1 or buf.itemsize != 1:
+                            buf = buf.cast("B")
+                        if len(buf) != h.file_size:
+                            results[j] = ("corrupt", ChunkFormatError(
+                                f"{items[j].path} is {len(buf)} bytes, expected {h.file_size}"))
+                            continue
+                        sources[j] = _Source(h, data=buf)
+                    store._run_copies(items, sources, results)
+            elif backend.direct_reads:
+                reader = _DirectReader(backend)
+                sources = {j: _Source(h, backend=reader, path=it.path) for j, (h, it) in enumerate(zip(headers, items))}
+                store._run_copies(items, sources, results)
+            else:
+                self._read_ranges(backend, items, headers, layers, results)
+        except OSError as e:
+            store._warn_once(f"read:{tier.index}", f"kvfs: reading from {tier.url.redacted()} failed: {e}; "
+                                                   "treating its chunks as misses")
+            results = [("error", e) if s == "missing" else (s, p) for s, p in results]
+        self.fast_reads += 1
+        for j, i in enumerate(idxs):
+            status, payload = results[j]
+            if status == "ok":
+                ok[i] = True
+                continue
+            self.failed[i] = True
+            if status == "corrupt":
+                store._quarantine(tier, items[j].path, str(payload))
+            elif status == "missing":
+                store._warn_once(f"gone:{items[j].path}", f"kvfs: chunk {items[j].path} disappeared from "
+                                                          f"{tier.url.redacted()} during a layer-wise read; a miss")
+
+    def _read_ranges(self, backend, items, headers, layers: range, results) -> None:
+        """Backends without views or direct reads (fsspec/S3): one batched ranged get per call."""
+        from kvfs.backends import ByteRange
+
+        ranges = []
+        for it, h in zip(items, headers):
+            lb = h.layer_bytes
+            ranges.append(ByteRange(it.path, h.data_offset + layers.start * lb, h.data_offset + layers.stop * lb))
+        datas = backend.get_ranges(ranges)
+        tasks, owners = [], []
+        for j, (it, h, data) in enumerate(zip(items, headers, datas)):
+            if data is None:
+                continue
+            tasks.append(lambda h=h, data=data, it=it: _copy_guarded(h, data, it, layers, self.store.verify))
+            owners.append(j)
+        for j, out in zip(owners, _pool.run_all(tasks)):
+            results[j] = ("ok", None) if out is None else out
+
+
+def _copy_guarded(header: ChunkHeader, data, item: ReadItem, layers: range, verify: bool):
+    def run() -> None:
+        copy_verified(header, data, item.dest, layers=layers, take=item.take, verify=verify)
+
+    return _guard(run)
