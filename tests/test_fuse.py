@@ -245,6 +245,10 @@ def test_stat_and_statfs_show_the_store(mounted, store, store_url):
     assert abs(st.st_mtime - entry.created) < 1e-3
     assert abs(st.st_atime - store.stat(path).last_access) < 1e-3  # last access is the atime
     assert stat.S_ISDIR(os.stat(mounted.path(spec.path)).st_mode)
+    du = subprocess.run(["du", "-sb", mounted.path(spec.model_dir)], capture_output=True, text=True, check=True)
+    ns_bytes = sum(e.size for e in store.ls(spec.model_dir, recursive=True))
+    assert int(du.stdout.split()[0]) == ns_bytes  # every byte counted once
+    assert os.getxattr(mounted.path(spec.path), "user.kvfs.bytes") == str(store.stat(spec.path).size).encode()
     before = store.stat(path).last_access
     time.sleep(0.01)
     subprocess.run(["touch", mounted.path(path)], check=True)  # touch: used now, for LRU eviction
@@ -253,6 +257,18 @@ def test_stat_and_statfs_show_the_store(mounted, store, store_url):
     used = sum(u["used"] for u in store.usage())
     assert (vfs.f_blocks - vfs.f_bfree) * vfs.f_frsize == pytest.approx(used, abs=vfs.f_frsize)
     assert vfs.f_files == store.catalog.count() and vfs.f_namemax == 255
+
+
+def test_a_chunk_the_catalog_knows_no_size_of_shows_its_true_size(mounted, store, store_url):
+    from kvfs.catalog import key_of_path
+
+    spec = model_of(SPEC, "probed")
+    path = put(store_url, spec, 32, seed=13)[0]
+    size = len(store.cat(path))
+    store.catalog.set_size(key_of_path(path), 0)  # as when a lookup found it in a tier by probing
+    assert os.stat(mounted.path(path)).st_size == size  # read from the chunk's header
+    assert store.stat(path).size == size  # and written back to the catalog
+    assert read(mounted.path(path)) == store.cat(path)
 
 
 def test_chunks_stored_and_evicted_elsewhere_appear_and_vanish(mounted, store, store_url):

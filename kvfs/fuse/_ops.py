@@ -230,7 +230,8 @@ class KVFSOperations(pyfuse3.Operations):
             a.st_nlink = 1
             a.st_blocks = (st.size + 511) // 512
         a.st_uid, a.st_gid, a.st_rdev = self.uid, self.gid, 0
-        a.st_size = st.size
+        # a directory's bytes are in user.kvfs.bytes: a size here would be counted twice by `du -b`
+        a.st_size = 0 if st.is_dir else st.size
         a.st_blksize = BLKSIZE
         a.st_atime_ns = int(st.atime * 1e9)
         a.st_mtime_ns = int(st.mtime * 1e9)

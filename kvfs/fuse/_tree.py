@@ -148,7 +148,7 @@ def has_children(store: Any, path: str, kind: str) -> bool:
 # ------------------------------------------------------------------------------------------ xattrs
 XATTR_PREFIX = "user.kvfs."
 CHUNK_XATTRS = ("tokens", "parent", "pinned", "hits", "tier", "start")
-DIR_XATTRS = ("tokens", "pinned", "hits", "tier", "chunks")
+DIR_XATTRS = ("tokens", "pinned", "hits", "tier", "chunks", "bytes")
 
 
 def xattr_names(kind: str) -> tuple[str, ...]:
@@ -177,6 +177,7 @@ def xattrs(store: Any, path: str, kind: str) -> dict[str, str]:
             "hits": str(e.hits),
             "tier": ",".join(e.tiers),
             "chunks": str(e.chunks),
+            "bytes": str(e.size),  # chunk bytes under it (each chunk once, whatever tiers hold it)
         }
     return {}
 
