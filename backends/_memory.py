@@ -7,10 +7,13 @@ closes it).
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from contextlib import contextmanager
 from typing import Iterator, Mapping, Sequence
+
+from kvfs._buffers import PooledMap, release
 
 from ._base import Backend, Buffer, ObjectInfo, check_key
 
@@ -18,9 +21,23 @@ _SHARED: dict[str, tuple["_Data", int]] = {}
 _SHARED_LOCK = threading.Lock()
 
 
+def _view(v: "memoryview | PooledMap") -> memoryview:
+    # a kept PooledMap gets a fresh read-only view per read: each one holds a reference to the map,
+    # so _recycle can tell when no reader is left
+    return v if type(v) is memoryview else memoryview(v).toreadonly()
+
+
+def _recycle(maps: list) -> None:
+    """Give dropped encode buffers back to kvfs._buffers (warm memory for the next puts) if unreferenced."""
+    while maps:
+        m = maps.pop()
+        if sys.getrefcount(m) == 2:  # this frame's `m` and getrefcount's argument: no view is left
+            release(m)
+
+
 class _Data:
     def __init__(self) -> None:
-        self.values: dict[str, memoryview] = {}
+        self.values: dict[str, memoryview | PooledMap] = {}
         self.mtimes: dict[str, float] = {}
         self.lock = threading.Lock()
 
@@ -50,7 +67,11 @@ class MemoryBackend(Backend):
 
     def get_many(self, keys: Sequence[str]) -> list[Buffer | None]:
         values = self._data.values
-        return [values.get(check_key(k)) for k in keys]
+        out: list[Buffer | None] = []
+        for k in keys:
+            v = values.get(check_key(k))
+            out.append(None if v is None else _view(v))
+        return out
 
     @contextmanager
     def views(self, keys: Sequence[str]) -> Iterator[list[memoryview | None]]:
@@ -61,28 +82,44 @@ class MemoryBackend(Backend):
         if v is None:
             return None
         dst = memoryview(buffer).cast("B")
-        src = v[offset : offset + len(dst)]
+        src = _view(v)[offset : offset + len(dst)]
         dst[: len(src)] = src
         return len(src)
 
     def put_many(self, items: Mapping[str, Buffer]) -> None:
         now = time.time()
-        staged = {}
+        staged: dict[str, memoryview | PooledMap] = {}
         for k, v in items.items():
             mv = memoryview(v)
             if mv.ndim != 1 or mv.itemsize != 1:
                 mv = mv.cast("B")
-            staged[check_key(k)] = mv.toreadonly()
+            owner = mv.obj
+            if type(owner) is PooledMap and mv.contiguous and mv.nbytes == len(owner):
+                staged[check_key(k)] = owner  # an encode buffer: kept whole, recycled once dropped
+            else:
+                staged[check_key(k)] = mv.toreadonly()
+        replaced = []
         with self._data.lock:
-            self._data.values.update(staged)
-            for k in staged:
+            values = self._data.values
+            for k, v in staged.items():
+                old = values.get(k)
+                if type(old) is PooledMap and old is not v:
+                    replaced.append(old)
+                values[k] = v
                 self._data.mtimes[k] = now
+            old = v = None  # no stray reference may keep a replaced buffer from being recycled
+        _recycle(replaced)
 
     def delete_many(self, keys: Sequence[str]) -> None:
+        dropped = []
         with self._data.lock:
             for k in keys:
-                self._data.values.pop(check_key(k), None)
+                v = self._data.values.pop(check_key(k), None)
                 self._data.mtimes.pop(k, None)
+                if type(v) is PooledMap:
+                    dropped.append(v)
+            v = None
+        _recycle(dropped)
 
     def exists_many(self, keys: Sequence[str]) -> list[bool]:
         values = self._data.values
@@ -117,3 +154,9 @@ class MemoryBackend(Backend):
                     _SHARED[self.name] = (data, refs - 1)
         else:
             self.dropped = True
+        if self.dropped:
+            with self._data.lock:
+                maps = [v for v in self._data.values.values() if type(v) is PooledMap]
+                self._data.values.clear()
+                self._data.mtimes.clear()
+            _recycle(maps)

@@ -86,16 +86,17 @@ def kvfs_main(a: argparse.Namespace) -> H.Report:
         if not np.array_equal(out.view(np.uint16), kv.view(np.uint16)):
             raise AssertionError("kvfs returned different bytes")
 
-    # --- CPU tier: memory://
-    def cpu_store() -> float:
-        with kvfs.open("memory://") as st:
-            ns = st.namespace(spec)
-            return H.timed(lambda: ns.put(tokens, kv))
-
-    cpu_store()  # warm-up
-    rep.add("cpu_store", [cpu_store() for _ in range(a.repeats)])
-    with kvfs.open("memory://") as st:
+    # --- CPU tier: memory://, full (capacity 1.25 prompts): every store of a new prompt evicts the oldest
+    with kvfs.open(f"memory://?capacity={int(H.CPU_TIER_PROMPTS * kv.nbytes)}") as st:
         ns = st.namespace(spec)
+        stores = []
+        for i, prompt in enumerate(H.cpu_store_prompts(n, a.repeats)):
+            t = H.timed(lambda: ns.put(prompt, kv))
+            if ns.lookup(prompt) != n:
+                raise AssertionError("kvfs did not keep the whole prompt it just stored")
+            if i >= H.CPU_WARMUP_STORES:
+                stores.append(t)
+        rep.add("cpu_store", stores)
         ns.put(tokens, kv)
         ns.get(tokens, out=out)
         rep.add("cpu_retrieve", H.samples(a.repeats, lambda: ns.get(tokens, out=out)))

@@ -24,8 +24,13 @@ _free: dict[int, list[mmap.mmap]] = {}
 _free_bytes = 0
 
 
+class PooledMap(mmap.mmap):
+    """A buffer made by :func:`alloc`. A backend that keeps one (``memory://``) may hand it back to
+    :func:`release` when it drops it, provided nothing else still references it."""
+
+
 def _new_map(nbytes: int) -> mmap.mmap:
-    m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    m = PooledMap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if hasattr(mmap, "MADV_HUGEPAGE"):
         try:
             m.madvise(mmap.MADV_HUGEPAGE)

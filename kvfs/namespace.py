@@ -136,6 +136,11 @@ class Namespace:
         if todo:
             found = store._exists_anywhere([keys[i] for i in todo], lambda k: toks[k.start : k.end])
             todo = [i for i, f in zip(todo, found) if not f]
+        if len(todo) < len(keys):
+            # chunks already stored become the most recently used, so that making room for the rest
+            # of this very put cannot evict them (which would cut the prefix just stored)
+            new = set(todo)
+            store.catalog.touch([f"{k.namespace}/{k.hex}" for i, k in enumerate(keys) if i not in new])
         written = 0
         batch: list[int] = []
         batch_bytes = 0
