@@ -48,7 +48,6 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
@@ -60,6 +59,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec, MLAAttentionSpec
 from ..keys import as_tokens
 from ..spec import KVSpec, canonical_dtype
 from ..store import open as open_store
+from .paged import PagedCache, SlotIndex, slot_mapping
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -118,7 +118,7 @@ class _Staged:
 
     save: SaveSpec
     kv: torch.Tensor  # [layers, planes, tokens, heads, dim]
-    slots: np.ndarray
+    slots: SlotIndex
     done: set[int] = field(default_factory=set)
 
 
@@ -170,15 +170,6 @@ def kv_spec_for(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig", *, 
     )
 
 
-def _slots(block_ids: list[int], block_size: int, start: int, end: int) -> np.ndarray:
-    """Slot numbers (``block_id * block_size + offset``) of token positions ``[start, end)``."""
-    pos = np.arange(start, end, dtype=np.int64)
-    blocks = np.asarray(block_ids, dtype=np.int64)
-    if len(blocks) * block_size < end:
-        raise ValueError(f"{len(blocks)} blocks of {block_size} tokens cannot hold {end} tokens")
-    return blocks[pos // block_size] * block_size + pos % block_size
-
-
 # ---------------------------------------------------------------------------------------------- the connector
 class KVFSConnector(KVConnectorBase_V1):
     """vLLM V1 connector storing prefix KV in kvfs (see the module docstring)."""
@@ -208,7 +199,7 @@ class KVFSConnector(KVConnectorBase_V1):
         self._tracked: dict[str, _Tracked] = {}
         self._passthrough: set[str] = set()  # requests whose KV kvfs must not save (see _eligible)
         # worker side
-        self._kv_caches: dict[str, torch.Tensor] = {}
+        self._paged: PagedCache | None = None
         self._layer_index: dict[str, int] = {}
         self._staged: dict[str, _Staged] = {}
         self._load_errors: set[int] = set()
@@ -300,23 +291,24 @@ class KVFSConnector(KVConnectorBase_V1):
 
     # ======================================================================================= worker side
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        """Keep the per-layer paged caches (``[blocks, heads, block tokens, K|V content]`` views)."""
+        """Keep the per-layer paged caches: vLLM's ``[blocks, heads, block tokens, K|V content]`` views."""
         missing = [n for n in self._layer_names if n not in kv_caches]
         if missing:
             raise ValueError(f"KVFSConnector: no KV cache registered for layers {missing[:3]}")
-        self._kv_caches = {n: kv_caches[n] for n in self._layer_names}
+        tensors = [kv_caches[n] for n in self._layer_names]
         self._layer_index = {n: i for i, n in enumerate(self._layer_names)}
-        for name, t in self._kv_caches.items():
-            want_c = self.spec.head_dim * (1 if self.spec.mla else 2)
-            if t.dim() != 4 or t.shape[1] != self.spec.num_kv_heads or t.shape[3] != want_c:
-                raise ValueError(f"KVFSConnector: layer {name}'s cache has shape {tuple(t.shape)}, expected "
-                                 f"[blocks, {self.spec.num_kv_heads}, tokens, {want_c}]")
+        if self.spec.mla:  # [blocks, 1, block tokens, latent]
+            self._paged = PagedCache([t[:, 0] for t in tensors], "mla")
+        else:
+            self._paged = PagedCache(tensors, "kv_concat")
+        p = self._paged
+        if (p.heads, p.dim, canonical_dtype(p.dtype)) != (self.spec.num_kv_heads, self.spec.head_dim, self.spec.dtype):
+            raise ValueError(f"KVFSConnector: the registered caches ({p}) do not match the KV cache spec "
+                             f"({self.spec.num_kv_heads} heads of {self.spec.head_dim}, {self.spec.dtype})")
 
-    def _rows(self, layer: torch.Tensor, slots: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """(row, column) of each slot in a layer view whose rows may be kernel blocks smaller than vLLM's."""
-        n = layer.shape[2]
-        s = torch.from_numpy(slots).to(layer.device)
-        return s // n, s % n
+    def _slots(self, block_ids: list[int], start: int, end: int) -> SlotIndex:
+        """The checked slots of token positions ``[start, end)`` of a request with these blocks."""
+        return self._paged.index(slot_mapping(block_ids, self._block_size, start, end, device=self._paged.device))
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
         meta = self._connector_metadata
@@ -343,10 +335,7 @@ class KVFSConnector(KVConnectorBase_V1):
                 rng = (max(p.start, load.start), min(p.end, load.end))
                 (good if fine else failed).append(rng)
             for s, e in good:
-                slots = _slots(load.block_ids, self._block_size, s, e)
-                part = buf[:, :, s - base: e - base]
-                for name, layer in self._kv_caches.items():
-                    self._scatter(layer, slots, part[self._layer_index[name]])
+                self._paged.scatter(buf[:, :, s - base: e - base], self._slots(load.block_ids, s, e))
         if failed:
             bad = set()
             for s, e in failed:
@@ -356,28 +345,6 @@ class KVFSConnector(KVConnectorBase_V1):
             with self._lock:
                 self._load_errors.update(bad)
                 self._failed_reqs.add(load.req_id)
-
-    def _scatter(self, layer: torch.Tensor, slots: np.ndarray, kv: torch.Tensor) -> None:
-        """kv ``[planes, tokens, heads, dim]`` -> the layer's slots."""
-        rows, cols = self._rows(layer, slots)
-        kv = kv.to(layer.device, non_blocking=True)
-        if self.spec.mla:
-            layer[rows, :, cols] = kv[0]
-        else:
-            d = self.spec.head_dim
-            layer[rows, :, cols, :d] = kv[0]
-            layer[rows, :, cols, d:] = kv[1]
-
-    def _gather(self, layer: torch.Tensor, slots: np.ndarray, out: torch.Tensor) -> None:
-        """The layer's slots -> out ``[planes, tokens, heads, dim]`` (CPU)."""
-        rows, cols = self._rows(layer, slots)
-        page = layer[rows, :, cols]  # [tokens, heads, C]
-        if self.spec.mla:
-            out[0].copy_(page)
-        else:
-            d = self.spec.head_dim
-            out[0].copy_(page[..., :d])
-            out[1].copy_(page[..., d:])
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # loads complete inside start_load_kv
@@ -396,7 +363,7 @@ class KVFSConnector(KVConnectorBase_V1):
                 continue
             staged = self._stage(save)
             if i not in staged.done:
-                self._gather(kv_layer, staged.slots, staged.kv[i])
+                self._paged.gather(staged.slots, layer=i, out=staged.kv[i])
                 staged.done.add(i)
 
     def _stage(self, save: SaveSpec) -> "_Staged":
@@ -404,7 +371,7 @@ class KVFSConnector(KVConnectorBase_V1):
         if entry is None or entry.save is not save:
             entry = _Staged(save, torch.empty(self.spec.chunk_shape(len(save.token_ids)),
                                               dtype=getattr(torch, self.spec.dtype)),
-                            _slots(save.block_ids, self._block_size, 0, len(save.token_ids)))
+                            self._slots(save.block_ids, 0, len(save.token_ids)))
             self._staged[save.req_id] = entry
         return entry
 
@@ -420,10 +387,9 @@ class KVFSConnector(KVConnectorBase_V1):
                     # the scheduler asks for the save again in the step that completes the prefill
                     continue
                 staged = self._stage(save)
-                for name, layer in self._kv_caches.items():
-                    i = self._layer_index[name]
+                for i in range(self.spec.num_layers):
                     if i not in staged.done:
-                        self._gather(layer, staged.slots, staged.kv[i])
+                        self._paged.gather(staged.slots, layer=i, out=staged.kv[i])
                         staged.done.add(i)
                 try:
                     self.ns.put(save.token_ids, staged.kv)

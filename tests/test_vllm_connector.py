@@ -53,8 +53,8 @@ init_none_hash(HASH)
 pytestmark = pytest.mark.engines
 
 
-def kv_cache_config() -> KVCacheConfig:
-    spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=HEADS, head_size=HEAD, dtype=torch.float32)
+def kv_cache_config(spec=None) -> KVCacheConfig:
+    spec = spec or FullAttentionSpec(block_size=BLOCK, num_kv_heads=HEADS, head_size=HEAD, dtype=torch.float32)
     page = spec.page_size_bytes
     return KVCacheConfig(
         num_blocks=NUM_BLOCKS,
@@ -64,18 +64,18 @@ def kv_cache_config() -> KVCacheConfig:
     )
 
 
-def make_connector(url: str, role: KVConnectorRole, kv_role: str = "kv_both", chunk_tokens: int = 16):
+def make_connector(url: str, role: KVConnectorRole, kv_role: str = "kv_both", chunk_tokens: int = 16, spec=None):
     ktc = KVTransferConfig(kv_connector="KVFSConnector", kv_connector_module_path="kvfs.connectors.vllm",
                            kv_role=kv_role,
                            kv_connector_extra_config={"url": url, "chunk_tokens": chunk_tokens,
                                                       "model": "test/llama-3-layers"})
     cfg = VllmConfig(cache_config=CacheConfig(block_size=BLOCK), kv_transfer_config=ktc)
-    return KVConnectorFactory.create_connector(cfg, role, kv_cache_config())
+    return KVConnectorFactory.create_connector(cfg, role, kv_cache_config(spec))
 
 
-def paged_caches(layout: KVCacheLayout = KVCacheLayout.LBNHC) -> dict[str, torch.Tensor]:
+def paged_caches(layout: KVCacheLayout = KVCacheLayout.LBNHC, spec=None) -> dict[str, torch.Tensor]:
     """vLLM's own paged KV caches, zeroed: one ``[blocks, heads, block tokens, K|V]`` view per layer."""
-    return allocate_kv_cache(kv_cache_config(), torch.device("cpu"), layout, [BLOCK])
+    return allocate_kv_cache(kv_cache_config(spec), torch.device("cpu"), layout, [BLOCK])
 
 
 def request(req_id: str, prompt: list[int]) -> Request:
@@ -333,6 +333,37 @@ def test_producer_saves_and_consumer_loads_exactly(url):
     assert not meta.saves  # a consumer never saves
     assert run_worker_step(c_worker, c_caches, meta) == set()
     assert torch.equal(read_kv(c_caches, BLOCKS_B, 0, 96), kv_a[:, :, :96])
+    for c in (p_sched, p_worker, c_sched, c_worker):
+        c.shutdown()
+
+
+def test_mla_latent_cache_round_trip(url):
+    from vllm.v1.kv_cache_interface import MLAAttentionSpec
+
+    spec = MLAAttentionSpec(block_size=BLOCK, num_kv_heads=1, head_size=24, dtype=torch.bfloat16)
+    p_sched = make_connector(url, KVConnectorRole.SCHEDULER, "kv_producer", spec=spec)
+    p_worker = make_connector(url, KVConnectorRole.WORKER, "kv_producer", spec=spec)
+    assert p_sched.spec.mla and p_sched.spec.head_dim == 24 and p_sched.spec.dtype == "bfloat16"
+    caches = paged_caches(spec=spec)  # [blocks, 1, block tokens, latent]
+    p_worker.register_kv_caches(caches)
+    a = request("A", PROMPT_A)
+    meta = p_sched.build_connector_meta(step(a, BLOCKS_A, len(PROMPT_A)))
+    latent = gen(6, len(LAYERS), len(PROMPT_A), 24).to(torch.bfloat16)
+    for p in range(len(PROMPT_A)):
+        for i, name in enumerate(LAYERS):
+            caches[name][BLOCKS_A[p // BLOCK], 0, p % BLOCK] = latent[i, p]
+    run_worker_step(p_worker, caches, meta)
+    c_sched = make_connector(url, KVConnectorRole.SCHEDULER, "kv_consumer", spec=spec)
+    c_worker = make_connector(url, KVConnectorRole.WORKER, "kv_consumer", spec=spec)
+    c_caches = paged_caches(spec=spec)
+    c_worker.register_kv_caches(c_caches)
+    d = request("D", PROMPT_A)
+    assert c_sched.get_num_new_matched_tokens(d, 0) == (96, False)
+    c_sched.update_state_after_alloc(d, blocks_of(BLOCKS_B), 96)
+    assert run_worker_step(c_worker, c_caches, c_sched.build_connector_meta(step(d, BLOCKS_B, 4, computed=96))) == set()
+    for p in range(96):
+        for i, name in enumerate(LAYERS):
+            assert torch.equal(c_caches[name][BLOCKS_B[p // BLOCK], 0, p % BLOCK], latent[i, p])
     for c in (p_sched, p_worker, c_sched, c_worker):
         c.shutdown()
 
