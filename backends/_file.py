@@ -170,7 +170,6 @@ class _Writeback:
     _queue: list[int] = []
     _cond = threading.Condition(_lock)
     _thread: threading.Thread | None = None
-    _pid = 0
     MAX_QUEUED = 64
 
     @classmethod
@@ -188,13 +187,18 @@ class _Writeback:
         with cls._cond:
             if len(cls._queue) >= cls.MAX_QUEUED:
                 return
-            if cls._thread is None or cls._pid != os.getpid():
-                cls._queue = []
-                cls._pid = os.getpid()
+            if cls._thread is None:
                 cls._thread = threading.Thread(target=cls._run, name="kvfs-file-writeback", daemon=True)
                 cls._thread.start()
             cls._queue.append(os.dup(fd))
             cls._cond.notify()
+
+    @classmethod
+    def _after_fork(cls) -> None:  # the child has no writeback thread, and a lock held at fork would never free
+        cls._lock = threading.Lock()
+        cls._cond = threading.Condition(cls._lock)
+        cls._queue = []
+        cls._thread = None
 
     @classmethod
     def _run(cls) -> None:
@@ -207,6 +211,10 @@ class _Writeback:
                 _sfr(fd, 0, 0, 2)  # SYNC_FILE_RANGE_WRITE: start writing, do not wait for the disk
             finally:
                 os.close(fd)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_Writeback._after_fork)
 
 
 def _syncfs(fd: int) -> None:
@@ -233,7 +241,7 @@ class FileBackend(Backend):
     direct_reads = True
 
     def __init__(self, location: str, fsync: str = "flush", direct: str | bool = "false",
-                 kvikio: str | bool = "auto") -> None:
+                 kvikio: str | bool = "auto", readonly: str | bool = "false") -> None:
         if not location:
             raise InvalidURL("file:// needs a directory: file:///path/to/store")
         self.root = os.path.abspath(os.path.expanduser(location))
@@ -241,17 +249,24 @@ class FileBackend(Backend):
         self.fsync = _choice("fsync", fsync, _FSYNC_POLICIES)
         direct_opt = _choice("direct", direct, ("false", "true", "auto"))
         kvikio_opt = _choice("kvikio", kvikio, ("false", "true", "auto"))
+        self.readonly = _choice("readonly", readonly, ("false", "true")) == "true"
         self._tmp_dir = os.path.join(self.root, RESERVED, "tmp")
-        try:
-            os.makedirs(self._tmp_dir, exist_ok=True)
-        except OSError as e:
-            raise self._error(e, "creating the store directory", self.root) from e
-        if not os.path.isdir(self.root):
-            raise StoreError(errno.ENOTDIR, f"file:// store {self.root} is not a directory")
-        if not os.access(self.root, os.W_OK | os.X_OK):
-            raise PermissionDenied(errno.EACCES, f"cannot write to the file:// store directory {self.root}: "
-                                                 "check its owner and mode, or choose another directory")
-        self._clean_tmp()
+        if self.readonly:
+            if not os.path.isdir(self.root):
+                raise StoreError(errno.ENOENT, f"file:// store {self.root} does not exist (opened read-only)")
+        else:
+            try:
+                os.makedirs(self._tmp_dir, exist_ok=True)
+            except OSError as e:
+                raise self._error(e, "creating the store directory", self.root) from e
+            if os.statvfs(self.root).f_flag & getattr(os, "ST_RDONLY", 1):
+                raise ReadOnlyStore(f"file:// store {self.root} is on a read-only filesystem: open it with "
+                                    "?readonly=true (and kvfs.open(..., read_only=True))")
+            if not os.access(self.root, os.W_OK | os.X_OK):
+                raise PermissionDenied(errno.EACCES, f"cannot write to the file:// store directory {self.root}: "
+                                                     "check its owner and mode, choose another directory, or open "
+                                                     "it with ?readonly=true")
+            self._clean_tmp()
         self.direct = direct_opt != "false" and self._probe_direct(loud=direct_opt == "true")
         self._kvikio = None
         if kvikio_opt != "false":
@@ -507,6 +522,7 @@ class FileBackend(Backend):
     # ---------------------------------------------------------------------------------- writes
     def put_many(self, items: Mapping[str, Buffer]) -> None:
         staged = [(self._path(k), v) for k, v in items.items()]  # every key checked before any write
+        self._check_writable()
         big = len(staged) > 1 and sum(_nbytes(v) for _, v in staged) >= PARALLEL_PUT_BYTES
         if big and not threading.current_thread().name.startswith("kvfs-io"):
             from kvfs import _pool
@@ -586,8 +602,14 @@ class FileBackend(Backend):
         finally:
             os.close(fd)
 
+    def _check_writable(self) -> None:
+        if self.readonly:
+            raise ReadOnlyStore(f"file:// store {self.root} was opened read-only (?readonly=true)")
+
     def delete_many(self, keys: Sequence[str]) -> None:
         paths = [self._path(k) for k in keys]
+        if paths:
+            self._check_writable()
         for path in paths:
             try:
                 os.unlink(path)
@@ -659,7 +681,7 @@ class FileBackend(Backend):
     # ---------------------------------------------------------------------------------- lifetime
     def flush(self) -> None:
         """Make every completed put durable (one ``syncfs`` of the store's filesystem)."""
-        if self.fsync == "never" or self._closed:
+        if self.fsync == "never" or self._closed or self.readonly:
             return
         try:
             fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

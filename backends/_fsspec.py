@@ -400,11 +400,11 @@ class FsspecBackend(Backend):
         if self._closed:
             raise StoreError(errno.EBADF, f"{self.url} is closed")
         try:
-            if asyncio.get_running_loop() is self._loop:
-                raise RuntimeError(f"{self.url}: blocking call from inside fsspec's event loop")
-        except RuntimeError as e:
-            if "blocking call" in str(e):
-                raise
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self._loop:
+            raise RuntimeError(f"{self.url}: a blocking call from inside fsspec's event loop would deadlock")
         # not fsspec.asyn.sync: it turns every TimeoutError (our Timeout too) into a bare FSTimeoutError
         return asyncio.run_coroutine_threadsafe(coro_fn(*args), self._loop).result()
 

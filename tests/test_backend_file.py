@@ -403,3 +403,23 @@ def test_store_reads_through_o_direct_are_exact(tmp_path):
         np.testing.assert_array_equal(got, kv)
         out = np.zeros_like(kv)  # unaligned caller array: buffered reads, same bytes
         np.testing.assert_array_equal(ns.get(toks, out=out), kv)
+
+
+def test_read_only_filesystem_needs_readonly_and_then_serves_reads():
+    from kvfs.errors import ReadOnlyStore
+
+    with _mounted("tmpfs", "size=16m") as d:
+        root = os.path.join(d, "s")
+        FileBackend(root).put("m/ns/aa/k", b"kept")
+        if subprocess.run(["mount", "-o", "remount,ro", d], capture_output=True).returncode != 0:
+            pytest.skip("cannot remount read-only here")
+        with pytest.raises(ReadOnlyStore) as ei:
+            FileBackend(root)
+        assert ei.value.errno == errno.EROFS and root in str(ei.value)
+        b = FileBackend(root, readonly="true")
+        assert bytes(b.get("m/ns/aa/k")) == b"kept" and list(b.list("")) == ["m/ns/aa/k"]
+        with pytest.raises(ReadOnlyStore):
+            b.put("m/ns/aa/other", b"x")
+        with pytest.raises(ReadOnlyStore):
+            b.delete_many(["m/ns/aa/k"])
+        b.flush()
