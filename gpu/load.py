@@ -36,7 +36,7 @@ from kvfs._layers import LayerReader
 from kvfs.errors import InvalidInput
 from kvfs.keys import as_tokens
 
-from ._device import RAW_TORCH, as_device, raw_numpy, torch_dtype
+from ._device import RAW_NUMPY, RAW_TORCH, as_device, raw_numpy, torch_dtype
 from .pinned import PinnedPool, default_pool
 
 log = logging.getLogger("kvfs")
@@ -110,7 +110,7 @@ class DeviceReader:
                 direct.append(i)
             else:
                 staged.append(i)
-        if self.direct is True and staged and self.reader._opened:
+        if self.direct is True and staged and any(self.reader._opened):
             log.debug("kvfs.gpu: %d chunks not on a kvikio file tier go through pinned staging", len(staged))
         for i, good in zip(direct, self._read_direct(direct, layers, dest)):
             ok[i] = good
@@ -142,7 +142,7 @@ class DeviceReader:
             buf = self.pool.acquire()
             try:
                 host = buf.tensor[: ntok * per_token].view(raw_t).view((len(layers), self.planes, ntok) + shape_tail)
-                hraw = host.numpy()
+                hraw = host.numpy().view(RAW_NUMPY[self.spec.itemsize])
                 dests: list[Any] = [None] * len(self.plan)
                 for i in run:
                     p = self.plan[i]

@@ -34,6 +34,8 @@ log = logging.getLogger("kvfs")
 class LayerReader:
     """Read any layers of the chunks of a plan (``Namespace.plan``), many times, cheaply.
 
+    The first read of an item goes through the store's full read path; later ones do not.
+
     ``read(layers, dests)`` fills ``dests[i]`` (raw-typed ``[len(layers), planes, take_i, heads, dim]``,
     any strides; ``None`` skips item ``i``) and returns one ok flag per item. An item that failed once
     (missing, corrupt, unreadable) stays failed: its flag is ``False`` and nothing is read for it.
@@ -45,7 +47,7 @@ class LayerReader:
         self.plan = list(plan)
         n = len(self.plan)
         self.failed = [False] * n
-        self._opened = False
+        self._opened = [False] * n  # read once through the store's full path
         self._tier: list[Any] = [None] * n  # the Tier each chunk is read from after the first read
         self._header: list[ChunkHeader | None] = [None] * n
         #: reads that went through the fast path (tests and benchmarks look at it)
@@ -76,11 +78,14 @@ class LayerReader:
         want = [i for i, d in enumerate(dests) if d is not None and not self.failed[i]]
         if not want:
             return ok
-        if not self._opened:
-            return self._open(layers, dests, want)
+        fresh = {i for i in want if not self._opened[i]}
+        if fresh:
+            self._open(layers, dests, sorted(fresh), ok)
         groups: dict[int, list[int]] = {}
         slow: list[int] = []
         for i in want:
+            if not self._opened[i] or i in fresh:
+                continue
             if self._header[i] is None:
                 slow.append(i)
             else:
@@ -95,12 +100,12 @@ class LayerReader:
         return [ReadItem(self.plan[i].key, self.plan[i].take, dests[i], layers, self.plan[i].tokens,
                          self.plan[i].whole) for i in idxs]
 
-    def _open(self, layers: range, dests, want: list[int]) -> list[bool]:
-        """The first read: the store's full read path, then remember where each chunk was found."""
+    def _open(self, layers: range, dests, want: list[int], ok: list[bool]) -> None:
+        """The first read of these items: the store's full read path, then remember where each was found."""
         store = self.store
         got = store._read(self.spec, self._items(want, layers, dests))
-        self._opened = True
-        ok = [False] * len(self.plan)
+        for i in want:
+            self._opened[i] = True
         recs = store.catalog.get_many([f"{self.plan[i].key.namespace}/{self.plan[i].key.hex}" for i in want])
         for i, good, rec in zip(want, got, recs):
             if not good:
@@ -114,7 +119,6 @@ class LayerReader:
             if header is not None and tier is not None:
                 self._header[i], self._tier[i] = header, tier
             # else: read through the store's own path every time (correct, slower)
-        return ok
 
     def _slow(self, idxs: list[int], layers: range, dests, ok: list[bool]) -> None:
         got = self.store._read(self.spec, self._items(idxs, layers, dests), promote=False)

@@ -1,0 +1,466 @@
+"""kvfs.gpu on CPU: loads, the layer-wise Prefetcher, the LayerSaver, the pinned pool.
+
+Real stores throughout (memory, LMDB files, file://, moto S3); the only
+wrapper is a slow storage tier (a backend wrapped by composition, like
+zarr's LatencyStore) to make the loader lag behind the consumer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import threading
+import time
+import weakref
+
+import numpy as np
+import pytest
+import torch
+
+import kvfs
+from kvfs import KVSpec
+from kvfs.chunk import encode
+from kvfs.errors import InvalidInput
+from kvfs.gpu import ChunkBuilder, LayerSaver, PinnedPool, PrefetchCancelled, load, load_layer
+from s3servers import moto_server, s3_bucket_url  # noqa: F401 - fixtures
+
+L, H, D, C = 4, 2, 16, 32  # layers, kv heads, head dim, chunk tokens
+SPEC = KVSpec("prefetch-test", num_layers=L, num_kv_heads=H, head_dim=D, chunk_tokens=C)
+
+
+def _kv(ntok: int, seed: int = 0, spec: KVSpec = SPEC) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(spec.chunk_shape(ntok), generator=g).to(torch.bfloat16)
+
+
+def _toks(n: int, base: int = 0) -> np.ndarray:
+    return np.arange(base, base + n, dtype=np.uint32)
+
+
+@pytest.fixture(params=["memory", "lmdb", "file"])
+def url(request, tmp_path):
+    return {"memory": f"memory://pf-{tmp_path.name}", "lmdb": f"lmdb://{tmp_path}/db",
+            "file": f"file://{tmp_path}/files"}[request.param]
+
+
+class SlowTier:
+    """A backend wrapped to be slow: every read waits ``delay`` seconds and is logged with its time."""
+
+    def __init__(self, inner, delay: float) -> None:
+        self.inner = inner
+        self.delay = delay
+        self.log: list[tuple[str, float]] = []  # (what, time the read finished)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    @contextlib.contextmanager
+    def views(self, keys):
+        time.sleep(self.delay)
+        with self.inner.views(keys) as v:
+            yield v  # the store copies out of the views inside this block
+        self.log.append(("views", time.monotonic()))
+
+    def readinto_ranges(self, key, parts):
+        time.sleep(self.delay)
+        out = self.inner.readinto_ranges(key, parts)
+        self.log.append(("ranges", time.monotonic()))
+        return out
+
+
+def _slow(store, delay: float) -> SlowTier:
+    slow = SlowTier(store.tiers[0].backend, delay)
+    store.tiers[0].backend = slow
+    return slow
+
+
+# ---------------------------------------------------------------------------------------------- loads
+def test_load_returns_exactly_the_stored_prefix(url):
+    with kvfs.open(url) as store:
+        ns = store.namespace(SPEC)
+        kv = _kv(100)
+        ns.put(_toks(100), kv)
+        n, got = load(ns, _toks(130))  # 30 tokens more than stored
+        assert n == 100 and got.dtype == torch.bfloat16 and torch.equal(got, kv)
+        n, one = load_layer(ns, _toks(100), 2)
+        assert n == 100 and torch.equal(one, kv[2])
+        n, some = load(ns, _toks(100), layers=range(1, 3))
+        assert torch.equal(some, kv[1:3])
+        # token-granular reuse: a prompt that diverges inside the third chunk reuses its first tokens
+        other = _toks(100)
+        other[70] = 9999
+        n, got = load(ns, other)
+        assert n == 70 and torch.equal(got, kv[:, :, :70])
+        assert load(ns, _toks(10, base=5000))[0] == 0
+
+
+def test_cpu_load_reads_into_the_callers_memory():
+    with kvfs.open("memory://zero-copy") as store:
+        ns = store.namespace(SPEC)
+        kv = _kv(64)
+        ns.put(_toks(64), kv)
+        out = torch.empty(SPEC.chunk_shape(64), dtype=torch.bfloat16)
+        n, got = load(ns, _toks(64), out=out)
+        assert got.data_ptr() == out.data_ptr() and torch.equal(out, kv)
+        with ns.prefetch(_toks(64)) as pf:
+            k, v = pf.wait_layer(1)
+            n, whole = pf.result()
+            # the layer handed out is a view of the buffer the store read into: no staging copy
+            assert k.data_ptr() == whole[1, 0].data_ptr() and torch.equal(whole, kv)
+
+
+# ---------------------------------------------------------------------------------------------- prefetch
+def test_prefetch_layer_by_layer_is_exact(url):
+    with kvfs.open(url) as store:
+        ns = store.namespace(SPEC)
+        kv = _kv(5 * C + 7, seed=1)
+        ns.put(_toks(5 * C + 7), kv)
+        with ns.prefetch(_toks(5 * C + 7 + 40), device="cpu") as pf:
+            assert pf.num_tokens == 5 * C + 7
+            for i in range(L):
+                k, v = pf.wait_layer(i)
+                assert torch.equal(k, kv[i, 0]) and torch.equal(v, kv[i, 1])
+            assert pf.wait() == pf.valid_tokens == 5 * C + 7
+            # one full read (tiers, headers, access times) then per-layer reads straight from the tier
+            assert pf._reader.reader.fast_reads == L - 1
+
+
+def test_later_layers_skip_catalog_and_header_work(tmp_path):
+    """After the first layer, a layer read costs no catalog lookup, no header parse, no access-time write."""
+    with kvfs.open(f"lmdb://{tmp_path}/db") as store:
+        ns = store.namespace(SPEC)
+        kv = _kv(8 * C, seed=13)
+        ns.put(_toks(8 * C), kv)
+        calls = {"get_many": 0, "touch": 0, "parse": 0}
+        cat = store.catalog
+        for name in ("get_many", "touch"):
+            orig = getattr(cat, name)
+
+            def counted(*a, _orig=orig, _name=name, **k):
+                calls[_name] += 1
+                return _orig(*a, **k)
+
+            setattr(cat, name, counted)
+        store._headers.clear()
+        import kvfs.store as store_mod
+
+        orig_parse = store_mod.parse_header
+
+        def parse(*a, **k):
+            calls["parse"] += 1
+            return orig_parse(*a, **k)
+
+        store_mod.parse_header = parse
+        try:
+            with ns.prefetch(_toks(8 * C)) as pf:
+                n, got = pf.result()
+        finally:
+            store_mod.parse_header = orig_parse
+        assert n == 8 * C and torch.equal(got, kv)
+        # lookups: the plan, the first layer's read, learning the tiers; one access-time update; 8 headers.
+        # Nothing more for the other layers (a read per layer through the store would add L-1 of each)
+        assert calls == {"get_many": 3, "touch": 1, "parse": 8}, calls
+
+
+def test_wait_layer_never_returns_a_layer_before_it_is_read():
+    """The loader is made much slower than the consumer; every layer must still arrive complete."""
+    with kvfs.open("memory://slow") as store:
+        ns = store.namespace(SPEC)
+        kv = _kv(6 * C, seed=2)
+        ns.put(_toks(6 * C), kv)
+        slow = _slow(store, 0.05)
+        with ns.prefetch(_toks(6 * C)) as pf:
+            for i in range(L):
+                k, v = pf.wait_layer(i)
+                returned = time.monotonic()
+                # the read of layer i (the (i+1)-th pass over the chunks) had finished before we got it
+                assert len(slow.log) >= i + 1
+                assert slow.log[i][1] <= returned
+                assert torch.equal(k, kv[i, 0]) and torch.equal(v, kv[i, 1]), f"layer {i} handed out early"
+            # the consumer really was ahead of the loader (otherwise the test proves nothing)
+            assert pf.done
+
+
+def test_prefetch_overlaps_with_the_callers_work():
+    delay = 0.05
+    with kvfs.open("memory://overlap") as store:
+        ns = store.namespace(SPEC)
+        ns.put(_toks(4 * C), _kv(4 * C))
+        slow = _slow(store, delay)
+        t0 = time.monotonic()
+        with ns.prefetch(_toks(4 * C)) as pf:
+            assert time.monotonic() - t0 < delay * L / 2  # starting does not wait for the loads
+            time.sleep(delay * L * 3)  # the engine computing
+            before = time.monotonic()
+            for i in range(L):
+                pf.wait_layer(i)
+            assert time.monotonic() - before < delay  # already loaded meanwhile
+        assert len(slow.log) == L
+
+
+def _flip_stored_byte(store, path: str, offset: int) -> None:
+    """Corrupt one byte of a stored chunk in place, through the backend (a bit rot on the medium)."""
+    backend = store.tiers[0].backend
+    data = bytearray(bytes(backend.get(path)))
+    data[offset] ^= 0x40
+    backend.put_many({path: bytes(data)})
+
+
+@pytest.mark.parametrize("where", ["memory", "lmdb"])
+def test_corrupt_chunk_mid_prefetch_is_a_miss_from_that_chunk_on(where, tmp_path):
+    url = "memory://corrupt" if where == "memory" else f"lmdb://{tmp_path}/db"
+    with kvfs.open(url) as store:
+        ns = store.namespace(SPEC)
+        ntok = 5 * C
+        kv = _kv(ntok, seed=3)
+        ns.put(_toks(ntok), kv)
+        bad = ns.plan(_toks(ntok))[2]  # the third chunk, tokens [2C, 3C)
+        header = store._read_header(bad.key.path)
+        _flip_stored_byte(store, bad.key.path, header.layer_range(2)[0] + 100)  # in layer 2's bytes
+        with ns.prefetch(_toks(ntok)) as pf:
+            got = [pf.wait_layer_kv(i).clone() for i in range(L)]
+            assert pf.wait() == pf.valid_tokens == 2 * C
+        # layers 0 and 1 were verified whole before the corruption showed; from layer 2 on only the valid prefix
+        assert torch.equal(got[0], kv[0]) and torch.equal(got[1], kv[1])
+        for i in (2, 3):
+            assert got[i].shape[1] == 2 * C and torch.equal(got[i], kv[i, :, : 2 * C])
+        # quarantined: the next lookup stops before it, and nothing wrong is ever served
+        assert ns.lookup(_toks(ntok)) == 2 * C
+        n, again = load(ns, _toks(ntok))
+        assert n == 2 * C and torch.equal(again, kv[:, :, : 2 * C])
+
+
+def test_corrupt_first_layer_means_nothing_from_that_chunk():
+    with kvfs.open("memory://corrupt0") as store:
+        ns = store.namespace(SPEC)
+        kv = _kv(3 * C, seed=4)
+        ns.put(_toks(3 * C), kv)
+        first = ns.plan(_toks(3 * C))[0]
+        _flip_stored_byte(store, first.key.path, store._read_header(first.key.path).data_offset + 1)
+        with ns.prefetch(_toks(3 * C)) as pf:
+            k, v = pf.wait_layer(0)
+            assert k.shape == (0, H, D) and pf.valid_tokens == 0
+            assert pf.wait_layer(L - 1)[0].shape[0] == 0
+
+
+def test_chunk_evicted_mid_prefetch_is_a_miss(tmp_path):
+    with kvfs.open(f"lmdb://{tmp_path}/db") as store:
+        ns = store.namespace(SPEC)
+        kv = _kv(4 * C, seed=5)
+        ns.put(_toks(4 * C), kv)
+        slow = _slow(store, 0.05)
+        with ns.prefetch(_toks(4 * C)) as pf:
+            pf.wait_layer(0)
+            victim = pf.plan[3].key.path
+            slow.inner.delete_many([victim])  # gone from storage behind the loader's back
+            for i in range(1, L):
+                pf.wait_layer(i)
+            assert pf.valid_tokens in (3 * C, 4 * C)  # layer 1 may already have been read
+            n, whole = pf.result()
+            assert torch.equal(whole, kv[:, :, :n])
+
+
+def test_cancel_and_close_free_the_buffers():
+    with kvfs.open("memory://cancel") as store:
+        ns = store.namespace(SPEC)
+        ns.put(_toks(8 * C), _kv(8 * C))
+        _slow(store, 0.05)
+        pf = ns.prefetch(_toks(8 * C))
+        assert pf.bytes_held == L * pf.layer_bytes
+        buf = weakref.ref(pf._all)
+        pf.wait_layer(0)
+        pf.cancel()
+        with pytest.raises(PrefetchCancelled):
+            pf.wait_layer(L - 1)
+        pf.close()
+        assert not pf._thread.is_alive()
+        assert pf.bytes_held == 0
+        gc.collect()
+        assert buf() is None  # the layer tensor itself is gone
+        with pytest.raises(PrefetchCancelled):
+            pf.wait_layer(L - 1)
+
+
+def test_bounded_prefetch_holds_at_most_max_bytes():
+    with kvfs.open("memory://bounded") as store:
+        ns = store.namespace(SPEC)
+        kv = _kv(6 * C, seed=6)
+        ns.put(_toks(6 * C), kv)
+        _slow(store, 0.01)
+        layer_bytes = 6 * C * SPEC.bytes_per_token // L
+        with ns.prefetch(_toks(6 * C), max_bytes=2 * layer_bytes) as pf:
+            assert pf.max_layers == 2
+            peak = 0
+            for i in range(L):
+                k, v = pf.wait_layer(i, release_previous=True)
+                peak = max(peak, pf.bytes_held)
+                assert torch.equal(k, kv[i, 0]) and torch.equal(v, kv[i, 1])
+            assert peak <= 2 * layer_bytes
+        assert pf.bytes_held == 0
+
+
+def test_bounded_prefetch_that_is_never_released_is_an_error_not_a_hang():
+    with kvfs.open("memory://deadlock") as store:
+        ns = store.namespace(SPEC)
+        ns.put(_toks(2 * C), _kv(2 * C))
+        layer_bytes = 2 * C * SPEC.bytes_per_token // L
+        with ns.prefetch(_toks(2 * C), max_bytes=layer_bytes) as pf:
+            pf.wait_layer(0)
+            with pytest.raises(InvalidInput, match="release_layer"):
+                pf.wait_layer(1, timeout=10)
+            pf.release_layer(0)
+            assert pf.wait_layer(1, timeout=10)[0].shape == (2 * C, H, D)
+            with pytest.raises(InvalidInput, match="released"):
+                pf.wait_layer(0)
+        with pytest.raises(InvalidInput, match="cannot hold one layer"):
+            ns.prefetch(_toks(2 * C), max_bytes=layer_bytes - 1)
+
+
+def test_nothing_cached_and_mla():
+    spec = KVSpec("prefetch-mla", num_layers=3, num_kv_heads=1, head_dim=24, chunk_tokens=16, mla=True)
+    with kvfs.open("memory://mla") as store:
+        ns = store.namespace(spec)
+        with ns.prefetch(_toks(10)) as pf:
+            assert pf.num_tokens == 0 and pf.wait_layer(2)[0].shape == (0, 1, 24)
+        kv = _kv(40, seed=7, spec=spec)
+        ns.put(_toks(40), kv)
+        with ns.prefetch(_toks(40)) as pf:
+            lat, none = pf.wait_layer(1)
+            assert none is None and torch.equal(lat, kv[1, 0])
+
+
+def test_tiered_store_reads_later_layers_from_the_promoted_copy(tmp_path):
+    lower = f"lmdb://{tmp_path}/db"
+    kv = _kv(3 * C, seed=8)
+    with kvfs.open(lower) as store:
+        store.namespace(SPEC).put(_toks(3 * C), kv)
+    with kvfs.open(f"memory://promo-{tmp_path.name}::{lower}") as store:
+        ns = store.namespace(SPEC)
+        with ns.prefetch(_toks(3 * C)) as pf:
+            n, got = pf.result()
+            assert n == 3 * C and torch.equal(got, kv)
+            assert {pf._reader.reader.source(i)[0].index for i in range(3)} == {0}  # the memory tier
+
+
+def test_prefetch_from_s3(s3_bucket_url):  # noqa: F811 - fixture
+    with kvfs.open(s3_bucket_url) as store:
+        ns = store.namespace(SPEC)
+        kv = _kv(3 * C + 5, seed=9)
+        ns.put(_toks(3 * C + 5), kv)
+        store.flush()
+        with ns.prefetch(_toks(3 * C + 5)) as pf:
+            for i in range(L):
+                k, v = pf.wait_layer(i)
+                assert torch.equal(k, kv[i, 0]) and torch.equal(v, kv[i, 1])
+
+
+def test_prefetch_validates_device():
+    with kvfs.open("memory://dev") as store:
+        ns = store.namespace(SPEC)
+        if not torch.cuda.is_available():
+            with pytest.raises(InvalidInput, match="CUDA is not available"):
+                ns.prefetch(_toks(4), device="cuda")
+        with pytest.raises(InvalidInput, match="'cpu' or 'cuda"):
+            ns.prefetch(_toks(4), device="meta")
+
+
+# ---------------------------------------------------------------------------------------------- saver
+def test_saver_writes_what_put_would(tmp_path):
+    toks = _toks(3 * C + 9, base=100)
+    kv = _kv(len(toks), seed=10)
+    with kvfs.open(f"lmdb://{tmp_path}/a") as a, kvfs.open(f"lmdb://{tmp_path}/b") as b:
+        a.namespace(SPEC).put(toks, kv)
+        saver = b.namespace(SPEC).saver(toks)
+        assert isinstance(saver, LayerSaver)
+        for i in range(L):
+            saver.save_layer(i, kv[i, 0], kv[i, 1])
+        assert saver.finish() == 4
+        for p in a.namespace(SPEC).plan(toks):
+            ra, rb = bytes(a.tiers[0].backend.get(p.key.path)), bytes(b.tiers[0].backend.get(p.key.path))
+            ha, hb = a._read_header(p.key.path), b._read_header(p.key.path)
+            # the same tensor bytes and the same metadata (checksums included)
+            assert ra[ha.data_offset:] == rb[hb.data_offset:]
+            assert ha.metadata == hb.metadata
+        assert torch.equal(load(b.namespace(SPEC), toks)[1], kv)
+
+
+def test_chunk_builder_is_byte_identical_to_encode():
+    ns_toks = _toks(C, base=7)
+    kv = _kv(C, seed=11)
+    with kvfs.open("memory://builder") as store:
+        key = store.namespace(SPEC).keys(ns_toks)[0]
+    raw = kv.view(torch.int16).numpy().view(np.uint16)
+    want = bytes(encode(SPEC, key=key.hex, parent=key.parent_hex, tokens=ns_toks, kv=raw, start=key.start))
+    b = ChunkBuilder(SPEC, key, ns_toks)
+    for i in reversed(range(L)):  # layers may arrive in any order
+        np.copyto(b.layer(i), raw[i])
+        b.done(i)
+    assert bytes(b.finish()) == want
+
+
+def test_saver_skips_stored_chunks_and_copies_in_the_background():
+    with kvfs.open("memory://saver2") as store:
+        ns = store.namespace(SPEC)
+        toks = _toks(4 * C)
+        kv = _kv(4 * C, seed=12)
+        ns.put(toks[: 2 * C], kv[:, :, : 2 * C])
+        saver = ns.saver(toks)
+        assert saver.ranges == [(2 * C, 3 * C), (3 * C, 4 * C)]
+        for i in range(L):
+            saver.save_layer(i, kv[i])  # one [planes, tokens, heads, dim] tensor works too
+        assert saver.finish() == 2
+        assert torch.equal(load(ns, toks)[1], kv)
+
+
+def test_saver_refuses_bad_input_and_writes_nothing_on_abort():
+    with kvfs.open("memory://saver3") as store:
+        ns = store.namespace(SPEC)
+        toks = _toks(2 * C)
+        kv = _kv(2 * C)
+        saver = ns.saver(toks)
+        with pytest.raises(InvalidInput, match="expected K and V"):
+            saver.save_layer(0, kv[0, 0, :5], kv[0, 1, :5])
+        with pytest.raises(InvalidInput, match="dtype"):
+            saver.save_layer(0, kv[0, 0].float(), kv[0, 1].float())
+        with pytest.raises(IndexError):
+            saver.save_layer(L, kv[0, 0], kv[0, 1])
+        saver.save_layer(0, kv[0, 0], kv[0, 1])
+        with pytest.raises(InvalidInput, match="already saved"):
+            saver.save_layer(0, kv[0, 0], kv[0, 1])
+        with pytest.raises(InvalidInput, match=r"layers \[1, 2, 3\]"):
+            saver.finish()
+        assert ns.lookup(toks) == 0
+        with ns.saver(toks) as s2:
+            s2.save_layer(0, kv[0, 0], kv[0, 1])
+            s2.abort()
+        assert ns.lookup(toks) == 0
+
+
+# ---------------------------------------------------------------------------------------------- pinned pool
+def test_pinned_pool_is_bounded_reused_and_freed():
+    pool = PinnedPool(1 << 16, 2, pin=False)
+    a = pool.acquire()
+    b = pool.acquire()
+    assert (pool.allocated, pool.in_use) == (2, 2)
+    with pytest.raises(TimeoutError):
+        pool.acquire(timeout=0.05)
+    ta = a.tensor
+    a.release()
+    c = pool.acquire()
+    assert c.tensor.data_ptr() == ta.data_ptr() and pool.allocated == 2  # reused, not reallocated
+    got = []
+    t = threading.Thread(target=lambda: got.append(pool.acquire(timeout=5)))
+    t.start()
+    time.sleep(0.05)
+    b.release()
+    t.join()
+    assert got and pool.in_use == 2
+    got[0].release()
+    with pytest.raises(InvalidInput, match="twice"):
+        got[0].release()
+    c.release()
+    assert pool.in_use == 0
+    pool.close()
+    assert pool.allocated_bytes == 0
+    with pytest.raises(InvalidInput, match="closed"):
+        pool.acquire()
