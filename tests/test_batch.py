@@ -560,3 +560,28 @@ def test_runner_waits_for_room_when_pinned_prefixes_fill_the_store(tiny):
         for i, p in enumerate(prompts):
             assert result.outputs[i] == reference_tokens(tiny, p, new[i])
         assert _pins(lm.store) == {}
+
+
+def test_runner_with_save_reuses_deeper_prefixes_than_its_groups(tiny, tmp_path):
+    """Conversation turns: with the connector storing every prompt, a turn reuses the whole previous turn."""
+    from kvfs.connectors.batch_runner import BatchRunner
+    from kvfs.connectors.hf import CachedLM
+
+    system = _rand(1, 24)
+    prompts = []
+    for c in range(2):
+        history = list(system)
+        for t in range(3):
+            history += _rand(100 * c + t, 10)
+            prompts.append(list(history))
+    plan = plan_batch(prompts)
+    with CachedLM(tiny, f"lmdb://{tmp_path}/store", chunk_tokens=RUN_CHUNK, save=True) as lm:
+        result = BatchRunner(lm, workers=1).run(plan, 3)
+        assert not result.failed
+        for i, p in enumerate(prompts):
+            assert result.outputs[i] == reference_tokens(tiny, p, 3)
+        last_turns = [2, 5]
+        for r in last_turns:  # the previous turn (its whole prompt) was stored and is reused
+            assert result.results[r].reused == len(prompts[r - 1])
+        assert result.prompt_tokens_computed < plan.report.prefill_tokens
+        assert _pins(lm.store) == {}
