@@ -127,13 +127,15 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def run_rows(res, quick: bool = False, size: str = "demo") -> None:
+def run_rows(res, quick: bool = False, size: str = "demo", rounds: int = 2) -> None:
     """Wall time of a small snippet batch through a seeded random Llama on the CPU.
 
     Baseline: every request prefilled in full, in arrival order (no cache). Then arrival order with kvfs as
     the prefix cache (every prompt stored and looked up) in a memory tier holding a quarter of the batch's KV,
-    and the plan run by BatchRunner through the same tier (only the group prefixes stored, pinned per group).
-    Every run's outputs are checked token-identical to the baseline's.
+    and the plan run by BatchRunner through a fresh tier of the same size (only the group prefixes stored,
+    each pinned while its group runs). The three runs alternate for ``rounds`` rounds (fresh stores each
+    time) and each keeps its fastest, so a busy machine disturbs them alike. Every run's outputs are checked
+    token-identical to the baseline's.
     """
     import torch
 
@@ -143,39 +145,49 @@ def run_rows(res, quick: bool = False, size: str = "demo") -> None:
     from kvfs.connectors.hf import CachedLM
 
     torch.manual_seed(0)
-    prompts, decode = snippet_workload(seed=2, docs=6 if quick else 12, doc_tokens=(150, 300), questions=(3, 6),
+    prompts, decode = snippet_workload(seed=2, docs=4 if quick else 8, doc_tokens=(150, 300), questions=(3, 6),
                                        instruction_tokens=64, question_tokens=(8, 24), max_tokens=(4, 12))
     prompts = [p % 32000 for p in prompts]
     model = build_model(size, seed=0)
     plan = plan_batch(prompts, decode_tokens=decode)
     rep = plan.report
     chunk = BLOCK
-    spec_bpt = None
-
-    def fcfs(lm) -> tuple[float, list, int]:
-        t0 = time.perf_counter()
-        gens = [lm.generate(p, n) for p, n in zip(prompts, decode)]
-        return time.perf_counter() - t0, [g.tokens for g in gens], sum(g.prefill.computed for g in gens)
-
-    with CachedLM(model, "memory://", chunk_tokens=chunk, load=False, save=False) as lm:
-        spec_bpt = lm.spec.bytes_per_token
-        base_s, base_out, _ = fcfs(lm)
+    with CachedLM(model, "memory://", chunk_tokens=chunk) as lm:
+        bpt = lm.spec.bytes_per_token
     # a quarter of the batch's distinct KV (the trie), as chunk files (data plus a 4 KiB header per chunk)
-    capacity = rep.trie_tokens * spec_bpt // 4 + (rep.trie_tokens // chunk // 4 + 1) * 4096
+    capacity = rep.trie_tokens * bpt // 4 + (rep.trie_tokens // chunk // 4 + 1) * 4096
     url = f"memory://?capacity={capacity}"
-    with CachedLM(model, url, chunk_tokens=chunk) as lm:
-        fcfs_s, fcfs_out, fcfs_computed = fcfs(lm)
-    with CachedLM(model, url, chunk_tokens=chunk, save=False) as lm:
-        run = BatchRunner(lm, kv_budget="1GiB", workers=1).run(plan, decode)
-    assert fcfs_out == base_out, "kvfs FCFS outputs differ from full prefill"
-    assert run.outputs == base_out and not run.failed, "planned outputs differ from full prefill"
-    what = f"{rep.requests} requests, {rep.logical_tokens:,} prompt tokens, {size} model ({model.num_parameters() / 1e6:.0f} M params, fp32)"
+
+    def fcfs(load: bool) -> tuple[float, list, int]:
+        with CachedLM(model, url if load else "memory://", chunk_tokens=chunk, load=load, save=load) as lm:
+            t0 = time.perf_counter()
+            gens = [lm.generate(p, n) for p, n in zip(prompts, decode)]
+            return time.perf_counter() - t0, [g.tokens for g in gens], sum(g.prefill.computed for g in gens)
+
+    def planned() -> tuple[float, list, int]:
+        with CachedLM(model, url, chunk_tokens=chunk, save=False) as lm:
+            run = BatchRunner(lm, kv_budget="1GiB", workers=1).run(plan, decode)
+        assert not run.failed and not run.prefix_errors
+        return run.wall_s, run.outputs, run.prompt_tokens_computed
+
+    best: dict[str, tuple[float, int]] = {}
+    base_out = None
+    for _ in range(1 if quick else rounds):
+        for name, fn in [("base", lambda: fcfs(False)), ("fcfs", lambda: fcfs(True)), ("plan", planned)]:
+            dt, out, computed = fn()
+            base_out = out if base_out is None else base_out
+            assert out == base_out, f"{name}: outputs differ from full prefill"
+            best[name] = (min(dt, best.get(name, (dt, 0))[0]), computed)
+    (base_s, _), (fcfs_s, fcfs_c), (plan_s, plan_c) = best["base"], best["fcfs"], best["plan"]
+    what = (f"{rep.requests} requests, {rep.logical_tokens:,} prompt tokens, {size} model "
+            f"({model.num_parameters() / 1e6:.0f} M params, fp32), best of {1 if quick else rounds}")
     res.add("run: arrival order, full prefill (no cache)", base_s, "s", None, None, what)
     res.add("run: arrival order, kvfs prefix cache at 1/4 of the batch's KV", fcfs_s, "s", "full prefill",
-            fcfs_s / base_s, f"{fcfs_computed:,} prompt tokens computed; memory tier {capacity / 2**20:.1f} MiB, chunks of {chunk} tokens")
-    res.add("run: plan order, BatchRunner, same tier", run.wall_s, "s", "full prefill", run.wall_s / base_s,
-            f"{run.prompt_tokens_computed:,} prompt tokens computed (plan: {rep.prefill_tokens:,}); "
-            f"{fcfs_s / run.wall_s:.2f}x faster than kvfs in arrival order")
+            fcfs_s / base_s, f"{fcfs_c:,} prompt tokens computed; memory tier {capacity / 2**20:.1f} MiB, "
+                             f"chunks of {chunk} tokens")
+    res.add("run: plan order, BatchRunner, same tier size", plan_s, "s", "full prefill", plan_s / base_s,
+            f"{plan_c:,} prompt tokens computed (plan: {rep.prefill_tokens:,}); "
+            f"{fcfs_s / plan_s:.2f}x faster than kvfs in arrival order")
 
 
 def main() -> None:
