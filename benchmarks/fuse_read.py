@@ -11,7 +11,11 @@ reads every chunk file once:
   handle kept open, as an engine keeps it;
 * mount, Python reads: open + ``readinto`` of 1 MiB until EOF per file (the
   server checks each layer's checksum before serving it);
-* mount, ``cat``: ``cat FILES > /dev/null`` (coreutils, 128 KiB reads).
+* mount, ``cat``: ``cat FILES > /dev/null`` (coreutils, 128 KiB reads);
+* the FUSE ceiling: ``cat`` of the same bytes from a do-nothing pyfuse3
+  server (``--raw-server``, started by this script) that holds every chunk in
+  memory and answers reads by slicing them, with no checks and nothing else:
+  how fast pyfuse3 and the kernel move bytes on this machine at all.
 
 Both sides are warm, as in a long-running deployment: the store's LMDB file
 is in the page cache and mapped by both processes (one untimed pass each
@@ -78,7 +82,69 @@ def read_files(files: list[str]) -> int:
     return total
 
 
+def raw_server(url: str, mnt: str) -> None:
+    """The FUSE ceiling: chunks held in memory as files ``0``, ``1``, ... served by slicing, nothing else."""
+    import errno
+    import stat
+
+    import pyfuse3
+    import trio
+
+    from kvfs.fuse._serve import _raise_readahead
+
+    with kvfs.open(url) as store:
+        blobs = [store.cat(e.path) for e in store.ls(SPEC.path, recursive=True) if e.kind == "chunk"]
+
+    class Raw(pyfuse3.Operations):
+        async def getattr(self, ino, ctx=None):
+            a = pyfuse3.EntryAttributes()
+            a.st_ino, a.entry_timeout, a.attr_timeout = ino, 60, 60
+            if ino == pyfuse3.ROOT_INODE:
+                a.st_mode, a.st_nlink = stat.S_IFDIR | 0o755, 2
+            else:
+                a.st_mode, a.st_nlink, a.st_size = stat.S_IFREG | 0o444, 1, len(blobs[ino - 2])
+            return a
+
+        async def lookup(self, parent, name, ctx=None):
+            try:
+                return await self.getattr(int(name) + 2)
+            except (ValueError, IndexError):
+                raise pyfuse3.FUSEError(errno.ENOENT) from None
+
+        async def open(self, ino, flags, ctx):
+            return pyfuse3.FileInfo(fh=ino)
+
+        async def read(self, fh, off, size):
+            return memoryview(blobs[fh - 2])[off : off + size]
+
+        async def flush(self, fh):
+            pass
+
+        async def release(self, fh):
+            pass
+
+    pyfuse3.init(Raw(), mnt, {"fsname=raw", "default_permissions"})
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            async def ready() -> None:
+                st = await trio.to_thread.run_sync(os.stat, mnt)
+                _raise_readahead(st.st_dev)  # the same kernel read-ahead as a kvfs mount
+                print("ready", flush=True)
+            nursery.start_soon(ready)
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(run)
+    finally:
+        pyfuse3.close(unmount=False)
+
+
 def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == "--raw-server":
+        raw_server(sys.argv[2], sys.argv[3])
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gib", type=float, default=1.0, help="bytes of chunks read per pass")
     ap.add_argument("--dir", default=None, help="directory on the disk to test (default: a temp dir)")
@@ -88,7 +154,10 @@ def main() -> None:
     os.environ.setdefault("XDG_CACHE_HOME", os.path.join(work, "xdg"))
     url = f"lmdb://{work}/store"
     mnt = os.path.join(work, "mnt")
+    raw_mnt = os.path.join(work, "raw")
     os.makedirs(mnt)
+    os.makedirs(raw_mnt)
+    raw = None
     cmd = "python benchmarks/fuse_read.py " + " ".join(sys.argv[1:])
     res = Results("FUSE mount", cmd.strip())
     mounted = False
@@ -102,6 +171,10 @@ def main() -> None:
             print(f"{len(paths)} chunks, {nbytes / 2**20:.0f} MiB per pass", file=sys.stderr)
             mount(url, mnt)
             mounted = True
+            raw = subprocess.Popen([sys.executable, __file__, "--raw-server", url, raw_mnt], stdout=subprocess.PIPE,
+                                   text=True)
+            assert raw.stdout.readline().strip() == "ready"
+            raw_files = [os.path.join(raw_mnt, str(i)) for i in range(len(paths))]
 
             def direct() -> None:
                 for p in paths:
@@ -115,7 +188,11 @@ def main() -> None:
                 drop_page_cache(files)
                 subprocess.run(["cat", *files], stdout=subprocess.DEVNULL, check=True)
 
-            variants = {"direct": direct, "python": python_reads, "cat": coreutils_cat}
+            def ceiling() -> None:
+                drop_page_cache(raw_files)
+                subprocess.run(["cat", *raw_files], stdout=subprocess.DEVNULL, check=True)
+
+            variants = {"direct": direct, "python": python_reads, "cat": coreutils_cat, "ceiling": ceiling}
             best = {k: float("inf") for k in variants}
             for fn in variants.values():  # warm-up: both processes map the store's file
                 fn()
@@ -135,6 +212,10 @@ def main() -> None:
                     t_cat / best["python"], "every layer verified by the server")
             res.add("mount: `cat` of all chunk files", gbps(best["cat"]), "GB/s", "store.cat",
                     t_cat / best["cat"], "coreutils, 128 KiB reads")
+            res.add("FUSE ceiling: `cat` from a do-nothing pyfuse3 server", gbps(best["ceiling"]), "GB/s",
+                    "store.cat", t_cat / best["ceiling"], "bytes in memory, no checks")
+            res.add("mount `cat` vs the FUSE ceiling", None, "", "FUSE ceiling", best["ceiling"] / best["cat"],
+                    "what kvfs's server keeps of what FUSE can do")
 
             # small random reads: one layer fetched and verified per read, not the whole 32 MiB chunk
             rng = random.Random(0)
@@ -160,6 +241,9 @@ def main() -> None:
     finally:
         if mounted:
             unmount(mnt)
+        if raw is not None:
+            subprocess.run(["fusermount3", "-u", raw_mnt], check=False)
+            raw.wait(timeout=60)
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -46,17 +46,6 @@ class StaleChunk(Exception):
 
 def readinto(backend: Any, key: str, offset: int, buf) -> int | None:
     """Read ``len(buf)`` bytes of ``key`` at ``offset`` with the backend's ranged read."""
-    if backend.supports_views and len(buf) >= 1 << 16:
-        # zero-copy view (LMDB, memory), copied with numpy: the GIL is released while the bytes move,
-        # so the event loop keeps answering the kernel meanwhile
-        with backend.views([key]) as (view,):
-            if view is None:
-                return None
-            if view.ndim != 1 or view.itemsize != 1:
-                view = view.cast("B")
-            n = max(0, min(len(buf), len(view) - offset))
-            np.copyto(np.frombuffer(buf, np.uint8, n), np.frombuffer(view, np.uint8, n, offset))
-            return n
     fn = getattr(backend, "readinto_ranges", None)
     if fn is not None:
         got = fn(key, [(offset, buf)])
@@ -210,8 +199,9 @@ class ChunkReader:
         first = self._cached_run(first)
         if first >= last:
             return None
-        # a read where the last one ended (or at the start) is sequential: read a whole window ahead
-        self._sequential = off == self._next
+        # a read near where the last one ended (or at the start) is sequential: read a whole window ahead.
+        # "near": the kernel's read-ahead sends several requests at once, which may arrive out of order
+        self._sequential = abs(off - self._next) <= READAHEAD
         if self._sequential:
             last = max(last, min(h.shape[0], first + max(1, READAHEAD // h.layer_bytes)))
         return first, last
@@ -250,16 +240,34 @@ class ChunkReader:
         lb = h.layer_bytes
         mv = _buffers.alloc((last - first) * lb)  # huge pages, recycled (see release_retired)
         off = h.data_offset + first * lb
+        sums = h.layer_checksums
         for tier in self._tiers:
-            n = readinto(tier.backend, self.path, off, mv)
-            if n is None:
-                continue  # gone from this tier: the checksums tell whether another copy is the same chunk
-            if n != len(mv):
-                raise ChunkFormatError(f"{self.path} is truncated: layer {first + n // lb} is short")
-            sums = h.layer_checksums
-            for i in range(last - first):
-                if xxhash.xxh3_64_hexdigest(mv[i * lb : (i + 1) * lb]) != sums[first + i]:
-                    raise IntegrityError(f"{self.path}: layer {first + i} checksum mismatch: corrupt")
+            backend = tier.backend
+            if backend.supports_views:
+                # zero-copy view (LMDB, memory): copy a layer with numpy (no GIL: the event loop keeps
+                # answering), then hash it while it is still in cache
+                with backend.views([self.path]) as (view,):
+                    if view is None:
+                        continue  # gone from this tier: the checksums tell whether another copy is the same
+                    if view.ndim != 1 or view.itemsize != 1:
+                        view = view.cast("B")
+                    if len(view) < off + len(mv):
+                        raise ChunkFormatError(f"{self.path} is truncated: {len(view)} bytes")
+                    src = np.frombuffer(view, np.uint8, len(mv), off)
+                    dst = np.frombuffer(mv, np.uint8)
+                    for i in range(last - first):
+                        np.copyto(dst[i * lb : (i + 1) * lb], src[i * lb : (i + 1) * lb])
+                        if xxhash.xxh3_64_hexdigest(mv[i * lb : (i + 1) * lb]) != sums[first + i]:
+                            raise IntegrityError(f"{self.path}: layer {first + i} checksum mismatch: corrupt")
+            else:
+                n = readinto(backend, self.path, off, mv)
+                if n is None:
+                    continue
+                if n != len(mv):
+                    raise ChunkFormatError(f"{self.path} is truncated: layer {first + n // lb} is short")
+                for i in range(last - first):
+                    if xxhash.xxh3_64_hexdigest(mv[i * lb : (i + 1) * lb]) != sums[first + i]:
+                        raise IntegrityError(f"{self.path}: layer {first + i} checksum mismatch: corrupt")
             self._keep(first, last, mv)
             return
         raise StaleChunk(self.path)
