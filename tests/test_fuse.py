@@ -616,16 +616,23 @@ def test_a_small_range_reads_one_layer_and_sequential_reads_read_ahead(tmp_path)
         r.open()
         lb = r.header.layer_bytes
         off = r.header.data_offset + 5 * lb + 100
-        r._next = -1  # a reader that just read elsewhere: random access
+        r._next = 1 << 40  # a reader that just read elsewhere: random access
         assert r.read_cached(off, 4096) is None
-        assert r.plan(off, 4096) == (5, 6)  # one layer, not the chunk
+        assert r.plan(off, 4096) == (5, 6, 6)  # one layer, not the chunk
         r.fetch(5, 6)
         assert bytes(r.read_cached(off, 4096)) == want[off : off + 4096]
         r2 = ChunkReader(store, path)
         r2.open()
-        assert r2.plan(0, 128 << 10) == (0, min(8, READAHEAD // lb))  # from the start: a window ahead
+        assert r2.plan(0, 128 << 10) == (0, min(8, READAHEAD // lb), 2)  # from the start: a window ahead
         bad = bytearray(want)
         bad[r.header.data_offset + 2 * lb] ^= 1
         store.tiers[0].backend.put(path, bytes(bad))
         with pytest.raises(IntegrityError):
             r.fetch(2, 3)
+        r3 = ChunkReader(store, path)
+        r3.open()
+        r3.fetch(0, 8, need=1)  # read-ahead over a corrupt layer: the layers before it are kept
+        assert bytes(r3.read_cached(r.header.data_offset, 2 * lb)) == want[r.header.data_offset:][: 2 * lb]
+        assert r3.read_cached(r.header.data_offset + 2 * lb, 10) is None
+        with pytest.raises(IntegrityError):
+            r3.fetch(2, 8, need=3)

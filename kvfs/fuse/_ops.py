@@ -662,7 +662,7 @@ class KVFSOperations(pyfuse3.Operations):
                 rng = reader.plan(off, size)
                 if rng is not None:
                     try:
-                        reader.fetch(*rng)
+                        reader.fetch(rng[0], rng[1], need=rng[2])
                     except ChunkFormatError:
                         self._quarantine_sync(reader.path)
                         raise
@@ -812,14 +812,19 @@ class KVFSOperations(pyfuse3.Operations):
 
     async def _close_write(self, h: _Handle, *, report: bool) -> None:
         staged = h.staged
-        if staged.kind == "temp" or not staged.dirty or h.failed:
+        if staged.kind == "temp" or not staged.dirty:
+            return
+        if h.failed:  # written to again after its import failed: still nothing stored
+            staged.dirty = False
+            if report:
+                raise FUSEError(errno.EINVAL)
             return
         try:
             await self._commit(staged)
         except FUSEError:
             h.failed = True
             self._finish_staged(h)
-            self._invalidate_staged(staged)
+            await self._drop_name(staged)
             if report:
                 raise
             return
@@ -827,8 +832,16 @@ class KVFSOperations(pyfuse3.Operations):
             self._forget_cached(h.ino)
         self._finish_staged(h)
 
-    def _invalidate_staged(self, staged: StagedFile) -> None:
-        pyfuse3.invalidate_entry_async(staged.parent_ino, os.fsencode(staged.name), ignore_enoent=True)
+    async def _drop_name(self, staged: StagedFile) -> None:
+        """A new file was refused: have the kernel forget its name before close(2) returns the error,
+        so that the next open of that name creates a new file. From a worker thread: the kernel holds
+        no lock of the directory while it waits for this flush/fsync."""
+        with trio.move_on_after(5):
+            try:
+                await trio.to_thread.run_sync(pyfuse3.invalidate_entry, staged.parent_ino,
+                                              os.fsencode(staged.name), abandon_on_cancel=True)
+            except OSError:
+                pass  # the kernel did not know the name
 
     @boundary
     async def flush(self, fh):

@@ -189,8 +189,9 @@ class ChunkReader:
                 return layer
             layer = w[1]
 
-    def plan(self, off: int, size: int) -> tuple[int, int] | None:
-        """The layers to fetch for a read at ``off`` (with read-ahead), or None if all are cached."""
+    def plan(self, off: int, size: int) -> tuple[int, int, int] | None:
+        """``(first, last, need)``: layers ``[first, last)`` to fetch for a read at ``off``, of which
+        ``[first, need)`` are the read's own (the rest is read-ahead); None if all are cached."""
         end = min(off + size, self.size)
         h = self.header
         if self.whole is not None or end <= h.data_offset or off >= end:
@@ -199,12 +200,13 @@ class ChunkReader:
         first = self._cached_run(first)
         if first >= last:
             return None
+        need = last
         # a read near where the last one ended (or at the start) is sequential: read a whole window ahead.
         # "near": the kernel's read-ahead sends several requests at once, which may arrive out of order
-        self._sequential = abs(off - self._next) <= READAHEAD
+        self._sequential = abs(off - self._next) <= 4 * max(size, 128 << 10)
         if self._sequential:
             last = max(last, min(h.shape[0], first + max(1, READAHEAD // h.layer_bytes)))
-        return first, last
+        return first, last, need
 
     def prefetch_plan(self) -> tuple[int, int] | None:
         """After a sequential read: the next window to read in the background, if it is time to.
@@ -230,12 +232,18 @@ class ChunkReader:
             with self.lock:
                 first = self._cached_run(first)
                 if first < last:
-                    self.fetch(first, last)
+                    self.fetch(first, last, need=first)  # nothing here is needed yet
         finally:
             self._inflight = False
 
-    def fetch(self, first: int, last: int) -> None:
-        """Read layers ``[first, last)`` with one ranged read and verify each one's checksum."""
+    def fetch(self, first: int, last: int, need: int | None = None) -> None:
+        """Read layers ``[first, last)`` with one ranged read and verify each one's checksum.
+
+        A corrupt layer raises :class:`IntegrityError` if it is one of the
+        layers needed now (``[first, need)``, all by default); one read ahead
+        ends the window there, and the read that needs it will fail on it.
+        """
+        need = last if need is None else need
         h = self.header
         lb = h.layer_bytes
         mv = _buffers.alloc((last - first) * lb)  # huge pages, recycled (see release_retired)
@@ -258,7 +266,8 @@ class ChunkReader:
                     for i in range(last - first):
                         np.copyto(dst[i * lb : (i + 1) * lb], src[i * lb : (i + 1) * lb])
                         if xxhash.xxh3_64_hexdigest(mv[i * lb : (i + 1) * lb]) != sums[first + i]:
-                            raise IntegrityError(f"{self.path}: layer {first + i} checksum mismatch: corrupt")
+                            last = self._corrupt(first, first + i, need)
+                            break
             else:
                 n = readinto(backend, self.path, off, mv)
                 if n is None:
@@ -267,10 +276,18 @@ class ChunkReader:
                     raise ChunkFormatError(f"{self.path} is truncated: layer {first + n // lb} is short")
                 for i in range(last - first):
                     if xxhash.xxh3_64_hexdigest(mv[i * lb : (i + 1) * lb]) != sums[first + i]:
-                        raise IntegrityError(f"{self.path}: layer {first + i} checksum mismatch: corrupt")
-            self._keep(first, last, mv)
+                        last = self._corrupt(first, first + i, need)
+                        break
+            if last > first:
+                self._keep(first, last, mv[: (last - first) * lb])
             return
         raise StaleChunk(self.path)
+
+    def _corrupt(self, first: int, layer: int, need: int) -> int:
+        """Layer ``layer`` failed its checksum: raise if it is needed now, else end the window before it."""
+        if layer < need:
+            raise IntegrityError(f"{self.path}: layer {layer} checksum mismatch: corrupt")
+        return layer
 
     def _keep(self, first: int, last: int, mv: memoryview) -> None:
         """Add a verified window (under ``lock``); retire the oldest, and those a sequential reader passed."""
