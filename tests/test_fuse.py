@@ -557,6 +557,26 @@ def test_mount_errors_are_reported_and_leave_nothing_running(tmp_path, reaper):
         assert res.returncode != 0 and "already" in res.stderr
 
 
+def mount_options(mnt: str) -> tuple[str, set[str]]:
+    """(source, options) of the mount at ``mnt``, from /proc/self/mountinfo."""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == mnt:
+                sep = fields.index("-")
+                return fields[sep + 2], set(fields[5].split(",")) | set(fields[sep + 3].split(","))
+    raise AssertionError(f"{mnt} is not mounted")
+
+
+def test_mount_options_suit_a_cache(mounted, tmp_path, reaper):
+    source, opts = mount_options(mounted.mnt)
+    assert source == "kvfs" and mounted_fstype(mounted.mnt) == "fuse.kvfs"
+    assert {"default_permissions", "nosuid", "nodev", "noexec"} <= opts and "allow_other" not in opts
+    mnt = str(tmp_path / "mnt")
+    with Mounted(f"lmdb://{tmp_path}/store", mnt, "--allow-other", adopted=reaper):
+        assert "allow_other" in mount_options(mnt)[1]
+
+
 def test_sigterm_unmounts_and_exits_cleanly(tmp_path, reaper):
     url = f"lmdb://{tmp_path}/store"
     put(url, SPEC, 32, seed=33)
