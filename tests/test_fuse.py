@@ -624,6 +624,25 @@ def test_a_failing_backend_answers_eio_and_the_mount_carries_on(tmp_path, reaper
             assert read(m.path(b)) == s.cat(b)
 
 
+def test_a_hung_backend_answers_eio_after_the_io_timeout(tmp_path, reaper):
+    url = f"file://{tmp_path}/files"
+    a, b = put(url, SPEC, 64, seed=34)
+    with Mounted(url, str(tmp_path / "mnt"), "--io-timeout", "1", adopted=reaper) as m:
+        victim = tmp_path / "files" / a
+        victim.unlink()
+        os.mkfifo(victim)  # opening it blocks until a writer comes: a backend that hangs
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(OSError) as e:
+                read(m.path(a))
+            assert e.value.errno == errno.EIO and time.monotonic() - t0 < 30
+            with kvfs.open(url) as s:  # the mount still answers
+                assert read(m.path(b)) == s.cat(b)
+        finally:
+            fd = os.open(victim, os.O_RDWR | os.O_NONBLOCK)  # let the abandoned read finish
+            os.close(fd)
+
+
 # ------------------------------------------------------------------------------------------ the reader
 def test_a_small_range_reads_one_layer_and_sequential_reads_read_ahead(tmp_path):
     from kvfs.fuse._reader import READAHEAD, ChunkReader

@@ -163,8 +163,9 @@ class KVFSOperations(pyfuse3.Operations):
         with trio.move_on_after(self.io_timeout):
             return await trio.to_thread.run_sync(functools.partial(fn, *args), abandon_on_cancel=True,
                                                  limiter=self._limiter)
-        log.error("kvfs mount: %s%r took more than %.0f s; answering EIO", getattr(fn, "__name__", fn),
-                  args[:2], self.io_timeout)
+        what = ", ".join(a if isinstance(a, str) else getattr(a, "path", type(a).__name__) for a in args[:2])
+        log.error("kvfs mount: %s(%s) took more than %.0f s (backend hung?); answering EIO",
+                  getattr(fn, "__name__", fn).lstrip("_"), what, self.io_timeout)
         raise FUSEError(errno.EIO)
 
     def _node(self, ino: int) -> Node:
