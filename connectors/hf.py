@@ -9,10 +9,13 @@
 
 For one prompt, :meth:`CachedLM.prefill` looks up the longest stored prefix
 of the prompt *without its last token* (that token must be computed: its
-logits are the first output), loads that prefix's KV into a
-``DynamicCache``, runs the model on the remaining tokens only, and stores
-the prompt's new chunks once the first token's logits exist (so storing
-never delays the first token). :meth:`CachedLM.generate` then decodes
+logits are the first output) and starts loading its KV layer by layer in the
+background (:meth:`kvfs.Namespace.prefetch`, onto the model's device), runs
+the model on the remaining tokens only, each attention layer taking its
+layer of the prefix from the prefetch as it reaches it (a ``DynamicCache``
+whose layers fill themselves), and stores the prompt's new chunks
+(:meth:`kvfs.Namespace.saver`) once the first token's logits exist, so
+storing never delays the first token. :meth:`CachedLM.generate` then decodes
 greedily. Outputs are the model's own: the cached KV is exactly what the
 model computed for those tokens, so logits match a full forward to float
 rounding and greedy outputs are token-identical.
@@ -109,6 +112,34 @@ def kv_from_cache(cache: DynamicCache, ntokens: int | None = None) -> torch.Tens
     return out
 
 
+class _PrefixShrank(Exception):
+    """A prefix chunk failed after earlier layers had used it: the prefill must be redone."""
+
+
+class _PrefetchedLayer(DynamicLayer):
+    """A cache layer that takes its prefix KV from a prefetch when the model first reaches it."""
+
+    def __init__(self, prefetch: Any, index: int, ntokens: int) -> None:
+        super().__init__()
+        self._prefetch = prefetch
+        self._index = index
+        self._ntokens = ntokens
+
+    def get_seq_length(self) -> int:
+        return self._ntokens if self._prefetch is not None else super().get_seq_length()
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self._prefetch is not None:
+            k, v = self._prefetch.wait_layer(self._index)  # [tokens, heads, dim], loaded and verified
+            if k.shape[0] != self._ntokens:
+                raise _PrefixShrank()
+            self.lazy_initialization(key_states, value_states)
+            self.keys = k.transpose(0, 1).unsqueeze(0)
+            self.values = v.transpose(0, 1).unsqueeze(0)
+            self._prefetch = None
+        return super().update(key_states, value_states, *args, **kwargs)  # the concatenation copies the view
+
+
 def _prompt_tokens(input_ids: Any) -> np.ndarray:
     if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2:
         if input_ids.shape[0] != 1:
@@ -126,8 +157,8 @@ class Prefill:
     logits: torch.Tensor
     prompt_tokens: int
     reused: int  # leading tokens whose KV came from kvfs
-    load_s: float  # lookup and loading the reused KV
-    compute_s: float  # the model on the remaining tokens
+    load_s: float  # lookup and starting the prefetch (the loading itself overlaps the compute)
+    compute_s: float  # the model on the remaining tokens, including any wait for a layer still loading
 
     @property
     def computed(self) -> int:
@@ -207,9 +238,23 @@ class CachedLM:
         return n, cache_from_kv(kv)
 
     def store_prompt(self, tokens: Any, cache: DynamicCache) -> int:
-        """Store the KV of ``tokens`` held in ``cache`` (chunks already stored are skipped)."""
+        """Store the KV of ``tokens`` held in ``cache``: only chunks not stored yet are copied and written."""
         toks = as_tokens(tokens)
-        return self.ns.put(toks, kv_from_cache(cache, len(toks)).cpu())
+        t = len(toks)
+        saver = self.ns.saver(toks)
+        if not saver.keys:
+            saver.abort()
+            return 0
+        try:
+            for i, layer in enumerate(cache.layers):
+                if type(layer) is not DynamicLayer and not isinstance(layer, _PrefetchedLayer):
+                    raise InvalidInput(f"cache layer {i} is a {type(layer).__name__}; kvfs stores full-attention "
+                                       "DynamicLayer caches only")
+                saver.save_layer(i, layer.keys[0, :, :t].transpose(0, 1), layer.values[0, :, :t].transpose(0, 1))
+        except BaseException:
+            saver.abort()
+            raise
+        return saver.finish()
 
     # ---------------------------------------------------------------------------------- prefill
     @torch.inference_mode()
@@ -217,16 +262,35 @@ class CachedLM:
         """Run the prompt, reusing its longest stored prefix (never the last token)."""
         toks = _prompt_tokens(input_ids)
         t0 = time.perf_counter()
+        n, cache = 0, DynamicCache()
         if self.load and len(toks) > 1:
-            n, cache = self.load_prefix(toks[:-1])
-        else:
-            n, cache = 0, DynamicCache()
+            prefetch = self.ns.prefetch(toks[:-1], device=self.device)
+            try:
+                n = prefetch.num_tokens
+                if n:
+                    cache.layers = [_PrefetchedLayer(prefetch, i, n) for i in range(self.spec.num_layers)]
+                    t1 = time.perf_counter()
+                    try:
+                        out = self._forward(toks[n:], cache)
+                        if prefetch.valid_tokens == n:
+                            t2 = time.perf_counter()
+                            return Prefill(out.past_key_values, out.logits[0, -1], len(toks), n, t1 - t0, t2 - t1)
+                    except _PrefixShrank:
+                        pass
+                    # a chunk failed its checks after earlier layers had used it (kvfs warned and quarantined
+                    # it): redo the prefill on the prefix that every layer loaded and verified
+                    n = prefetch.valid_tokens
+            finally:
+                prefetch.close()
+            n, cache = self.load_prefix(toks[:n]) if n else (0, DynamicCache())
         t1 = time.perf_counter()
-        rest = torch.from_numpy(toks[n:].astype(np.int64)).unsqueeze(0).to(self.device)
-        out = self.model(input_ids=rest, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        logits = out.logits[0, -1]
+        out = self._forward(toks[n:], cache)
         t2 = time.perf_counter()
-        return Prefill(out.past_key_values, logits, len(toks), n, t1 - t0, t2 - t1)
+        return Prefill(out.past_key_values, out.logits[0, -1], len(toks), n, t1 - t0, t2 - t1)
+
+    def _forward(self, tokens: np.ndarray, cache: DynamicCache):
+        ids = torch.from_numpy(tokens.astype(np.int64)).unsqueeze(0).to(self.device)
+        return self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
 
     @torch.inference_mode()
     def generate(self, input_ids: Any, max_new_tokens: int = 16) -> Generation:

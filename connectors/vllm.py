@@ -56,7 +56,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.v1.kv_cache_interface import FullAttentionSpec, MLAAttentionSpec
 
-from ..keys import as_tokens
+from ..errors import KVFSError
 from ..spec import KVSpec, canonical_dtype
 from ..store import open as open_store
 from .paged import PagedCache, SlotIndex, slot_mapping
@@ -110,6 +110,17 @@ class _Tracked:
 
     token_ids: list[int]
     block_ids: list[int]
+
+
+@dataclass
+class _Loading:
+    """Worker-side: a prefix being loaded this step, layer by layer."""
+
+    load: LoadSpec
+    prefetch: Any  # kvfs.gpu.Prefetcher
+    valid: int = 1 << 62  # tokens every layer so far loaded and verified
+    done: set[int] = field(default_factory=set)
+    slots: SlotIndex | None = None
 
 
 @dataclass
@@ -200,6 +211,8 @@ class KVFSConnector(KVConnectorBase_V1):
         self._passthrough: set[str] = set()  # requests whose KV kvfs must not save (see _eligible)
         # worker side
         self._paged: PagedCache | None = None
+        self._loading: list[_Loading] = []
+        self._prefetch_bytes = int(extra.get("prefetch_bytes", 256 << 20))
         self._layer_index: dict[str, int] = {}
         self._staged: dict[str, _Staged] = {}
         self._load_errors: set[int] = set()
@@ -311,43 +324,64 @@ class KVFSConnector(KVConnectorBase_V1):
         return self._paged.index(slot_mapping(block_ids, self._block_size, start, end, device=self._paged.device))
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
+        """Start loading each request's prefix in the background, layer by layer, onto the cache's device."""
         meta = self._connector_metadata
         if not isinstance(meta, KVFSConnectorMetadata) or not meta.loads:
             return
+        per_layer = self.spec.bytes_per_token // self.spec.num_layers
         for load in meta.loads:
-            self._load_one(load)
+            # bounded: a few layers in flight, never a second copy of the whole prefix on the device
+            budget = max(self._prefetch_bytes, 2 * load.end * per_layer)
+            pf = self.ns.prefetch(load.token_ids[: load.end], device=self._paged.device, max_bytes=budget)
+            self._loading.append(_Loading(load, pf))
 
-    def _load_one(self, load: LoadSpec) -> None:
-        spec = self.spec
-        toks = as_tokens(load.token_ids)
-        plan = [p for p in self.ns.plan(toks) if p.end > load.start]
-        covered = plan[-1].end if plan else load.start
-        failed: list[tuple[int, int]] = []
-        if covered < load.end:  # evicted since the lookup: those tokens are recomputed
-            failed.append((max(covered, load.start), load.end))
-        if plan:
-            base = plan[0].start
-            dtype = getattr(torch, spec.dtype)
-            buf = torch.empty(spec.chunk_shape(covered - base), dtype=dtype)
-            ok = self.ns.read(plan, self.ns.as_raw_kv(buf, covered - base))
-            good: list[tuple[int, int]] = []
-            for p, fine in zip(plan, ok):
-                rng = (max(p.start, load.start), min(p.end, load.end))
-                (good if fine else failed).append(rng)
-            for s, e in good:
-                self._paged.scatter(buf[:, :, s - base: e - base], self._slots(load.block_ids, s, e))
-        if failed:
-            bad = set()
-            for s, e in failed:
-                bad.update(int(b) for b in set(load.block_ids[s // self._block_size: -(-e // self._block_size)]))
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        """Block until this layer of every prefix loading this step is in the paged cache."""
+        i = self._layer_index.get(layer_name)
+        if i is not None:
+            for ld in self._loading:
+                self._load_layer(ld, i)
+
+    def _load_layer(self, ld: "_Loading", i: int) -> None:
+        if i in ld.done:
+            return
+        ld.done.add(i)
+        load = ld.load
+        try:
+            kv = ld.prefetch.wait_layer_kv(i, release_previous=True)  # [planes, valid tokens, heads, dim]
+        except KVFSError as e:  # the loader itself failed: nothing more from this prefix
+            log.warning("kvfs: loading the prefix of request %s failed: %s", load.req_id, e)
+            ld.valid = 0
+            return
+        ld.valid = min(ld.valid, kv.shape[1])
+        hi = min(ld.valid, load.end)
+        if hi > load.start:
+            if ld.slots is None or ld.slots.ntokens != hi - load.start:
+                ld.slots = self._slots(load.block_ids, load.start, hi)
+            self._paged.scatter(kv[:, load.start: hi], ld.slots, layer=i)
+        ld.prefetch.release_layer(i)
+
+    def _finish_loads(self) -> None:
+        """Complete this step's loads (layers the forward pass did not wait for) and record what failed."""
+        loading, self._loading = self._loading, []
+        for ld in loading:
+            try:
+                for i in range(self.spec.num_layers):
+                    self._load_layer(ld, i)
+                valid = min(ld.valid, ld.prefetch.valid_tokens)
+            finally:
+                ld.prefetch.close()
+            load = ld.load
+            if valid >= load.end:
+                continue
+            # a chunk missing (evicted since the lookup) or failing its checks: vLLM recomputes from there
+            s = max(valid, load.start)
+            bad = {int(b) for b in load.block_ids[s // self._block_size: -(-load.end // self._block_size)]}
             log.warning("kvfs: request %s: %d tokens of cached KV could not be loaded; vLLM recomputes blocks %s",
-                         load.req_id, sum(e - s for s, e in failed), sorted(bad))
+                        load.req_id, load.end - s, sorted(bad))
             with self._lock:
                 self._load_errors.update(bad)
                 self._failed_reqs.add(load.req_id)
-
-    def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # loads complete inside start_load_kv
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: "AttentionMetadata",
                       **kwargs: Any) -> None:
@@ -378,6 +412,7 @@ class KVFSConnector(KVConnectorBase_V1):
     def wait_for_save(self) -> None:
         """Write this step's prompts: layers the forward pass did not hand over are gathered now."""
         meta = self._connector_metadata
+        self._finish_loads()  # which requests' loads failed decides which prompts are saved
         try:
             if not isinstance(meta, KVFSConnectorMetadata):
                 return
@@ -400,9 +435,17 @@ class KVFSConnector(KVConnectorBase_V1):
             self._failed_reqs.clear()
 
     def get_block_ids_with_load_errors(self) -> set[int]:
+        self._finish_loads()  # vLLM may ask before wait_for_save (deferred finalize)
         with self._lock:
             bad, self._load_errors = self._load_errors, set()
         return bad
 
+    @classmethod
+    def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
+        return True  # loads and saves happen layer by layer, between the attention layers
+
     def shutdown(self) -> None:
+        for ld in self._loading:
+            ld.prefetch.close()
+        self._loading = []
         self.store.close()

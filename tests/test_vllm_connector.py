@@ -251,10 +251,16 @@ def test_a_corrupt_chunk_is_reported_not_loaded(url, tmp_path, caplog):
     meta = sched.build_connector_meta(step(b, BLOCKS_B, len(PROMPT_B) - 64, computed=64))
     with caplog.at_level("WARNING"):
         errors = run_worker_step(worker, caches, meta)
-    assert errors == {BLOCKS_B[2]}  # tokens 32..48: vLLM recomputes from there
+    # the prefix is good up to the bad chunk: vLLM recomputes tokens 32..64 (blocks 2 and 3)
+    assert errors == {BLOCKS_B[2], BLOCKS_B[3]}
     assert "quarantined" in caplog.text
-    assert torch.count_nonzero(read_kv(caches, BLOCKS_B, 32, 48)) == 0  # the corrupt KV never reached the cache
     assert torch.equal(read_kv(caches, BLOCKS_B, 0, 32), kv_a[:, :, :32])
+    # layers are loaded one by one and each is verified before it is used: the layers of tokens 32..64 that
+    # were loaded before the damage showed up hold exactly the stored KV, the damaged layer holds nothing
+    got = read_kv(caches, BLOCKS_B, 32, 64)
+    for layer in range(len(LAYERS)):
+        assert torch.equal(got[layer], kv_a[layer, :, 32:64]) or not got[layer].any()
+    assert not got[len(LAYERS) - 1].any()  # the flipped byte is in the last layer of the chunk
     assert worker.get_block_ids_with_load_errors() == set()  # reported once
     # B's prompt was not saved with the hole in it: the next lookup stops before the quarantined chunk
     assert sched.get_num_new_matched_tokens(request("B2", PROMPT_B), 0) == (32, False)
@@ -481,8 +487,9 @@ def test_through_vllms_own_scheduler(model_config, tmp_path):
     sched.add_request(c)
     out = sched.schedule()
     (load,) = out.kv_connector_metadata.loads
+    assert (load.start, load.end) == (0, 96)  # engine 2 stored B's prompt too
     errors = run_worker_step(worker, caches, out.kv_connector_metadata)
-    assert errors == {load.block_ids[2]}
+    assert errors == set(load.block_ids[2:6])  # from the bad chunk (tokens 32..48) to the end of the load
     finish_step(sched, out, ["C"], errors)
     assert not c.is_finished()
     out = sched.schedule()
