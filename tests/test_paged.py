@@ -162,27 +162,26 @@ def test_block_table_partial_last_block(layout):
     assert torch.equal(gather(cache, tail, layout=layout), kv[:, :, bs + 1:])
 
 
-def test_whole_cache_layout_is_one_index_op_for_all_layers():
-    """SGLang page_first: the logical view shares memory with the pool; scatter is one index_put."""
+def test_whole_cache_layout_is_one_index_op_for_all_layers(monkeypatch):
+    """SGLang page_first: the logical view shares memory with the pool; scatter is one assignment."""
+    import kvfs.connectors.paged as paged
+
     cache = _alloc("sglang_page_first", 40, 1)
     v = logical_view(cache, "sglang_page_first")
     assert v.shape == (L, 2, 40, 1, H, D) and v.data_ptr() == cache.data_ptr()
     pc = PagedCache(cache, "sglang_page_first")
     kv = _kv("sglang_page_first", 5, 1)
     calls = []
-    orig = torch.Tensor.__setitem__
-
-    def spy(self, key, value):
-        calls.append(key)
-        return orig(self, key, value)
-
-    torch.Tensor.__setitem__ = spy
-    try:
-        pc.scatter(kv, [3, 1, 30, 2, 8])
-    finally:
-        torch.Tensor.__setitem__ = orig
+    orig = paged._put
+    monkeypatch.setattr(paged, "_put", lambda *a: (calls.append(a[1]), orig(*a)))
+    pc.scatter(kv, [3, 1, 30, 2, 8])
     assert len(calls) == 1
     assert torch.equal(cache[:, 30, :], kv[:, :, 2].transpose(0, 1))
+    # a per-layer layout: one assignment per layer
+    calls.clear()
+    flash = _alloc("flash", 4, 4)
+    PagedCache(flash, "flash").scatter(_kv("flash", 6, 2), [0, 5, 9, 2, 3, 15])
+    assert len(calls) == L
 
 
 def test_errors_name_what_is_wrong():
@@ -224,3 +223,44 @@ def test_empty_mapping_is_a_no_op():
     pc.scatter(_kv("flash", 0, 0), [])
     assert pc.gather([]).shape == (L, 2, 0, H, D)
     pc.scatter(_kv("flash", 2, 0), [-1, -1])
+
+
+@pytest.mark.parametrize("layout", [x for x in ALL if x not in TOKEN_INDEXED])
+def test_block_table_moves_whole_blocks_in_every_layout(layout):
+    """A block table's slots move a block at a time; padding (-1) and a partial last block still exact."""
+    nb, bs = _geometry(layout)
+    cache = _alloc(layout, nb, bs)
+    pc = PagedCache(cache, _name(layout))
+    n = 3 * bs + 2
+    slots = torch.cat([slot_mapping([6, 1, 8, 3], bs, 0, n), torch.full((5,), -1, dtype=torch.int64)])
+    idx = pc.index(slots)
+    assert idx.aligned == 3 * bs and idx.blocks.tolist() == [6, 1, 8]
+    kv = _kv(layout, n + 5, 13)
+    pc.scatter(kv, idx)
+    for layer in range(L):
+        for t, s in enumerate(slots.tolist()[:n]):
+            assert torch.equal(_ref_token(layout, cache, layer, s, bs), kv[layer, :, t]), (layer, t)
+    got = pc.gather(idx)
+    assert torch.equal(got[:, :, :n], kv[:, :, :n]) and not got[:, :, n:].float().any()
+    # block ids not starting at offset 0 are not whole blocks: the token path takes them
+    shifted = pc.index(slot_mapping([6, 1], bs, 0, 2 * bs) + 1)
+    assert shifted.aligned == 0
+
+
+@pytest.mark.parametrize("layout", sorted(TOKEN_INDEXED))
+def test_token_indexed_pools_with_a_page_size(layout):
+    """SGLang layer_first/page_first pools given their page size: slots stay token indices, pages move whole."""
+    cache = _alloc(layout, 40, 1)
+    pc = PagedCache(cache, layout, page_size=4)
+    assert (pc.num_blocks, pc.block_size, pc.num_slots) == (10, 4, 40)
+    slots = slot_mapping([7, 2, 5], 4, 0, 10)  # two whole pages and half of a third
+    kv = _kv(layout, 10, 17)
+    idx = pc.index(slots)
+    assert idx.aligned == 8
+    pc.scatter(kv, idx)
+    for layer in range(L):
+        for t, s in enumerate(slots.tolist()):
+            assert torch.equal(_ref_token(layout, cache, layer, s, 1), kv[layer, :, t])
+    assert torch.equal(pc.gather(slots), kv)
+    with pytest.raises(InvalidInput, match="page_size"):
+        PagedCache(cache, layout, page_size=7)
