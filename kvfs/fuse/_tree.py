@@ -15,12 +15,15 @@ where ``cp chunk.safetensors <mount>/<model>/<ns>/`` puts it.
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import InvalidInput, NotFound
+from ..errors import ChunkFormatError, InvalidInput, NotFound
 from ._staging import CHUNK_NAME, MANIFEST_NAME, SHARD_NAME
+
+log = logging.getLogger("kvfs.fuse")
 
 DIR_KINDS = frozenset(("root", "model", "namespace", "shard"))
 ROOT_INODE = 1
@@ -128,6 +131,9 @@ def list_dir(store: Any, path: str, kind: str, default_time: float) -> list[tupl
             try:
                 e = _fix_size(store, e.path, e)
             except NotFound:
+                continue
+            except (ChunkFormatError, OSError) as err:  # one bad chunk must not hide its whole directory
+                log.warning("kvfs mount: %s left out of its directory listing: %s", e.path, err)
                 continue
         if k == "manifest":
             st = Stat("manifest", e.size, default_time, default_time, default_time)
