@@ -439,6 +439,11 @@ def restart_rows(res: dict[str, Any]) -> list[list[str]]:
                   f"all {n // H.CHUNK} chunks rewritten ({(_best(res, 'lmcache', 'restart_store_again') or 0) * 1e3:.0f}"
                   f" ms); {files_after[0]} files after"])
     same_key = lmain.get("chunk0_key") == lf.get("chunk0_key")
+    acct = lf.get("accounting_stored_tokens_per_cycle")
+    if acct:
+        table.append(["", "", "", f"LMCache disk tier sized for one 4-chunk prompt, then store + `clear(tokens)` "
+                      f"three times: tokens stored per cycle {acct} (its size counter is not decreased on "
+                      "remove, so after that much writing every store is dropped, without an error)", ""])
     return table + [["", "", "", f"LMCache chunk keys equal across the two processes: {same_key} "
                      "(builtin `hash`, PYTHONHASHSEED=0 set for it)", ""]]
 

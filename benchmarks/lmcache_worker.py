@@ -260,7 +260,8 @@ def wait_until(cond: Callable[[], bool], timeout: float = 300.0, poll: float = 0
 class _LMCache:
     """LMCache 0.5.6 through its public engine API: LMCacheEngineBuilder, LMCacheEngineConfig, store/retrieve/lookup."""
 
-    def __init__(self, name: str, *, cpu: bool, disk: str | None, pool_gib: float, shape=None) -> None:
+    def __init__(self, name: str, *, cpu: bool, disk: str | None, pool_gib: float, shape=None,
+                 disk_gib: float = 1000.0) -> None:
         import torch
         from lmcache.utils import mock_up_broadcast_fn, mock_up_broadcast_object_fn
         from lmcache.v1.cache_engine import LMCacheEngineBuilder
@@ -303,7 +304,7 @@ class _LMCache:
             local_disk=disk,
             # an accounting limit, nothing is reserved: large so that its (never decremented on
             # remove) size counter cannot refuse the repeated store/clear cycles of the benchmark
-            max_local_disk_size=1000.0 if disk else 0.0,
+            max_local_disk_size=disk_gib if disk else 0.0,
         )
         self.engine = LMCacheEngineBuilder.get_or_create(name, config, metadata, CPUConnector(),
                                                          mock_up_broadcast_fn, mock_up_broadcast_object_fn)
@@ -513,6 +514,20 @@ def lmcache_restart(a: argparse.Namespace) -> Report:
                   shape=tiny)
     rep.fact("restart_lookup32k_hits", lm.lookup(ltoks))
     rep.add("restart_lookup32k", samples(a.lookup_repeats, lambda: lm.lookup(ltoks)))
+    lm.close()
+
+    # --- its disk size counter: a disk tier sized for 4 chunks, then store + clear(tokens) cycles
+    pdir = os.path.join(a.dir, "lmcache-accounting") + "/"
+    ptoks = workload_tokens(4 * CHUNK, seed=9)
+    chunk_gib = 2 * tiny[0] * CHUNK * tiny[1] * tiny[2] * ITEMSIZE / 2**30
+    lm = _LMCache("accounting", cpu=False, disk=pdir, pool_gib=0.25, shape=tiny, disk_gib=4 * chunk_gib)
+    pkv = torch.zeros(2, tiny[0], len(ptoks), tiny[1] * tiny[2], dtype=torch.float16)
+    stored = []
+    for _ in range(3):
+        lm.store_until_written(ptoks, pkv)
+        stored.append(lm.lookup(ptoks))
+        lm.clear(ptoks)
+    rep.fact("accounting_stored_tokens_per_cycle", stored)
     lm.close()
     return rep
 
