@@ -20,6 +20,7 @@ import kvfs
 from kvfs.chunk import decode, parse_header
 from kvfs.errors import IntegrityError, NotFound
 from kvfs.fuse import mounted_fstype, process_alive
+from s3servers import moto_server, s3_bucket_url  # noqa: F401  (fixtures)
 
 
 def _why_fuse_unusable() -> str | None:
@@ -622,6 +623,24 @@ def test_a_failing_backend_answers_eio_and_the_mount_carries_on(tmp_path, reaper
         assert e.value.errno == errno.EIO
         with kvfs.open(url) as s:
             assert read(m.path(b)) == s.cat(b)
+
+
+@pytest.mark.s3
+def test_a_store_on_s3_reads_back_through_the_mount(tmp_path, s3_bucket_url, reaper):
+    spec = model_of(WIDE, "s3")
+    paths = put(s3_bucket_url, spec, 100, seed=35)
+    with Mounted(s3_bucket_url, str(tmp_path / "mnt"), adopted=reaper) as m, kvfs.open(s3_bucket_url) as s:
+        assert sorted(os.listdir(m.path(spec.path))) == sorted({p.split("/")[2] for p in paths} | {"manifest.json"})
+        want = s.cat(paths[0])
+        h = parse_header(want)
+        fd = os.open(m.path(paths[0]), os.O_RDONLY)
+        try:  # a ranged read of one layer on the remote tier
+            off = h.data_offset + 3 * h.layer_bytes + 1000
+            assert os.pread(fd, 5000, off) == want[off : off + 5000]
+        finally:
+            os.close(fd)
+        for p in paths:
+            assert read(m.path(p)) == s.cat(p)
 
 
 def test_a_hung_backend_answers_eio_after_the_io_timeout(tmp_path, reaper):
