@@ -185,12 +185,13 @@ class CachedLM:
     ``store`` is an open :class:`kvfs.Store` (left open), a store URL or
     ``None`` for the default store (opened here and closed by :meth:`close`).
     ``load``/``save`` switch reuse and storing (``load=False`` is the full
-    prefill baseline).
+    prefill baseline). ``layerwise=False`` loads the whole prefix before the
+    model runs instead of overlapping the load with the compute.
     """
 
     def __init__(self, model: Any, store: Store | str | None = None, *, spec: KVSpec | None = None,
                  model_name: str | None = None, chunk_tokens: int = 256, load: bool = True,
-                 save: bool = True) -> None:
+                 save: bool = True, layerwise: bool = True) -> None:
         self.model = model
         self.spec = spec or kv_spec(model, model_name=model_name, chunk_tokens=chunk_tokens)
         self._own_store = not isinstance(store, Store)
@@ -198,6 +199,7 @@ class CachedLM:
         self.ns: Namespace = self.store.namespace(self.spec)
         self.load = load
         self.save = save
+        self.layerwise = layerwise
         self._torch_dtype = getattr(torch, self.spec.dtype)
         self.device = next(model.parameters()).device
 
@@ -263,7 +265,9 @@ class CachedLM:
         toks = _prompt_tokens(input_ids)
         t0 = time.perf_counter()
         n, cache = 0, DynamicCache()
-        if self.load and len(toks) > 1:
+        if self.load and len(toks) > 1 and not self.layerwise:
+            n, cache = self.load_prefix(toks[:-1])
+        elif self.load and len(toks) > 1:
             prefetch = self.ns.prefetch(toks[:-1], device=self.device)
             try:
                 n = prefetch.num_tokens

@@ -81,11 +81,12 @@ def test_cold_then_warm_generation_is_token_identical(model, url):
                 assert out.prefill.computed == len(q)
 
 
-def test_logits_match_a_full_forward(model, url):
+@pytest.mark.parametrize("layerwise", [True, False], ids=["layerwise", "load-first"])
+def test_logits_match_a_full_forward(model, url, layerwise):
     prompt = CONTEXT + QUESTIONS[0]
     with torch.inference_mode():
         full = model(torch.tensor([prompt])).logits[0, -1]
-    with CachedLM(model, url, chunk_tokens=CHUNK) as lm:
+    with CachedLM(model, url, chunk_tokens=CHUNK, layerwise=layerwise) as lm:
         cold = lm.prefill(prompt)
         lm.store_prompt(prompt, cold.cache)
         warm = lm.prefill(prompt)
