@@ -5,7 +5,7 @@
 
     lm = CachedLM(model, "lmdb:///nvme/kvfs")      # any store URL, or an open kvfs.Store
     out = lm.generate(prompt_ids, max_new_tokens=32)
-    out.tokens, out.prefill.reused, out.prefill.ttft_s
+    out.tokens, out.prefill.reused, out.ttft_s
 
 For one prompt, :meth:`CachedLM.prefill` looks up the longest stored prefix
 of the prompt *without its last token* (that token must be computed: its
@@ -29,7 +29,7 @@ name and revision, layers, KV heads, head size, KV dtype.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -98,7 +98,7 @@ def kv_from_cache(cache: DynamicCache, ntokens: int | None = None) -> torch.Tens
     ``[layers, 2, tokens, kv_heads, head_dim]`` (the layout of a kvfs chunk)."""
     layers = cache.layers
     for i, layer in enumerate(layers):
-        if type(layer) is not DynamicLayer:
+        if type(layer) not in (DynamicLayer, _PrefetchedLayer):
             raise InvalidInput(f"cache layer {i} is a {type(layer).__name__}; kvfs stores full-attention "
                                "DynamicLayer caches only")
     k0 = layers[0].keys
@@ -157,8 +157,8 @@ class Prefill:
     logits: torch.Tensor
     prompt_tokens: int
     reused: int  # leading tokens whose KV came from kvfs
-    load_s: float  # lookup and starting the prefetch (the loading itself overlaps the compute)
-    compute_s: float  # the model on the remaining tokens, including any wait for a layer still loading
+    load_s: float  # layer-wise: lookup and starting the prefetch (the loading overlaps the compute); else the load
+    compute_s: float  # the model on the remaining tokens (layer-wise: including waits for layers still loading)
 
     @property
     def computed(self) -> int:
@@ -175,7 +175,6 @@ class Generation:
     total_s: float
     stored_chunks: int = 0
     save_s: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------- the wrapper
@@ -249,7 +248,7 @@ class CachedLM:
             return 0
         try:
             for i, layer in enumerate(cache.layers):
-                if type(layer) is not DynamicLayer and not isinstance(layer, _PrefetchedLayer):
+                if type(layer) not in (DynamicLayer, _PrefetchedLayer):
                     raise InvalidInput(f"cache layer {i} is a {type(layer).__name__}; kvfs stores full-attention "
                                        "DynamicLayer caches only")
                 saver.save_layer(i, layer.keys[0, :, :t].transpose(0, 1), layer.values[0, :, :t].transpose(0, 1))
