@@ -58,6 +58,7 @@ from ..namespace import Namespace
 from ..spec import KVSpec, canonical_dtype
 from ..store import ReadItem
 from ..store import open as open_store
+from .paged import logical_view
 
 log = logging.getLogger("kvfs.sglang")
 
@@ -75,21 +76,17 @@ def page_chunk_key(spec: KVSpec, page_key: str) -> ChunkKey:
 
 
 def page_view(page: torch.Tensor, layout: str) -> torch.Tensor:
-    """A host-pool page (as the pool's ``kv_buffer`` indexes it) as ``[layers, 2, page, heads, dim]``.
+    """One page of an SGLang MHA host pool as ``[layers, 2, page, heads, dim]``, a view (never a copy).
 
-    ``layer_first``: ``[2, L, P, H, D]``; ``page_first``: ``[2, P, L, H, D]``;
-    ``page_first_direct``: ``[2, 1, L, P, H, D]``; ``page_head``: ``[2, 1, H, P, L, D]``.
-    A view, never a copy.
+    ``page`` is the page as the pool's ``kv_buffer`` indexes it (``get_data_page(i, flat=False)``):
+    ``layer_first`` ``[2, L, P, H, D]``, ``page_first`` ``[2, P, L, H, D]``, ``page_first_direct``
+    ``[2, 1, L, P, H, D]``, ``page_head`` ``[2, 1, H, P, L, D]``; the axis order comes from
+    :func:`kvfs.connectors.paged.logical_view`.
     """
-    if layout == "layer_first":
-        return page.permute(1, 0, 2, 3, 4)
-    if layout == "page_first":
-        return page.permute(2, 0, 1, 3, 4)
-    if layout == "page_first_direct":
-        return page[:, 0].permute(1, 0, 2, 3, 4)
-    if layout == "page_head":
-        return page[:, 0].permute(3, 0, 2, 1, 4)
-    raise ValueError(f"kvfs does not handle SGLang host pool layout {layout!r}; use one of {', '.join(LAYOUTS)}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"kvfs does not handle SGLang host pool layout {layout!r}; use one of {', '.join(LAYOUTS)}")
+    v = logical_view(page, f"sglang_{layout}")  # [L, 2, blocks, block_size, H, D]
+    return v[:, :, :, 0] if layout in ("layer_first", "page_first") else v[:, :, 0]
 
 
 class KVFSHiCacheStorage(HiCacheStorage):
@@ -162,14 +159,8 @@ class KVFSHiCacheStorage(HiCacheStorage):
         return page_view(flat.reshape(shapes[self.layout]), self.layout)
 
     def _pool_page(self, index: int) -> torch.Tensor:
-        pool = self.mem_pool_host
-        buf = pool.kv_buffer
-        if self.layout in ("layer_first", "page_first"):
-            page = buf[:, :, index: index + pool.page_size] if self.layout == "layer_first" else \
-                buf[:, index: index + pool.page_size]
-        else:
-            page = buf[:, index // pool.page_size: index // pool.page_size + 1]
-        return page_view(page, self.layout)
+        """The host pool's page starting at host index ``index``, as a view (SGLang's own page slicing)."""
+        return page_view(self.mem_pool_host.get_data_page(index, flat=False), self.layout)
 
     # ---------------------------------------------------------------------------------- core operations
     def _present(self, ckeys: list[ChunkKey]) -> list[bool]:
