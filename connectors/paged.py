@@ -56,8 +56,10 @@ offset``, exactly like vLLM's.
     cache.scatter(chunk_kv, slots)                    # chunk_kv [layers, 2, n, heads, dim]
     back = cache.gather(slots)                        # the same tensor
 
-Slots are checked (one device sync for a device tensor): out of range is an
-``IndexError`` naming the slot count, never a silent write elsewhere.
+Slots are checked once per mapping (:meth:`PagedCache.index`, two or three
+device syncs for a device tensor; reuse the result for every layer): out of
+range is an ``IndexError`` naming the slot count, never a silent write
+elsewhere.
 Gathering a negative slot leaves that token of ``out`` as it was (zeros when
 ``gather`` allocates ``out``).
 """
@@ -255,8 +257,8 @@ class PagedCache:
         whole = (s.numel() // bs) * bs
         if bs > 1 and whole:
             head = s[:whole].view(-1, bs)
-            if bool((head == head[:, :1] + torch.arange(bs, device=s.device)).all()) and \
-                    bool((head[:, 0] % bs == 0).all()):
+            in_order = (head == head[:, :1] + torch.arange(bs, device=s.device)).all()
+            if bool(in_order & (head[:, 0] % bs == 0).all()):  # one more sync on a device
                 aligned, blocks = whole, head[:, 0] // bs
         return SlotIndex(n, keep, s, s // bs, s % bs, aligned, blocks)
 
