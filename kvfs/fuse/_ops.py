@@ -1,4 +1,7 @@
-"""The pyfuse3 operations of a kvfs mount.
+"""The pyfuse3 operations of a kvfs mount: the tree, attributes, directories, removal, reads.
+
+Writes (``--read-write``) are in :mod:`kvfs.fuse._writes`, extended
+attributes in :mod:`kvfs.fuse._xattrs`; one class holds them all.
 
 Rules every handler follows:
 
@@ -6,9 +9,9 @@ Rules every handler follows:
   store and backend I/O runs in worker threads (:meth:`KVFSOperations._io`),
   bounded by a limiter and a timeout, so that a slow or hung backend answers
   ``EIO`` instead of hanging the mount;
-* errors become errnos in one place (:func:`boundary`): the store's
-  ``OSError`` subclasses keep the errno a filesystem would give, corrupt
-  chunks and backend failures are ``EIO`` plus a log line;
+* errors become errnos in one place (:func:`kvfs.fuse._boundary.boundary`):
+  the store's ``OSError`` subclasses keep the errno a filesystem would give,
+  corrupt chunks and backend failures are ``EIO`` plus a log line;
 * the kernel caches entries and attributes for ``attr_timeout`` seconds
   only, so chunks stored or evicted by other processes appear and vanish
   without a remount.
@@ -22,7 +25,6 @@ import logging
 import os
 import stat as stat_m
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import pyfuse3
@@ -30,93 +32,22 @@ import trio
 from pyfuse3 import FUSEError
 
 from ..catalog import key_of_path
-from ..errors import ChunkFormatError, InvalidInput, NotFound
+from ..errors import ChunkFormatError, NotFound
 from . import _tree
-from ._reader import ChunkReader, StaleChunk
-from ._staging import (
-    MANIFEST_NAME,
-    SHARD_NAME,
-    StagedFile,
-    check_manifest,
-    chunk_limit,
-    classify_new_name,
-    import_staged,
-)
-from ._tree import DIR_KINDS, XATTR_PREFIX, Stat, child_of, inode_of
+from ._boundary import Handle, Node, boundary
+from ._reader import ChunkReader
+from ._staging import MANIFEST_NAME, SHARD_NAME, StagedFile, chunk_limit
+from ._tree import DIR_KINDS, Stat, child_of, inode_of
+from ._writes import WriteOps
+from ._xattrs import XattrOps
 
 log = logging.getLogger("kvfs.fuse")
 
-#: errnos the store raises with a filesystem meaning (no such chunk, read-only store, full tier,
-#: bad input); any other OSError is a backend failure: EIO plus a log line. Handlers raise
-#: FUSEError(EPERM/EISDIR/...) themselves where they mean it.
-PASS_THROUGH = frozenset((errno.ENOENT, errno.EROFS, errno.ENOSPC, errno.EINVAL, errno.EFBIG, errno.ENAMETOOLONG))
 BLKSIZE = 1 << 20  # tells cp & co. to read in 1 MiB requests
 DIR_TTL = 2.0  # directory sizes/times are sums over chunks: recompute at most this often
 
 
-def errno_of(exc: BaseException, what: str) -> int:
-    """The errno a FUSE caller gets for an exception raised while doing ``what``."""
-    if isinstance(exc, FUSEError):
-        return exc.errno
-    if isinstance(exc, (NotFound, FileNotFoundError)):
-        return errno.ENOENT
-    if isinstance(exc, StaleChunk):
-        log.warning("kvfs mount: %s: the chunk was evicted while open", what)
-        return errno.ESTALE
-    if isinstance(exc, ChunkFormatError):  # a corrupt or foreign chunk read from the store
-        log.error("kvfs mount: %s: %s", what, exc)
-        return errno.EIO
-    if isinstance(exc, InvalidInput):
-        return errno.EINVAL
-    if isinstance(exc, OSError) and exc.errno in PASS_THROUGH:
-        return exc.errno
-    if isinstance(exc, OSError):
-        log.error("kvfs mount: %s: backend failure: %s", what, exc)
-    else:
-        log.error("kvfs mount: %s: unexpected error", what, exc_info=exc)
-    return errno.EIO
-
-
-def boundary(fn):
-    """Turn any exception of a handler into ``FUSEError(errno)``: a handler never kills the loop."""
-
-    @functools.wraps(fn)
-    async def handler(self, *args):
-        try:
-            return await fn(self, *args)
-        except FUSEError:
-            raise
-        except Exception as e:  # noqa: BLE001 - this is the one boundary
-            raise FUSEError(errno_of(e, f"{fn.__name__}{self._describe(args)}")) from None
-
-    return handler
-
-
-@dataclass(eq=False)
-class Node:
-    """An inode the kernel knows (its lookup count says how many references it holds)."""
-
-    ino: int
-    path: str
-    kind: str
-    lookups: int = 0
-
-
-class _Handle:
-    """One open file: a verified chunk reader, fixed bytes (a manifest) or a staged new file."""
-
-    __slots__ = ("ino", "reader", "data", "staged", "failed")
-
-    def __init__(self, ino: int, reader: ChunkReader | None = None, data: bytes | None = None,
-                 staged: StagedFile | None = None) -> None:
-        self.ino = ino
-        self.reader = reader
-        self.data = data
-        self.staged = staged
-        self.failed = False
-
-
-class KVFSOperations(pyfuse3.Operations):
+class KVFSOperations(WriteOps, XattrOps, pyfuse3.Operations):
     """A store's namespace as a filesystem. See ``docs/fuse.md``."""
 
     supports_dot_lookup = False
@@ -136,7 +67,7 @@ class KVFSOperations(pyfuse3.Operations):
         self._limiter = trio.CapacityLimiter(threads)
         self._ahead_limiter = trio.CapacityLimiter(4)  # read-ahead never takes the threads reads need
         self._nodes: dict[int, Node] = {pyfuse3.ROOT_INODE: Node(pyfuse3.ROOT_INODE, "", "root", 1)}
-        self._handles: dict[int, _Handle] = {}
+        self._handles: dict[int, Handle] = {}
         self._dirs: dict[int, list] = {}
         self._next_fh = 1
         self._pending: dict[str, str] = {}  # directories made by mkdir or emptied by rm: path -> kind
@@ -198,7 +129,7 @@ class KVFSOperations(pyfuse3.Operations):
         """The errno for a change this mount does not make: EROFS unless mounted --read-write."""
         return errno.EPERM if self.read_write else errno.EROFS
 
-    def _new_fh(self, handle: _Handle) -> int:
+    def _new_fh(self, handle: Handle) -> int:
         fh = self._next_fh
         self._next_fh += 1
         self._handles[fh] = handle
@@ -488,30 +419,6 @@ class KVFSOperations(pyfuse3.Operations):
         self._invalidate(other, name_s)
 
     @boundary
-    async def rename(self, p_old, name_old, p_new, name_new, flags, ctx):
-        if not self.read_write:
-            raise FUSEError(errno.EROFS)
-        old = os.fsdecode(name_old)
-        new = os.fsdecode(name_new)
-        staged = self._staged.get((p_old, old))
-        if staged is None:
-            raise FUSEError(errno.EPERM)  # stored chunks are named by their content: never renamed
-        parent = self._node(p_new)
-        if parent.kind not in ("namespace", "shard"):
-            raise FUSEError(errno.EPERM)
-        kind, path = classify_new_name(parent.kind, parent.path, new)
-        if kind != "temp":
-            # rsync writes .name.XXXXXX, closes it, then renames it: this is where it becomes a chunk
-            try:
-                await self._commit(staged, kind=kind, path=path)
-            finally:
-                self._forget_cached(staged.ino)
-            return
-        del self._staged[(p_old, old)]
-        staged.parent_ino, staged.name, staged.path = p_new, new, path
-        self._staged[(p_new, new)] = staged
-
-    @boundary
     async def link(self, ino, new_parent_ino, new_name, ctx):
         raise FUSEError(self._refuse())  # a chunk has one name (and its alias in the namespace directory)
 
@@ -522,75 +429,6 @@ class KVFSOperations(pyfuse3.Operations):
     @boundary
     async def mknod(self, parent_ino, name, mode, rdev, ctx):
         raise FUSEError(self._refuse())
-
-    # ------------------------------------------------------------------------------ xattrs
-    @boundary
-    async def getxattr(self, ino, name, ctx):
-        name_s = os.fsdecode(name)
-        if self._staged_ino.get(ino) is not None or not name_s.startswith(XATTR_PREFIX):
-            raise FUSEError(pyfuse3.ENOATTR)
-        node = self._node(ino)
-        key = name_s[len(XATTR_PREFIX):]
-        if node.kind == "root" and key == "pid":
-            return str(os.getpid()).encode()
-        if key not in _tree.xattr_names(node.kind):
-            raise FUSEError(pyfuse3.ENOATTR)
-        values = await self._io(_tree.xattrs, self.store, node.path, node.kind)
-        return values[key].encode()
-
-    @boundary
-    async def listxattr(self, ino, ctx):
-        if self._staged_ino.get(ino) is not None:
-            return []
-        node = self._node(ino)
-        names = [(XATTR_PREFIX + n).encode() for n in _tree.xattr_names(node.kind)]
-        if node.kind == "root":
-            names.append(b"user.kvfs.pid")
-        return names
-
-    def _set_pin_sync(self, path: str, kind: str, pin: bool) -> None:
-        if kind == "chunk" and pin:
-            if self.store.stat(path).pins == 0:  # a boolean view of the pin count: setting 1 twice pins once
-                self.store.pin(path)
-        elif pin:
-            self.store.pin(path)
-        else:
-            self.store.unpin(path, all_pins=True)
-
-    @boundary
-    async def setxattr(self, ino, name, value, ctx):
-        name_s = os.fsdecode(name)
-        staged = self._staged_ino.get(ino)
-        if not name_s.startswith(XATTR_PREFIX):
-            raise FUSEError(errno.ENOTSUP)  # kvfs keeps no other attributes
-        key = name_s[len(XATTR_PREFIX):]
-        if staged is not None:
-            if key == "pinned":
-                staged.pin = _tree.parse_bool(value)  # applied once the file is stored
-            return  # the others follow from the bytes, which the import checks
-        node = self._node(ino)
-        if key not in _tree.xattr_names(node.kind):
-            raise FUSEError(errno.ENOTSUP)
-        if key == "pinned":
-            pin = _tree.parse_bool(value)
-            if node.kind == "root":
-                raise FUSEError(errno.EPERM)  # pinning everything is `kvfs pin /`, not an accident of setfattr
-            await self._io(self._set_pin_sync, node.path, node.kind, pin)
-            self._forget_dir_cache(node.path)
-            return
-        # read-only attributes: setting the value they already have is fine (cp -a, rsync -X)
-        values = await self._io(_tree.xattrs, self.store, node.path, node.kind)
-        if values[key].encode() != bytes(value).rstrip(b"\x00"):
-            raise FUSEError(errno.EPERM)
-
-    @boundary
-    async def removexattr(self, ino, name, ctx):
-        name_s = os.fsdecode(name)
-        node = self._node(ino)
-        if name_s == XATTR_PREFIX + "pinned" and node.kind in ("chunk", "model", "namespace", "shard"):
-            await self._io(self._set_pin_sync, node.path, node.kind, False)
-            return
-        raise FUSEError(errno.EPERM if name_s.startswith(XATTR_PREFIX) else pyfuse3.ENOATTR)
 
     # ------------------------------------------------------------------------------ reading
     def _open_chunk_sync(self, path: str) -> ChunkReader:
@@ -630,7 +468,7 @@ class KVFSOperations(pyfuse3.Operations):
             if writing and flags & os.O_TRUNC:
                 staged.truncate(0)
             staged.opens += 1
-            return pyfuse3.FileInfo(fh=self._new_fh(_Handle(ino, staged=staged)), direct_io=True)
+            return pyfuse3.FileInfo(fh=self._new_fh(Handle(ino, staged=staged)), direct_io=True)
         node = self._node(ino)
         if node.kind in DIR_KINDS:
             raise FUSEError(errno.EISDIR)
@@ -645,17 +483,17 @@ class KVFSOperations(pyfuse3.Operations):
                                    self._manifests.get("/".join(node.path.split("/")[:2])))
             staged = StagedFile(ino, self._ino_of(parent_path), name, node.kind, node.path, limit=limit)
             staged.opens = 1
-            return pyfuse3.FileInfo(fh=self._new_fh(_Handle(ino, staged=staged)), direct_io=True)
+            return pyfuse3.FileInfo(fh=self._new_fh(Handle(ino, staged=staged)), direct_io=True)
         if node.kind == "manifest":
             nsp = node.path.rsplit("/", 1)[0]
             data = self._manifests.get(nsp)
             if data is None:
                 data = await self._io(self._manifest_sync, node.path)
-            return pyfuse3.FileInfo(fh=self._new_fh(_Handle(ino, data=data)), keep_cache=False)
+            return pyfuse3.FileInfo(fh=self._new_fh(Handle(ino, data=data)), keep_cache=False)
         reader = await self._io(self._open_chunk_sync, node.path)
         # chunks never change under a name: the kernel may keep their pages across opens
         # (a chunk evicted and stored again has a new mtime, which drops them)
-        return pyfuse3.FileInfo(fh=self._new_fh(_Handle(ino, reader=reader)), keep_cache=True)
+        return pyfuse3.FileInfo(fh=self._new_fh(Handle(ino, reader=reader)), keep_cache=True)
 
     def _fill_sync(self, reader: ChunkReader, off: int, size: int):
         with reader.lock:
@@ -706,153 +544,6 @@ class KVFSOperations(pyfuse3.Operations):
                                               limiter=self._ahead_limiter)
         except Exception:  # noqa: BLE001 - the read that needs these layers fetches them again and reports
             pass
-
-    # ------------------------------------------------------------------------------ writing
-    @boundary
-    async def create(self, parent_ino, name, mode, flags, ctx):
-        parent = self._node(parent_ino)
-        if not self.read_write:
-            raise FUSEError(errno.EROFS)
-        if parent.kind not in ("namespace", "shard"):
-            raise FUSEError(errno.EPERM)  # files live in namespace directories only
-        name_s = os.fsdecode(name)
-        kind, path = classify_new_name(parent.kind, parent.path, name_s)
-        nsp = "/".join(parent.path.split("/")[:2])
-        limit = await self._io(chunk_limit, self.store, nsp, self._manifests.get(nsp))
-        if kind == "manifest":
-            limit = 1 << 20
-        ino = self._ino_of(path)
-        staged = StagedFile(ino, parent_ino, name_s, kind, path, limit=limit)
-        staged.lookups = staged.opens = 1
-        self._staged[(parent_ino, name_s)] = staged
-        self._staged_ino[ino] = staged
-        fh = self._new_fh(_Handle(ino, staged=staged))
-        # direct_io: written bytes, checked only at close, never sit in the kernel's page cache,
-        # where a later reader of this inode (chunks are opened with keep_cache) could be served them
-        return pyfuse3.FileInfo(fh=fh, direct_io=True), self._attrs(ino, self._staged_stat(staged))
-
-    @boundary
-    async def write(self, fh, off, buf):
-        h = self._handles.get(fh)
-        if h is None or h.staged is None:
-            raise FUSEError(errno.EBADF)
-        return h.staged.write(off, buf)
-
-    def _commit_sync(self, staged: StagedFile, kind: str, path: str, manifest: bytes | None):
-        nsp = "/".join(path.split("/")[:2])
-        if kind == "manifest":
-            data = check_manifest(self.store, nsp, bytes(staged.data))
-            return "manifest", None if self.store.spec_of(nsp) is not None else data
-        stored = import_staged(self.store, staged, path, manifest)
-        if staged.pin:
-            self.store.pin(path)
-        return "chunk", stored
-
-    async def _commit(self, staged: StagedFile, *, kind: str | None = None, path: str | None = None) -> None:
-        """Validate a closed new file and store it; the error (EINVAL: not a valid chunk) goes to close(2)."""
-        kind = kind or staged.kind
-        path = path or staged.path
-        if kind == "temp":
-            return
-        nsp = "/".join(path.split("/")[:2])
-        staged.dirty = False
-        try:
-            what, result = await self._io(self._commit_sync, staged, kind, path, self._manifests.get(nsp))
-        except ChunkFormatError as e:
-            log.warning("kvfs mount: refused %s: %s (nothing stored)", path, e)
-            raise FUSEError(errno.EINVAL) from None
-        if what == "manifest":
-            if result is not None:
-                self._manifests[nsp] = result  # visible now, stored with the namespace's first chunk
-        else:
-            log.info("kvfs mount: %s %s", "stored" if result else "already held", path)
-            self._manifests.pop(nsp, None)
-            for p in list(self._pending):
-                if path.startswith(p + "/"):
-                    del self._pending[p]  # real now
-        self._forget_dir_cache(path)
-        staged.data = bytearray()  # stored: the bytes live in the store now
-        self._adopt(staged, path, kind)
-
-    def _adopt(self, staged: StagedFile, path: str, kind: str) -> None:
-        """A new file was stored: its inode (and the kernel's references to it) now name the stored file."""
-        if self._staged.get((staged.parent_ino, staged.name)) is staged:
-            del self._staged[(staged.parent_ino, staged.name)]
-        if self._staged_ino.get(staged.ino) is staged:
-            del self._staged_ino[staged.ino]
-        if staged.lookups > 0:
-            node = self._nodes.get(staged.ino)
-            if node is None or node.path != path:
-                node = self._nodes[staged.ino] = Node(staged.ino, path, kind)
-            node.lookups += staged.lookups
-            staged.lookups = 0
-
-    def _finish_staged(self, h: _Handle) -> None:
-        """After a commit (or its failure) the new file's name is no longer a staged file."""
-        staged = h.staged
-        if self._staged.get((staged.parent_ino, staged.name)) is staged:
-            del self._staged[(staged.parent_ino, staged.name)]
-        self._drop_staged_if_unused(staged)
-
-    def _drop_staged_if_unused(self, staged: StagedFile) -> None:
-        if (staged.opens <= 0 and self._staged.get((staged.parent_ino, staged.name)) is not staged
-                and self._staged_ino.get(staged.ino) is staged):
-            del self._staged_ino[staged.ino]
-
-    def _forget_cached(self, ino: int) -> None:
-        """After an import attempt: the kernel re-asks for this inode's size and bytes (a background task)."""
-        if self.nursery is not None:
-            self.nursery.start_soon(self._forget_cached_task, ino)
-
-    async def _forget_cached_task(self, ino: int) -> None:
-        # from a worker thread, after the reply: the kernel may wait for requests on the inode in flight
-        try:
-            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino, abandon_on_cancel=True)
-        except OSError:
-            pass  # the kernel no longer knows the inode: nothing cached
-
-    async def _close_write(self, h: _Handle, *, report: bool) -> None:
-        staged = h.staged
-        if staged.kind == "temp" or not staged.dirty:
-            return
-        if h.failed:  # written to again after its import failed: still nothing stored
-            staged.dirty = False
-            if report:
-                raise FUSEError(errno.EINVAL)
-            return
-        try:
-            await self._commit(staged)
-        except FUSEError:
-            h.failed = True
-            self._finish_staged(h)
-            await self._drop_name(staged)
-            if report:
-                raise
-            return
-        finally:
-            self._forget_cached(h.ino)
-        self._finish_staged(h)
-
-    async def _drop_name(self, staged: StagedFile) -> None:
-        """A new file was refused: have the kernel forget its name before close(2) returns the error,
-        so that the next open of that name creates a new file. From a worker thread: the kernel holds
-        no lock of the directory while it waits for this flush/fsync."""
-        with trio.move_on_after(5):
-            try:
-                await trio.to_thread.run_sync(pyfuse3.invalidate_entry, staged.parent_ino,
-                                              os.fsencode(staged.name), abandon_on_cancel=True)
-            except OSError:
-                pass  # the kernel did not know the name
-
-    @boundary
-    async def flush(self, fh):
-        h = self._handles.get(fh)
-        if h is not None and h.staged is not None:
-            await self._close_write(h, report=True)
-
-    @boundary
-    async def fsync(self, fh, datasync):
-        await self.flush(fh)
 
     @boundary
     async def release(self, fh):

@@ -116,7 +116,6 @@ class ChunkReader:
         self.whole: memoryview | None = None  # whole verified file (signed stores)
         self._tiers: list = []
         self._windows: list[tuple[int, int, memoryview]] = []  # (first layer, end layer, bytes)
-        self._cached = 0
         self._retired: list[memoryview] = []  # buffers of dropped windows, recycled by the event loop
         self._next = 0  # where the last read ended: detects sequential access (from the start, too)
         self._sequential = False
@@ -302,7 +301,6 @@ class ChunkReader:
             cached -= len(keep.pop(0)[2])
         self._retired.extend(w[2] for w in windows if not any(w is k for k in keep))
         self._windows = keep  # one assignment: the event loop reads a consistent list
-        self._cached = cached
 
     def release_retired(self) -> None:
         """Recycle the buffers of retired windows. Call only from the event loop, between reads.
@@ -322,5 +320,4 @@ class ChunkReader:
     def close(self) -> None:
         self._windows = []
         self._retired = []
-        self._cached = 0
         self.whole = None

@@ -21,7 +21,6 @@ Names a mount accepts (see :func:`classify_new_name`):
 from __future__ import annotations
 
 import re
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -76,7 +75,6 @@ class StagedFile:
     created: float = field(default_factory=time.time)
     modified: float = field(default_factory=time.time)
     pin: bool | None = None  # user.kvfs.pinned set before the import
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def write(self, off: int, buf: bytes) -> int:
         end = off + len(buf)
