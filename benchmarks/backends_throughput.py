@@ -304,7 +304,7 @@ def main() -> None:
     if args.quick:
         args.gib, args.s3_gib, args.repeats = min(args.gib, 0.25), min(args.s3_gib, 0.25), 2
     cmd = (f"python benchmarks/backends_throughput.py --gib {args.gib:g} --s3-gib {args.s3_gib:g} "
-           f"--concurrency {args.concurrency}" + (" --quick" if args.quick else "")
+           f"--concurrency {args.concurrency} --repeats {args.repeats}" + (" --quick" if args.quick else "")
            + (f" --only {args.only}" if args.only else ""))
     res = Results("File backend and S3 tier", cmd)
     root = tempfile.mkdtemp(prefix="kvfs-bench-backends-", dir=args.dir)

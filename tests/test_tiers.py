@@ -31,6 +31,7 @@ def _in_tier(store, tier: int, ns, toks) -> list[bool]:
 
 
 # ------------------------------------------------------------------------------------ write-back
+@pytest.mark.s3
 def test_writeback_is_bounded_and_flushed_on_close(moto_server):
     proxy = FaultyProxy(moto_server)
     bucket = make_bucket(moto_server)
@@ -201,7 +202,6 @@ def test_last_tier_full_of_pinned_chunks_is_nospace(tmp_path):
     size = CHUNK + 4096
     with kvfs.open(f"file://{tmp_path}/f?capacity={2 * size}") as store:
         ns = store.namespace(SPEC)
-        a, b = _prompt(2, 50)[0][: SPEC.chunk_tokens], None
         toks, kv = _prompt(2, 50)
         ns.put(toks, kv)
         ns.pin(toks)
@@ -216,6 +216,7 @@ def test_last_tier_full_of_pinned_chunks_is_nospace(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ a lower tier goes away
+@pytest.mark.s3
 @pytest.mark.skipif(not seaweed_available(), reason="SeaweedFS is not installed")
 def test_store_stays_usable_while_the_s3_tier_is_down_and_recovers():
     with SeaweedServer() as server:
