@@ -124,7 +124,7 @@ class Mounted:
 
     def __enter__(self) -> "Mounted":
         os.makedirs(self.mnt, exist_ok=True)
-        kvfs_cmd("mount", *self.flags, self.url, self.mnt)
+        kvfs_cmd("mount", "--log", self.mnt.rstrip("/") + ".log", *self.flags, self.url, self.mnt)
         assert mounted_fstype(self.mnt) == "fuse.kvfs"  # ready when the command returns
         self.pid = int(os.getxattr(self.mnt, "user.kvfs.pid"))
         return self
@@ -529,7 +529,7 @@ def test_umount_waits_for_the_server_and_leaves_no_process(tmp_path, reaper):
     put(url, SPEC, 40, seed=30)
     mnt = str(tmp_path / "mnt")
     os.makedirs(mnt)
-    kvfs_cmd("mount", url, mnt)
+    kvfs_cmd("mount", "--log", str(tmp_path / "server.log"), url, mnt)
     pid = int(os.getxattr(mnt, "user.kvfs.pid"))
     assert process_alive(pid)
     f = open(os.path.join(mnt, SPEC.path, "manifest.json"), "rb")
@@ -547,14 +547,15 @@ def test_umount_waits_for_the_server_and_leaves_no_process(tmp_path, reaper):
 
 def test_mount_errors_are_reported_and_leave_nothing_running(tmp_path, reaper):
     mnt = str(tmp_path / "mnt")
-    res = kvfs_cmd("mount", f"lmdb://{tmp_path}/s", mnt, check=False)
+    log = str(tmp_path / "server.log")
+    res = kvfs_cmd("mount", "--log", log, f"lmdb://{tmp_path}/s", mnt, check=False)
     assert res.returncode != 0 and "not a directory" in res.stderr
     os.makedirs(mnt)
-    res = kvfs_cmd("mount", "nosuchscheme://x", mnt, check=False)
+    res = kvfs_cmd("mount", "--log", log, "nosuchscheme://x", mnt, check=False)
     assert res.returncode != 0 and "nosuchscheme" in res.stderr
     assert mounted_fstype(mnt) is None
     with Mounted(f"lmdb://{tmp_path}/s", mnt, adopted=reaper):
-        res = kvfs_cmd("mount", f"lmdb://{tmp_path}/s", mnt, check=False)
+        res = kvfs_cmd("mount", "--log", log, f"lmdb://{tmp_path}/s", mnt, check=False)
         assert res.returncode != 0 and "already" in res.stderr
 
 
@@ -591,7 +592,7 @@ def test_sigterm_unmounts_and_exits_cleanly(tmp_path, reaper):
     put(url, SPEC, 32, seed=33)
     mnt = str(tmp_path / "mnt")
     os.makedirs(mnt)
-    kvfs_cmd("mount", url, mnt)
+    kvfs_cmd("mount", "--log", str(tmp_path / "server.log"), url, mnt)
     pid = int(os.getxattr(mnt, "user.kvfs.pid"))
     os.kill(pid, 15)
     assert gone(pid, reaper) in (0, None)
@@ -605,7 +606,8 @@ def test_foreground_mount_serves_until_unmounted(tmp_path):
     os.makedirs(mnt)
     script = os.path.join(os.path.dirname(sys.executable), "kvfs")
     base = [script] if os.path.exists(script) else [sys.executable, "-c", "from kvfs.cli import main; main()"]
-    proc = subprocess.Popen(base + ["mount", "--foreground", url, mnt], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(base + ["mount", "--foreground", "--log", str(tmp_path / "server.log"), url, mnt],
+                            stderr=subprocess.PIPE, text=True)
     try:
         assert wait_for(lambda: mounted_fstype(mnt) == "fuse.kvfs" and os.path.exists(os.path.join(mnt, path)), 30)
         with kvfs.open(url) as s:
