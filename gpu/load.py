@@ -36,7 +36,7 @@ from kvfs._layers import LayerReader
 from kvfs.errors import InvalidInput
 from kvfs.keys import as_tokens
 
-from ._device import RAW_NUMPY, RAW_TORCH, as_device, raw_numpy, torch_dtype
+from ._device import RAW_NUMPY, RAW_TORCH, as_device, empty, raw_numpy, torch_dtype
 from .pinned import PinnedPool, default_pool
 
 log = logging.getLogger("kvfs")
@@ -90,8 +90,9 @@ class DeviceReader:
         Items past ``count`` or failed before are ``False`` and not read.
         """
         count = len(self.plan) if count is None else count
-        if not dest.is_contiguous() or dest.device != self.device:
-            raise InvalidInput(f"destination must be a contiguous tensor on {self.device}")
+        if not _rows_contiguous(dest) or dest.device != self.device:
+            raise InvalidInput(f"destination must be a tensor on {self.device} whose [tokens, heads, dim] are "
+                               "contiguous")
         if not self.cuda:
             raw = raw_numpy(dest)
             dests = [raw[:, :, p.start - self.base : p.end - self.base] if i < count else None
@@ -233,6 +234,11 @@ class DeviceReader:
             self.pool.close()
 
 
+def _rows_contiguous(t: torch.Tensor) -> bool:
+    """``[..., tokens, heads, dim]`` with each plane's tokens contiguous (direct reads need it)."""
+    return t.stride(-1) == 1 and t.stride(-2) == t.shape[-1] and t.stride(-3) == t.shape[-1] * t.shape[-2]
+
+
 def _valid_prefix(plan: Sequence[Any], ok: Sequence[bool]) -> int:
     """Tokens covered before the first failed item (relative to the plan's first token)."""
     base = plan[0].start if plan else 0
@@ -246,7 +252,8 @@ def load(ns: Any, tokens: Any, *, device: Any = "cpu", layers: range | None = No
          pool: PinnedPool | None = None, direct: str | bool = "auto") -> tuple[int, torch.Tensor]:
     """The longest cached prefix of ``tokens``: ``(n, kv)`` with kv ``[len(layers), planes, n, heads, dim]``
     on ``device`` (verified; a failing chunk ends the prefix). The caller's current stream already waits
-    for the copies. ``out``: a contiguous ``[len(layers), planes, >= lookup tokens, heads, dim]`` tensor."""
+    for the copies. ``out``: a ``[len(layers), planes, >= lookup tokens, heads, dim]`` tensor (its rows
+    contiguous, e.g. a contiguous tensor) to read into instead of a new one."""
     spec = ns.spec
     plan = ns.plan(as_tokens(tokens))
     layers = range(spec.num_layers) if layers is None else layers
@@ -254,14 +261,14 @@ def load(ns: Any, tokens: Any, *, device: Any = "cpu", layers: range | None = No
     dev = as_device(device if out is None else out.device)
     shape = (len(layers),) + spec.chunk_shape(total)[1:]
     if out is None:
-        out = torch.empty(shape, dtype=torch_dtype(spec.dtype), device=dev)
+        out = empty(shape, torch_dtype(spec.dtype), dev)
     elif tuple(out.shape[:2]) != shape[:2] or out.shape[2] < total or tuple(out.shape[3:]) != shape[3:] \
             or out.dtype != torch_dtype(spec.dtype):
         raise InvalidInput(f"out {tuple(out.shape)} {out.dtype} cannot hold {shape} {spec.dtype}")
     if not plan:
         return 0, out[:, :, :0]
     dest = out[:, :, :total] if out.shape[2] != total else out
-    if not dest.is_contiguous():
+    if not _rows_contiguous(dest):
         tmp = torch.empty(shape, dtype=out.dtype, device=dev)
         n, got = load(ns, tokens, device=dev, layers=layers, out=tmp, pool=pool, direct=direct)
         out[:, :, :n].copy_(got)

@@ -25,7 +25,9 @@ used earlier layers beyond that must treat those tokens as not loaded
 (recompute them; vLLM: report their blocks as invalid).
 
 Memory: without ``max_bytes`` the prefetch holds one tensor for every layer
-(``[layers, planes, num_tokens, heads, dim]``, also :meth:`result`). With
+(``[layers, planes, num_tokens, heads, dim]``, also :meth:`result`), or reads
+into the caller's ``out`` (``[layers, planes, >= num_tokens, heads, dim]``,
+reused across requests: no new memory per prefetch). With
 ``max_bytes`` it holds at most ``max_bytes // layer_bytes`` layers: the loader
 waits for the consumer to :meth:`release_layer` (or ``wait_layer(i,
 release_previous=True)``) before loading more; waiting for a layer that can
@@ -44,8 +46,8 @@ import torch
 from kvfs.errors import CacheMiss, InvalidInput, KVFSError
 from kvfs.keys import as_tokens
 
-from ._device import as_device, torch_dtype
-from .load import DeviceReader, _valid_prefix
+from ._device import as_device, empty, torch_dtype
+from .load import DeviceReader, _rows_contiguous, _valid_prefix
 from .pinned import PinnedPool
 
 _PENDING, _READY, _RELEASED = 0, 2, 3
@@ -59,10 +61,11 @@ class Prefetcher:
     """Loads the cached prefix of ``tokens`` in the background, layer by layer (see the module doc)."""
 
     def __init__(self, ns: Any, tokens: Any, *, device: Any = "cpu", max_bytes: int | None = None,
-                 pool: PinnedPool | None = None, direct: str | bool = "auto", start: bool = True) -> None:
+                 out: torch.Tensor | None = None, pool: PinnedPool | None = None, direct: str | bool = "auto",
+                 start: bool = True) -> None:
         self.ns = ns
         self.spec = spec = ns.spec
-        self.device = as_device(device)
+        self.device = as_device(device if out is None else out.device)
         self.tokens = as_tokens(tokens)
         self.plan = ns.plan(self.tokens)
         #: tokens the lookup found cached (the prefix being loaded)
@@ -88,6 +91,7 @@ class Prefetcher:
         self._free: list[tuple[torch.Tensor, Any]] = []  # (slot, event after which the consumer is done with it)
         self._allocated = 0
         self._all: torch.Tensor | None = None
+        self._caller_out = out is not None
         self._loader_waiting = False
         self._cancelled = False
         self._closed = False
@@ -97,9 +101,18 @@ class Prefetcher:
         self._thread: threading.Thread | None = None
         if self._done:
             self._state = [_READY] * L
+        elif out is not None:
+            want = (L,) + self.layer_shape
+            if (out.dim() != 5 or out.shape[:2] != want[:2] or out.shape[3:] != want[3:] or out.shape[2] < want[2]
+                    or out.dtype != self.dtype or max_bytes is not None):
+                raise InvalidInput(f"out {tuple(out.shape)} {out.dtype} cannot hold {want} {self.dtype} (and out "
+                                   "excludes max_bytes)")
+            self._all = out[:, :, : self.num_tokens]
+            if not _rows_contiguous(self._all):
+                raise InvalidInput("out must have contiguous [tokens, heads, dim] rows (a contiguous tensor)")
         elif self.max_layers == L:
             # one tensor for every layer, allocated on the caller's thread and stream
-            self._all = torch.empty((L,) + self.layer_shape, dtype=self.dtype, device=self.device)
+            self._all = empty((L,) + self.layer_shape, self.dtype, self.device)
         if not self._done and start:
             self.start()
 
@@ -149,7 +162,7 @@ class Prefetcher:
     def bytes_held(self) -> int:
         """Bytes of layer buffers allocated by this prefetch (0 once closed)."""
         if self._all is not None:
-            return self._all.numel() * self._all.element_size()
+            return 0 if self._caller_out else self._all.numel() * self._all.element_size()
         return self._allocated * self.layer_bytes
 
     @property
@@ -259,7 +272,7 @@ class Prefetcher:
                     break
                 if self._allocated < self.max_layers:
                     self._allocated += 1
-                    return torch.empty(self.layer_shape, dtype=self.dtype, device=self.device)
+                    return empty(self.layer_shape, self.dtype, self.device)
                 self._loader_waiting = True
                 self._cond.notify_all()  # a consumer waiting for a later layer must see this
                 self._cond.wait()

@@ -464,3 +464,18 @@ def test_pinned_pool_is_bounded_reused_and_freed():
     assert pool.allocated_bytes == 0
     with pytest.raises(InvalidInput, match="closed"):
         pool.acquire()
+
+
+def test_prefetch_into_the_callers_buffer():
+    with kvfs.open("memory://out") as store:
+        ns = store.namespace(SPEC)
+        kv = _kv(3 * C, seed=14)
+        ns.put(_toks(3 * C), kv)
+        out = torch.zeros(SPEC.chunk_shape(4 * C), dtype=torch.bfloat16)  # room for more than is cached
+        with ns.prefetch(_toks(4 * C), out=out) as pf:
+            n, got = pf.result()
+            assert n == 3 * C and got.data_ptr() == out.data_ptr() and torch.equal(got, kv)
+            assert pf.bytes_held == 0  # the caller's memory, not the prefetch's
+        assert torch.equal(out[:, :, : 3 * C], kv) and not out[:, :, 3 * C:].float().any()
+        with pytest.raises(InvalidInput, match="cannot hold"):
+            ns.prefetch(_toks(3 * C), out=torch.zeros(SPEC.chunk_shape(C), dtype=torch.bfloat16))
