@@ -765,7 +765,7 @@ class Store:
             if self._make_room(self.tiers[ti], total):
                 first = pos
                 break
-            if pos == len(targets) - 1 or tiers is not None:
+            if pos == len(targets) - 1:
                 if tiers is not None:
                     return  # promotion into full tiers is skipped, not an error
                 raise NoSpace(
@@ -782,7 +782,8 @@ class Store:
         tier.backend.put_many({path: buf for _, _, path, buf in entries})
         self.catalog.add([(rec, toks) for rec, toks, _, _ in entries], tier.slot)
         rest = targets[first + 1 :]
-        recyclable = recycle and not tier.backend.retains_buffers
+        # a buffer goes back to the pool only if no tier it is written to keeps a reference to it
+        recyclable = recycle and not any(self.tiers[ti].backend.retains_buffers for ti in targets[first:])
         for rec, toks, path, buf in entries:
             if rest:
                 self._writeback.submit(
