@@ -20,7 +20,7 @@ from kvfs import _lmdbenv
 from kvfs.errors import InvalidURL, NoSpace
 from kvfs.units import parse_size
 
-from ._base import Backend, Buffer, ObjectInfo, check_key
+from ._base import Backend, Buffer, ByteRange, ObjectInfo, check_key
 
 DATA_DB = "kvfs.data"
 META_DB = "kvfs.lmdb.meta"
@@ -100,6 +100,16 @@ class LMDBBackend(Backend):
         bkeys = [self._k(k) for k in keys]
         with self._env.read(buffers=True) as txn:
             yield [txn.get(k, db=self._db) for k in bkeys]
+
+    def get_ranges(self, ranges: Sequence[ByteRange]) -> list[Buffer | None]:
+        """Only the bytes asked for leave the map (no whole-value copy for a small range)."""
+        bkeys = [self._k(r.key) for r in ranges]
+        with self._env.read(buffers=True) as txn:
+            out: list[Buffer | None] = []
+            for r, k in zip(ranges, bkeys):
+                v = txn.get(k, db=self._db)
+                out.append(None if v is None else bytes(v[r.start : r.end]))
+            return out
 
     def readinto(self, key: str, buffer: Buffer, offset: int = 0) -> int | None:
         k = self._k(key)

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from .errors import ChunkFormatError, IntegrityError
+from .errors import ChunkFormatError, ForeignChunk, IntegrityError
 from .spec import DTYPES, SAFETENSORS_TO_DTYPE, KVSpec
 
 FORMAT_NAME = "kvfs"
@@ -324,7 +324,7 @@ def check_expected(
     """Raise :class:`IntegrityError` unless the chunk is the one asked for, in this namespace."""
     where = f" ({path})" if path else ""
     if header.namespace != spec.namespace_id:
-        raise IntegrityError(
+        raise ForeignChunk(
             f"chunk belongs to namespace {header.namespace!r}, not {spec.namespace_id!r}{where}"
         )
     if header.dtype != spec.dtype:

@@ -30,6 +30,10 @@ class IntegrityError(ChunkFormatError):
     """A chunk whose checksum, signature, tokens, key or namespace do not match."""
 
 
+class ForeignChunk(IntegrityError):
+    """A chunk of another namespace (model, dtype, layout...) than the one it was read for."""
+
+
 class InvalidURL(KVFSError, ValueError):
     """A store URL that cannot be parsed or names an unknown backend."""
 

@@ -37,6 +37,7 @@ from .chunk import (
 )
 from .errors import (
     ChunkFormatError,
+    ForeignChunk,
     IntegrityError,
     InvalidInput,
     InvalidURL,
@@ -1063,6 +1064,9 @@ class Store:
         path = "/".join(parts)
         nsp = f"{parts[0]}/{parts[1]}"
         spec = self.spec_of(nsp)
+        if spec is None:
+            # without the manifest a chunk cannot be checked: an error, not a reason to delete it
+            raise NotFound(path, f"namespace {nsp} has no manifest in this store; `kvfs fsck` rebuilds the catalog")
         rec = self.catalog.get(key_of_path(path))
         for t in self.tiers:
             if rec is not None and not rec.tiers & t.bit and not t.shared:
@@ -1287,28 +1291,40 @@ class Store:
         known = {r.key: r for r in self.catalog.scan()}
         present: dict[str, int] = {}
         info: dict[str, tuple[ChunkHeader, int]] = {}
+        listings: list[tuple[Tier, list[str]]] = []
         for t in self.tiers:
             try:
-                keys = list(t.backend.list(""))
+                listings.append((t, list(t.backend.list(""))))
             except OSError as e:
                 raise StoreError(e.errno or errno.EIO, f"fsck cannot list {t.url.redacted()}: {e}") from e
+        # manifests first (from every tier): a chunk is judged against its namespace's manifest
+        for t, keys in listings:
+            for k in keys:
+                if not (k.endswith("/" + MANIFEST_NAME) and k.count("/") == 2):
+                    continue
+                nsp = k.rsplit("/", 1)[0]
+                raw = t.backend.get(k)
+                try:
+                    spec = KVSpec.from_manifest(bytes(raw)) if raw is not None else None
+                except InvalidInput:
+                    spec = None
+                if spec is None or spec.path != nsp:
+                    report.orphans.append(f"{t.index}:{k}")
+                    continue
+                if repair:
+                    self.catalog.register_namespace(nsp, spec.manifest_bytes())
+                self._specs.setdefault(nsp, spec)
+        for t, keys in listings:
             for k in keys:
                 if k.endswith("/" + MANIFEST_NAME) and k.count("/") == 2:
-                    nsp = k.rsplit("/", 1)[0]
-                    raw = t.backend.get(k)
-                    try:
-                        spec = KVSpec.from_manifest(bytes(raw)) if raw is not None else None
-                    except InvalidInput:
-                        spec = None
-                    if spec is None or spec.path != nsp:
-                        report.orphans.append(f"{t.index}:{k}")
-                        continue
-                    if repair:
-                        self.catalog.register_namespace(nsp, spec.manifest_bytes())
-                    self._specs.setdefault(nsp, spec)
                     continue
                 parts = k.split("/")
                 if len(parts) != 4 or not parts[3].endswith(".safetensors"):
+                    report.orphans.append(f"{t.index}:{k}")
+                    continue
+                spec = self.spec_of(f"{parts[0]}/{parts[1]}")
+                if spec is None:
+                    # no manifest anywhere: nothing to judge the chunk by; report it, never delete it
                     report.orphans.append(f"{t.index}:{k}")
                     continue
                 problem = None
@@ -1317,20 +1333,17 @@ class Store:
                         data = t.backend.get(k)
                         if data is None:
                             continue
-                        header = self.validate_chunk(bytes(data), k)
+                        header = self.validate_chunk(bytes(data), k, spec)
                         size = len(data)
                     else:
                         header = self._read_header_from(t, k)
                         size = (t.backend.stat(k) or None)
                         size = size.size if size else header.file_size
-                        spec = self.spec_of(f"{parts[0]}/{parts[1]}")
-                        if spec is None:
-                            raise IntegrityError(f"{k}: no manifest for its namespace")
                         check_expected(header, spec, key=parts[3][: -len(".safetensors")], path=k)
                         if size != header.file_size:
                             raise ChunkFormatError(f"{k} is {size} bytes, header says {header.file_size}")
-                except IntegrityError as e:
-                    problem = ("foreign" if "namespace" in str(e) else "corrupt", e)
+                except ForeignChunk as e:
+                    problem = ("foreign", e)
                 except ChunkFormatError as e:
                     problem = ("corrupt", e)
                 if problem is not None:

@@ -335,3 +335,22 @@ def test_memory_tiers_are_private_to_their_process(tmp_path):
     with kvfs.open("memory://", catalog=cat) as s:  # opening reaps the dead process's memory tier
         assert s.catalog.count() == 0
         assert s.namespace(SPEC).lookup(list(range(64))) == 0
+
+
+def test_a_missing_manifest_never_costs_data(tmp_path):
+    url = f"lmdb://{tmp_path}/s"
+    toks, kv = prompt(40), rand_kv(SPEC, 40)
+    with kvfs.open(url) as store:
+        ns = store.namespace(SPEC)
+        ns.put(toks, kv)
+        path = ns.keys(toks)[0].path
+        store.catalog.forget_namespace(SPEC.path)
+        store.tiers[0].backend.delete_many([f"{SPEC.path}/manifest.json"])
+    with kvfs.open(url) as store:
+        with pytest.raises(NotFound, match="no manifest"):
+            store.cat(path)
+        rep = store.fsck(verify=True)
+        assert not rep.corrupt and not rep.foreign and any(path in o for o in rep.orphans)
+        assert store.tiers[0].backend.exists_many([path]) == [True]
+        # the namespace's owner comes back: everything is still there
+        assert store.namespace(SPEC).get(toks).tobytes() == kv.tobytes()
