@@ -12,7 +12,7 @@ on the CPU with torch's default threads. For each context length:
   store in fresh directories under ``--dir``;
 * warm kvfs: a request with the same context and a new question reuses the
   context's KV from the store and computes only the question (lookup, verified
-  read, DynamicCache, forward of 32 tokens, argmax), best of ``--repeats``,
+  read, DynamicCache, forward of 32 tokens, argmax), best of ``--warm-repeats``,
   each with another question, twice: with the connector's layer-wise prefetch
   (each layer's load overlaps the compute of the layers before it) and loading
   the whole prefix before the model runs; then once more after dropping the page cache
@@ -54,13 +54,15 @@ def warm_up(model) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--contexts", default="2048,8192,16384", help="context lengths in tokens")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="full prefills per context (one above 8k tokens)")
+    ap.add_argument("--warm-repeats", type=int, default=7, help="warm requests per store and mode (best kept)")
     ap.add_argument("--dir", default=None, help="where the stores go (default: a temp dir)")
     args = ap.parse_args()
     contexts = [int(x) for x in args.contexts.split(",")]
     base_dir = tempfile.mkdtemp(prefix="kvfs-ttft-", dir=args.dir)
     cmd = "python benchmarks/ttft.py" + (f" --contexts {args.contexts}" if args.contexts != "2048,8192,16384"
-                                         else "") + (f" --repeats {args.repeats}" if args.repeats != 3 else "")
+                                         else "") + (f" --repeats {args.repeats}" if args.repeats != 3 else "") + (
+        f" --warm-repeats {args.warm_repeats}" if args.warm_repeats != 7 else "")
     res = Results("Time to first token (connectors)", cmd)
     model = build_model("demo")
     vocab = model.config.vocab_size
@@ -71,7 +73,7 @@ def main() -> None:
         for n in contexts:
             context = torch.randint(0, vocab, (n,), generator=gen).tolist()
             questions = [torch.randint(0, vocab, (QUESTION,), generator=gen).tolist()
-                         for _ in range(args.repeats + 2)]
+                         for _ in range(args.repeats + args.warm_repeats + 1)]
             full = CachedLM(model, f"memory://ttft-baseline-{n}", model_name="x", load=False, save=False)
             runs = args.repeats if n <= 8192 else 1
             best, first = float("inf"), None
@@ -98,7 +100,7 @@ def main() -> None:
                         lm = CachedLM(model, store, layerwise=layerwise)
                         how = "layer-wise prefetch" if layerwise else "load, then compute"
                         times, loads = [], []
-                        for q in [q0] + questions[runs: runs + args.repeats - 1]:
+                        for q in [q0] + questions[runs: runs + args.warm_repeats - 1]:
                             t0 = time.perf_counter()
                             p = lm.prefill(context + q)
                             tok = int(torch.argmax(p.logits))
