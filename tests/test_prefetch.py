@@ -220,8 +220,10 @@ def test_corrupt_chunk_mid_prefetch_is_a_miss_from_that_chunk_on(where, tmp_path
         with ns.prefetch(_toks(ntok)) as pf:
             got = [pf.wait_layer_kv(i).clone() for i in range(L)]
             assert pf.wait() == pf.valid_tokens == 2 * C
-        # layers 0 and 1 were verified whole before the corruption showed; from layer 2 on only the valid prefix
-        assert torch.equal(got[0], kv[0]) and torch.equal(got[1], kv[1])
+        # layers 0 and 1 were verified whole before the corruption showed: handed out whole, or (if the loader
+        # had reached layer 2 by then) already cut to the valid prefix; from layer 2 on only the valid prefix
+        for i in (0, 1):
+            assert got[i].shape[1] in (ntok, 2 * C) and torch.equal(got[i], kv[i, :, : got[i].shape[1]])
         for i in (2, 3):
             assert got[i].shape[1] == 2 * C and torch.equal(got[i], kv[i, :, : 2 * C])
         # quarantined: the next lookup stops before it, and nothing wrong is ever served
@@ -264,7 +266,7 @@ def test_cancel_and_close_free_the_buffers():
     with kvfs.open("memory://cancel") as store:
         ns = store.namespace(SPEC)
         ns.put(_toks(8 * C), _kv(8 * C))
-        _slow(store, 0.05)
+        _slow(store, 0.2)  # the loader needs 0.8 s for all layers: the cancel below comes well before
         pf = ns.prefetch(_toks(8 * C))
         assert pf.bytes_held == L * pf.layer_bytes
         buf = weakref.ref(pf._all)
