@@ -30,10 +30,10 @@ import logging
 from typing import Any, Sequence
 
 import torch
-import xxhash
 
 from kvfs._layers import LayerReader
-from kvfs.errors import InvalidInput
+from kvfs.chunk import check_layer
+from kvfs.errors import IntegrityError, InvalidInput
 from kvfs.keys import as_tokens
 
 from ._device import RAW_NUMPY, RAW_TORCH, as_device, empty, raw_numpy, torch_dtype
@@ -213,14 +213,15 @@ class DeviceReader:
         lb = h.layer_bytes
         buf = self.pool.acquire()
         try:
-            sums = h.layer_checksums
             for li, layer in enumerate(layers):
                 host = buf.tensor[:lb].view(RAW_TORCH[self.spec.itemsize]).view(
                     (self.planes, take) + tuple(dest.shape[3:]))
                 with torch.cuda.stream(self.stream):
                     host.copy_(dest[li, :, lo : lo + take].view(host.dtype), non_blocking=True)
                 self.stream.synchronize()
-                if xxhash.xxh3_64_hexdigest(buf.tensor[:lb].numpy()) != sums[layer]:
+                try:
+                    check_layer(h, layer, buf.tensor[:lb].numpy())
+                except IntegrityError:
                     self.reader.fail(i, f"chunk {h.key[:16]}... layer {layer} checksum mismatch in device memory")
                     return False
         finally:

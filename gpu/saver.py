@@ -69,6 +69,7 @@ class ChunkBuilder:
         }
         self.signer = signer
         if signer is not None:
+            meta["layer_digests"] = ",".join([_chunk._HEX32] * self.shape[0])
             meta["signature"] = signer.placeholder
         self.meta = meta
         self.hlen = _chunk._padded_len(len(_chunk._header_json(meta, spec.dtype, self.shape, self.nbytes)))
@@ -77,6 +78,7 @@ class ChunkBuilder:
         self.data = np.frombuffer(self.buf[self.data_offset :], dtype=RAW_NUMPY[spec.itemsize]).reshape(self.shape)
         self.layer_bytes = self.nbytes // self.shape[0] if self.shape[0] else 0
         self._sums: list[str | None] = [None] * self.shape[0]
+        self._digests: list[str | None] = [None] * self.shape[0]
         self._whole = xxhash.xxh3_64()
         self._hashed = 0  # layers folded into the whole-tensor hash (in order)
 
@@ -87,7 +89,9 @@ class ChunkBuilder:
     def done(self, i: int) -> None:
         """Layer ``i`` is written: hash it (and every earlier layer not folded in yet)."""
         lo = self.data_offset + i * self.layer_bytes
-        self._sums[i] = xxhash.xxh3_64_hexdigest(self.buf[lo : lo + self.layer_bytes])
+        c = _chunk.LayerCheck(self.signer is not None)
+        c.update(self.buf[lo : lo + self.layer_bytes])
+        self._sums[i], self._digests[i] = c.sums()
         while self._hashed < len(self._sums) and self._sums[self._hashed] is not None:
             lo = self.data_offset + self._hashed * self.layer_bytes
             self._whole.update(self.buf[lo : lo + self.layer_bytes])
@@ -98,11 +102,7 @@ class ChunkBuilder:
             missing = [i for i, s in enumerate(self._sums) if s is None]
             raise InvalidInput(f"chunk {self.key.path}: layers {missing[:8]} were never saved")
         meta = self.meta
-        meta["checksum"] = "xxh3-64:" + self._whole.hexdigest()
-        meta["layer_checksums"] = ",".join(self._sums)  # type: ignore[arg-type]
-        meta["meta_checksum"] = _chunk._xxh(_chunk._canonical_meta(meta))
-        if self.signer is not None:
-            meta["signature"] = self.signer.sign(_chunk._canonical_meta(meta), self.buf[self.data_offset :])
+        _chunk.finish_metadata(meta, self._whole.hexdigest(), self._sums, self._digests, self.signer)
         final = _chunk._header_json(meta, self.spec.dtype, self.shape, self.nbytes)
         if len(final) > self.hlen:
             raise AssertionError("chunk header grew while encoding")

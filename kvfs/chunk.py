@@ -22,7 +22,8 @@ safetensors requires) holds:
 ``checksum``        ``xxh3-64:<hex>`` of all tensor bytes
 ``layer_checksums`` comma-separated xxh3-64 of each layer's byte range
 ``meta_checksum``   xxh3-64 of the canonical JSON of every other metadata entry
-``signature``       optional, ``hmac-blake2b:<hex>`` (see :mod:`kvfs.signing`)
+``layer_digests``   signed chunks only: comma-separated BLAKE2b-128 of each layer
+``signature``       signed chunks only: ``b2mac:<hex>`` over the metadata (see :mod:`kvfs.signing`)
 ==================  ==============================================================
 
 Parsing is strict and only ever raises :class:`ChunkFormatError`.
@@ -30,6 +31,7 @@ Parsing is strict and only ever raises :class:`ChunkFormatError`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import struct
@@ -54,6 +56,42 @@ _REQUIRED = ("format", "version", "namespace", "key", "parent", "kind", "start",
 
 def _xxh(data) -> str:
     return xxhash.xxh3_64_hexdigest(data)
+
+
+_HEX32 = "0" * 32
+
+
+class LayerCheck:
+    """Hashes one layer's bytes (in any number of pieces): XXH3-64 always, BLAKE2b-128 for signed chunks.
+
+    A signed chunk's ``layer_digests`` are covered by its signature, so a
+    layer read on its own is authenticated, not just checked for corruption.
+    """
+
+    __slots__ = ("_x", "_b")
+
+    def __init__(self, strong: bool) -> None:
+        self._x = xxhash.xxh3_64()
+        self._b = hashlib.blake2b(digest_size=16) if strong else None
+
+    def update(self, data) -> None:
+        self._x.update(data)
+        if self._b is not None:
+            self._b.update(data)
+
+    def sums(self) -> tuple[str, str | None]:
+        return self._x.hexdigest(), (self._b.hexdigest() if self._b is not None else None)
+
+
+def check_layer(header: "ChunkHeader", layer: int, *pieces) -> None:
+    """Raise :class:`IntegrityError` unless the bytes of ``layer`` (given in order, in pieces) are intact."""
+    digests = header.layer_digests
+    c = LayerCheck(digests is not None)
+    for p in pieces:
+        c.update(p if not isinstance(p, np.ndarray) or p.flags.c_contiguous else np.ascontiguousarray(p))
+    x, b = c.sums()
+    if x != header.layer_checksums[layer] or (digests is not None and b != digests[layer]):
+        raise IntegrityError(f"chunk {header.key[:16]}... layer {layer} checksum mismatch: corrupt")
 
 
 def _canonical_meta(meta: dict[str, str]) -> bytes:
@@ -112,6 +150,12 @@ class ChunkHeader:
     def layer_checksums(self) -> list[str]:
         return self.metadata["layer_checksums"].split(",") if self.shape[0] else []
 
+    @property
+    def layer_digests(self) -> list[str] | None:
+        """BLAKE2b-128 of each layer, present in signed chunks (covered by the signature)."""
+        v = self.metadata.get("layer_digests")
+        return v.split(",") if v is not None and self.shape[0] else None
+
     def layer_range(self, layer: int) -> tuple[int, int]:
         """Byte range ``[start, end)`` of one layer's K and V in the file."""
         lb = self.layer_bytes
@@ -165,6 +209,8 @@ def encode(
             if k in meta or k in ("meta_checksum", "signature"):
                 raise ValueError(f"metadata key {k!r} is reserved")
             meta[k] = str(v)
+    if signer is not None:
+        meta["layer_digests"] = ",".join([_HEX32] * shape[0])
     meta["meta_checksum"] = _HEX16
     if signer is not None:
         meta["signature"] = signer.placeholder  # fixed width: the real signature has the same length
@@ -181,24 +227,36 @@ def encode(
     src = kv.view(raw) if kv.dtype != raw else kv
     dst = np.frombuffer(mv[data_offset:], dtype=raw).reshape(shape)
     whole = xxhash.xxh3_64()
-    layer_sums = []
+    layer_sums, layer_digests = [], []
     lb = nbytes // shape[0] if shape[0] else 0
     for layer in range(shape[0]):
         np.copyto(dst[layer], src[layer])
         block = mv[data_offset + layer * lb : data_offset + (layer + 1) * lb]
         whole.update(block)
-        layer_sums.append(xxhash.xxh3_64_hexdigest(block))
-    meta["checksum"] = "xxh3-64:" + whole.hexdigest()
-    meta["layer_checksums"] = ",".join(layer_sums)
-    meta["meta_checksum"] = _xxh(_canonical_meta(meta))
-    if signer is not None:
-        meta["signature"] = signer.sign(_canonical_meta(meta), mv[data_offset:])
+        c = LayerCheck(signer is not None)
+        c.update(block)
+        x, b = c.sums()
+        layer_sums.append(x)
+        layer_digests.append(b)
+    finish_metadata(meta, whole.hexdigest(), layer_sums, layer_digests, signer)
     final = _header_json(meta, spec.dtype, shape, nbytes)
     if len(final) > hlen:  # cannot happen with fixed-width placeholders; guard anyway
         raise AssertionError("chunk header grew while encoding")
     struct.pack_into("<Q", mv, 0, hlen)
     mv[8 : 8 + hlen] = final + b" " * (hlen - len(final))
     return mv
+
+
+def finish_metadata(meta: dict[str, str], whole: str, layer_sums: list[str], layer_digests: list,
+                    signer: Any = None) -> None:
+    """Fill the checksums (and the signature) into metadata made with fixed-width placeholders."""
+    meta["checksum"] = "xxh3-64:" + whole
+    meta["layer_checksums"] = ",".join(layer_sums)
+    if signer is not None:
+        meta["layer_digests"] = ",".join(layer_digests)
+    meta["meta_checksum"] = _xxh(_canonical_meta(meta))
+    if signer is not None:
+        meta["signature"] = signer.sign(_canonical_meta(meta))
 
 
 def _header_json(meta: dict[str, str], dtype: str, shape: tuple[int, ...], nbytes: int) -> bytes:
@@ -309,6 +367,8 @@ def _parse_header(buf, file_size: int | None) -> ChunkHeader:
         raise ChunkFormatError(f"unknown checksum {meta['checksum']!r}")
     if len(meta["layer_checksums"].split(",")) != shape[0] and shape[0]:
         raise ChunkFormatError("layer_checksums does not have one entry per layer")
+    if "layer_digests" in meta and shape[0] and len(meta["layer_digests"].split(",")) != shape[0]:
+        raise ChunkFormatError("layer_digests does not have one entry per layer")
     tokens = np.asarray(tokens_list, dtype="<u4") if tokens_list else np.zeros(0, "<u4")
     return ChunkHeader(meta, dtype, (shape[0], shape[1], shape[2], shape[3], shape[4]), data_offset, nbytes, tokens)
 
@@ -384,26 +444,16 @@ def copy_verified(
         raise ChunkFormatError(f"chunk data is truncated: {len(mv)} bytes for {len(layers)} layers of {lb}")
     src = np.frombuffer(mv, dtype=raw, count=(lb // itemsize) * len(layers)).reshape((len(layers),) + lshape)
     dst = dest.view(raw) if dest.dtype != raw else dest
-    sums = header.layer_checksums if verify else None
     whole = take == t
     for i, layer in enumerate(layers):
         d = dst[i]
         if whole:
             np.copyto(d, src[i])
-            if sums is not None:
-                if d.flags.c_contiguous:
-                    ok = xxhash.xxh3_64_hexdigest(d) == sums[layer]
-                else:
-                    h = xxhash.xxh3_64()
-                    for p in range(d.shape[0]):
-                        plane = d[p]
-                        h.update(plane if plane.flags.c_contiguous else np.ascontiguousarray(plane))
-                    ok = h.hexdigest() == sums[layer]
-                if not ok:
-                    raise IntegrityError(f"chunk {header.key[:16]}... layer {layer} checksum mismatch: corrupt")
+            if verify:
+                check_layer(header, layer, *((d,) if d.flags.c_contiguous else tuple(d[p] for p in range(d.shape[0]))))
         else:
-            if sums is not None and xxhash.xxh3_64_hexdigest(mv[i * lb : (i + 1) * lb]) != sums[layer]:
-                raise IntegrityError(f"chunk {header.key[:16]}... layer {layer} checksum mismatch: corrupt")
+            if verify:
+                check_layer(header, layer, mv[i * lb : (i + 1) * lb])
             np.copyto(d, src[i][:, :take])
 
 

@@ -2,9 +2,12 @@
 
 With a deployment key (``signing_key=``, ``$KVFS_SIGNING_KEY`` or
 ``$KVFS_SIGNING_KEY_FILE``), every chunk written carries
-``signature = "b2mac:" + keyed-BLAKE2b-256(canonical metadata || tensor bytes)``
-and every chunk read must carry a valid one: unsigned, wrongly signed or
-altered chunks are misses. Without a key, checksums still catch corruption,
+``layer_digests`` (a BLAKE2b-128 digest of each layer) and
+``signature = "b2mac:" + keyed-BLAKE2b-256(canonical metadata)``; the
+metadata includes the layer digests, so the signature authenticates every
+byte, and a single layer read on its own is checked against its signed
+digest. Every chunk read must carry a valid signature: unsigned, wrongly
+signed or altered chunks are misses. Without a key, checksums still catch corruption,
 but anyone who can write the storage can plant KV (see docs/reliability.md).
 """
 
@@ -46,22 +49,23 @@ class Signer:
             key = key.encode()
         return cls(key)
 
-    def _mac(self, meta: bytes, data) -> str:
-        h = hashlib.blake2b(key=self._key, digest_size=32)
-        h.update(len(meta).to_bytes(8, "little"))
-        h.update(meta)
-        h.update(data)
-        return PREFIX + h.hexdigest()
+    def _mac(self, meta: bytes) -> str:
+        return PREFIX + hashlib.blake2b(meta, key=self._key, digest_size=32).hexdigest()
 
-    def sign(self, meta: bytes, data) -> str:
-        return self._mac(meta, data)
+    def sign(self, meta: bytes) -> str:
+        """The signature of a chunk's canonical metadata (which must include its ``layer_digests``)."""
+        return self._mac(meta)
 
-    def verify(self, header, data, path: str = "") -> None:
+    def verify(self, header, path: str = "") -> None:
+        """Check a chunk header's signature. Its layers are then checked against the signed digests
+        (:func:`kvfs.chunk.check_layer`) as they are read."""
         from .chunk import _canonical_meta
 
         sig = header.metadata.get("signature")
         where = f" {path}" if path else ""
         if not sig:
             raise IntegrityError(f"chunk{where} is not signed, and this store requires signatures")
-        if not hmac.compare_digest(sig, self._mac(_canonical_meta(header.metadata), data)):
+        if header.layer_digests is None and header.shape[0]:
+            raise IntegrityError(f"chunk{where} is signed without layer digests: not a valid signed chunk")
+        if not hmac.compare_digest(sig, self._mac(_canonical_meta(header.metadata))):
             raise IntegrityError(f"chunk{where} has a wrong signature: not written with this deployment's key")

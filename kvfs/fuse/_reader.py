@@ -25,13 +25,11 @@ import threading
 from typing import Any
 
 import numpy as np
-import xxhash
 
 from .. import _buffers
 from ..catalog import key_of_path
-from ..chunk import ChunkHeader, check_expected, header_length, parse_header
+from ..chunk import ChunkHeader, check_expected, check_layer, header_length, parse_header
 from ..errors import ChunkFormatError, IntegrityError, NotFound
-from ..keys import SEGMENT_TAG, next_digest
 
 HEADER_PROBE = 4096
 #: bytes a sequential reader's fetches read ahead (one ranged read each)
@@ -88,13 +86,17 @@ def check_header(store: Any, path: str, header: ChunkHeader) -> None:
         raise ChunkFormatError(f"{path}: namespace {nsp} has no manifest")
     hexd = parts[3].removesuffix(".safetensors")
     check_expected(header, spec, key=hexd, path=path)
-    # bind the token ids to the key (the file name) through the hash chain
-    if header.kind == "segment":
-        parent = bytes.fromhex(header.parent) if header.parent else spec.seed + SEGMENT_TAG
-    else:
-        parent = bytes.fromhex(header.parent) if header.parent else spec.seed
-    if next_digest(parent, header.tokens).hex() != header.key:
-        raise IntegrityError(f"{path}: key does not hash from its parent and token ids")
+    store._check_key_chain(spec, header, path)  # bind the token ids to the key (the file name)
+    if store.signer is not None:
+        store.signer.verify(header, path)  # then every layer served is checked against its signed digest
+
+
+def _layer_ok(header: ChunkHeader, layer: int, data) -> bool:
+    try:
+        check_layer(header, layer, data)
+    except IntegrityError:
+        return False
+    return True
 
 
 class ChunkReader:
@@ -124,12 +126,6 @@ class ChunkReader:
     # ------------------------------------------------------------------------------ open
     def open(self) -> None:
         """Read and check the header from the first tier holding the chunk."""
-        if self.store.signer is not None:
-            data = self.store.cat(self.path)  # the signature covers the whole tensor: verify it whole
-            self.header = parse_header(data)
-            self.whole = memoryview(data)
-            self.size = len(data)
-            return
         self._tiers = candidate_tiers(self.store, self.path)
         for tier in self._tiers:
             got = read_header(tier.backend, self.path)
@@ -247,7 +243,6 @@ class ChunkReader:
         lb = h.layer_bytes
         mv = _buffers.alloc((last - first) * lb)  # huge pages, recycled (see release_retired)
         off = h.data_offset + first * lb
-        sums = h.layer_checksums
         for tier in self._tiers:
             backend = tier.backend
             if backend.supports_views:
@@ -264,7 +259,7 @@ class ChunkReader:
                     dst = np.frombuffer(mv, np.uint8)
                     for i in range(last - first):
                         np.copyto(dst[i * lb : (i + 1) * lb], src[i * lb : (i + 1) * lb])
-                        if xxhash.xxh3_64_hexdigest(mv[i * lb : (i + 1) * lb]) != sums[first + i]:
+                        if not _layer_ok(h, first + i, mv[i * lb : (i + 1) * lb]):
                             last = self._corrupt(first, first + i, need)
                             break
             else:
@@ -274,7 +269,7 @@ class ChunkReader:
                 if n != len(mv):
                     raise ChunkFormatError(f"{self.path} is truncated: layer {first + n // lb} is short")
                 for i in range(last - first):
-                    if xxhash.xxh3_64_hexdigest(mv[i * lb : (i + 1) * lb]) != sums[first + i]:
+                    if not _layer_ok(h, first + i, mv[i * lb : (i + 1) * lb]):
                         last = self._corrupt(first, first + i, need)
                         break
             if last > first:
