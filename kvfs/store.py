@@ -264,7 +264,9 @@ class Store:
         self._warned: set[str] = set()
         self._lock = threading.RLock()
         self._evict_lock = threading.Lock()
-        self._headers: dict[str, ChunkHeader] = {}
+        #: parsed headers of chunks read before (chunks are immutable: a path's header never changes
+        #: while the chunk exists; entries are dropped on eviction and quarantine)
+        self._headers: _HeaderCache = _HeaderCache(8192)
         self._specs: dict[str, KVSpec] = {}
         self._manifests_written: set[tuple[int, str]] = set()
         from .signing import Signer
@@ -575,8 +577,6 @@ class Store:
         header = self._headers.get(path)
         if header is None:
             header = parse_header(buf)
-            if len(self._headers) > 8192:
-                self._headers.clear()
             self._headers[path] = header
         elif len(buf) != header.file_size:
             raise ChunkFormatError(f"{path} is {len(buf)} bytes, expected {header.file_size}: truncated or padded")
@@ -1476,6 +1476,24 @@ class Store:
             if data is not None:
                 return bytes(data)
         raise NotFound(path)
+
+
+class _HeaderCache(dict):
+    """A dict that forgets its least recently inserted entries beyond ``limit`` (thread-safe enough:
+    a lost entry is only re-read)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__(key, value)
+        if len(self) > self.limit:
+            try:
+                for k in list(self)[: len(self) - self.limit + self.limit // 8]:
+                    self.pop(k, None)
+            except RuntimeError:  # resized by another thread while listing: trim next time
+                pass
 
 
 def _pid_alive(pid: int) -> bool:
