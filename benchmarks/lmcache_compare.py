@@ -506,7 +506,10 @@ def markdown(res: dict[str, Any], command: str, when: str | None = None, where: 
         "",
         "**Why kvfs misses where it misses.** CPU tier: both sides are memory-bound copies, and kvfs also "
         "computes (store) or checks (retrieve) the xxh3-64 of every layer, which LMCache never does (diagnostic "
-        "below). Store until written to `file://`: kvfs copies the KV into an encoded chunk buffer (hashing it) "
+        "below); even unverified, kvfs's copy (numpy, layer by layer, over its thread pool) trails LMCache's "
+        "strided torch copy at its best moments, and its store copies into the chunk format before keeping it. "
+        "LMCache's CPU-path figures swing up to 4x between rounds on this shared machine (noise column). "
+        "Store until written to `file://`: kvfs copies the KV into an encoded chunk buffer (hashing it) "
         "and the kernel copies that into the page cache, two copies, as LMCache's staging pool and page cache; "
         "1.5x needs a put that writes the caller's KV planes straight into the file (`pwritev` from the caller's "
         "array, checksums from the same pass, header written last), a change to the store's put path and the "
