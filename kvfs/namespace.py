@@ -121,14 +121,17 @@ class Namespace:
         keys = chunk_keys(self.spec.seed, self.path, toks, self.spec.chunk_tokens)
         return self._put_keys(keys, toks, raw, positions)
 
-    def put_segment(self, tokens: Any, kv: Any, *, positions: int = 0) -> int:
-        """Store a position-independent segment (a document) computed at positions ``positions...``."""
+    def put_segment(self, tokens: Any, kv: Any, *, positions: int = 0, extra: dict[str, str] | None = None) -> int:
+        """Store a position-independent segment (a document) computed at positions ``positions...``.
+
+        ``extra``: more chunk metadata (string values; e.g. how the keys were rotated, for CacheBlend)."""
         toks = as_tokens(tokens)
         raw = self.as_raw_kv(kv, len(toks))
         keys = segment_keys(self.spec.seed, self.path, toks, self.spec.chunk_tokens)
-        return self._put_keys(keys, toks, raw, positions, segment=True)
+        return self._put_keys(keys, toks, raw, positions, segment=True, extra=extra)
 
-    def _put_keys(self, keys: list[ChunkKey], toks, raw, positions, segment: bool = False) -> int:
+    def _put_keys(self, keys: list[ChunkKey], toks, raw, positions, segment: bool = False,
+                  extra: dict[str, str] | None = None) -> int:
         store = self.store
         store._check_writable()
         recs = store._records(keys)
@@ -159,6 +162,8 @@ class Namespace:
                 opts: dict[str, Any] = {}
                 if positions is not None:
                     opts["positions"] = positions + k.start
+                if extra:
+                    opts["extra"] = extra
                 chunks.append((k, toks[k.start : k.end], raw[:, :, k.start : k.end], opts))
             bufs = store._encode_many(self.spec, chunks)
             entries = []
