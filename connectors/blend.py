@@ -45,17 +45,12 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-try:
-    from torch.nn.attention.bias import causal_lower_right as _causal_lower_right
-except ImportError:  # older torch: full layers build their mask like the others
-    _causal_lower_right = None
-
 from ..errors import CacheMiss, InvalidInput
 from ..keys import as_tokens
 from ..namespace import PlanItem
 from ..spec import KVSpec
 from ..store import Store
-from .hf import CachedLM, cache_from_kv, kv_from_cache
+from .hf import CachedLM, kv_from_cache
 
 #: model types whose decoder layer is exactly norm -> attention -> residual -> norm -> MLP -> residual,
 #: with separate q/k/v projections and rotate-half RoPE (Qwen3 adds per-head q/k norms, handled)
@@ -391,14 +386,16 @@ class BlendedLM:
     0.15): fraction of segment tokens recomputed after the check layer, or ``"auto"``: as many as the
     recompute of a layer can do while the next layer loads, never below ``min_ratio``.
     ``check_layer`` (default 1): the layer where deviations are measured. ``deviation``: score tokens
-    by their key (``"k"``), value (``"v"``) or both (``"kv"``, each normalized by its mean). ``save``:
-    store missing segments and new prefix chunks (after the first token, in :meth:`generate`).
+    by their key (``"k"``), value (``"v"``) or both (``"kv"``, each normalized by its mean). ``bos``:
+    the token segments are computed after (``"auto"``: the config's ``bos_token_id``; ``None``: none,
+    segments start at position 0). ``save``: store missing segments and new prefix chunks (after the
+    first token, in :meth:`generate`).
     """
 
     def __init__(self, model: Any, store: Store | str | None = None, *, spec: KVSpec | None = None,
                  model_name: str | None = None, chunk_tokens: int = 256, ratio: float | str = DEFAULT_RATIO,
                  check_layer: int = 1, deviation: str = "kv", min_ratio: float = MIN_AUTO_RATIO,
-                 save: bool = True) -> None:
+                 bos: int | str | None = "auto", save: bool = True) -> None:
         _check_model(model)
         self.model = model
         self.lm = CachedLM(model, store, spec=spec, model_name=model_name, chunk_tokens=chunk_tokens, save=save)
@@ -411,10 +408,16 @@ class BlendedLM:
         self.check_layer = self._check_layer(check_layer)
         self.deviation = _check_choice("deviation", deviation, ("k", "v", "kv"))
         self.min_ratio = _check_ratio(min_ratio)
+        if self.min_ratio == "auto":
+            raise InvalidInput("min_ratio must be a number in [0, 1]")
         self.save = save
         self.device = self.lm.device
         self.dtype = self.lm._torch_dtype
-        bos = getattr(model.config, "bos_token_id", None)
+        if bos == "auto":
+            bos = getattr(model.config, "bos_token_id", None)
+            bos = bos[0] if isinstance(bos, (list, tuple)) and bos else bos
+        elif bos is not None and (isinstance(bos, bool) or not isinstance(bos, int) or bos < 0):
+            raise InvalidInput(f"bos must be 'auto', a token id or None, got {bos!r}")
         #: segments are computed alone after this token (the model's BOS), or at positions from 0 without one
         self.bos: int | None = int(bos) if isinstance(bos, int) else None
         self.segment_start = 1 if self.bos is not None else 0
@@ -623,18 +626,16 @@ class BlendedLM:
         return segments, chunks
 
     @torch.inference_mode()
-    def generate(self, prefix: Any, segments: Sequence[Any], query: Any, max_new_tokens: int = 16,
-                 **options: Any) -> BlendGeneration:
-        """Greedy generation from a blended prefill (``options``: those of :meth:`prefill`). What the prefill
+    def generate(self, prefix: Any, segments: Sequence[Any], query: Any, max_new_tokens: int = 16, *,
+                 ratio: float | str | None = None, check_layer: int | None = None, selection: str = "deviation",
+                 seed: int = 0) -> BlendGeneration:
+        """Greedy generation from a blended prefill (options as for :meth:`prefill`). What the prefill
         computed exactly is stored once the first token exists, so storing never delays it."""
         if max_new_tokens < 1:
             raise InvalidInput(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         t0 = time.perf_counter()
-        blend = self._prefill(prefix, segments, query, ratio=options.pop("ratio", None),
-                              check_layer=options.pop("check_layer", None),
-                              selection=options.pop("selection", "deviation"), seed=options.pop("seed", 0))
-        if options:
-            raise InvalidInput(f"unknown options {', '.join(options)}")
+        blend = self._prefill(prefix, segments, query, ratio=ratio, check_layer=check_layer, selection=selection,
+                              seed=seed)
         tok = int(torch.argmax(blend.logits))
         ttft = time.perf_counter() - t0
         stored_segments, stored_chunks = self._store_pending(blend)
@@ -675,23 +676,44 @@ def _project_q(attn: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
     return _rope(_heads(x, attn.q_proj, attn.head_dim, getattr(attn, "q_norm", None)), cos, sin)
 
 
-def causal_mask(qpos: torch.Tensor, nkeys: int) -> Any:
+@dataclass(frozen=True)
+class CausalTail:
+    """The queries are the last ``n`` of ``nkeys`` positions, in order (a full layer): plain causal attention."""
+
+    n: int
+    nkeys: int
+
+
+def causal_mask(qpos: torch.Tensor, nkeys: int) -> CausalTail | torch.Tensor:
     """The exact causal mask of queries at prompt positions ``qpos`` over keys at positions ``0 … nkeys-1``:
-    a query sees the keys at positions <= its own. The last ``len(qpos)`` positions in order (a full layer)
-    get torch's lower-right causal bias, which SDPA runs without building the mask."""
+    a query sees the keys at positions <= its own. The last positions in order (a full layer) give a
+    :class:`CausalTail`, which :func:`attend` runs with SDPA's causal kernel instead of a dense mask."""
     n = qpos.numel()
-    if _causal_lower_right is not None and n and int(qpos[0]) == nkeys - n and int(qpos[-1]) == nkeys - 1 \
-            and bool((qpos[1:] - qpos[:-1] == 1).all()):
-        return _causal_lower_right(n, nkeys)
+    if n and int(qpos[0]) == nkeys - n and int(qpos[-1]) == nkeys - 1 and bool((qpos[1:] - qpos[:-1] == 1).all()):
+        return CausalTail(n, nkeys)
     return torch.arange(nkeys, device=qpos.device).unsqueeze(0) <= qpos.unsqueeze(1)
 
 
+def attend(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, mask: CausalTail | torch.Tensor,
+           scale: float) -> torch.Tensor:
+    """SDPA of ``q`` ``[1, heads, n, D]`` over ``K``/``V`` ``[1, kv_heads, nkeys, D]`` under ``mask``."""
+    gqa = q.shape[1] != K.shape[1]
+    if isinstance(mask, CausalTail):
+        pad = mask.nkeys - mask.n
+        if pad:
+            # queries for the first `pad` positions (dropped after): a square causal problem, which SDPA's
+            # fused kernels run without materializing a mask (a lower-right bias on CPU builds one)
+            q = torch.cat([q.new_zeros(q.shape[0], q.shape[1], pad, q.shape[3]), q], dim=2)
+        out = F.scaled_dot_product_attention(q, K, V, is_causal=True, scale=scale, enable_gqa=gqa)
+        return out[:, :, pad:]
+    return F.scaled_dot_product_attention(q, K, V, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
 def _attend_mlp(layer: Any, attn: Any, h: torch.Tensor, q: torch.Tensor, K: torch.Tensor, V: torch.Tensor,
-                mask: Any) -> torch.Tensor:
+                mask: CausalTail | torch.Tensor) -> torch.Tensor:
     """Attention of ``q`` over the keys ``mask`` (:func:`causal_mask`) lets each see, then the residual, the
     MLP and its residual: the rest of the decoder layer for these tokens."""
-    out = F.scaled_dot_product_attention(q, K, V, attn_mask=mask, scale=attn.scaling,
-                                         enable_gqa=q.shape[1] != K.shape[1])
+    out = attend(q, K, V, mask, attn.scaling)
     out = out.transpose(1, 2).reshape(h.shape[0], h.shape[1], -1)
     h = h + attn.o_proj(out)
     return h + layer.mlp(layer.post_attention_layernorm(h))
@@ -716,4 +738,5 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     return value
 
 
-__all__ = ["Blend", "BlendGeneration", "BlendedLM", "KeyRotation", "rotate_keys", "cache_from_kv"]
+__all__ = ["Blend", "BlendGeneration", "BlendedLM", "CausalTail", "KeyRotation", "attend", "causal_mask",
+           "rotate_keys"]

@@ -20,7 +20,8 @@ pytest.importorskip("transformers")
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import kvfs  # noqa: E402
-from kvfs.connectors.blend import BlendedLM, KeyRotation, causal_mask, rotate_keys  # noqa: E402
+from kvfs.connectors.blend import (  # noqa: E402
+    BlendedLM, CausalTail, KeyRotation, attend, causal_mask, rotate_keys)
 from kvfs.connectors.demo_model import build_model  # noqa: E402
 from kvfs.connectors.hf import kv_from_cache  # noqa: E402
 from kvfs.errors import InvalidInput  # noqa: E402
@@ -193,13 +194,15 @@ def test_causal_mask_is_exact():
     qpos = torch.tensor([3, 5, 9])
     m = causal_mask(qpos, 10)
     assert m.tolist() == [[j <= p for j in range(10)] for p in (3, 5, 9)]
-    # the last positions in order: torch's lower-right causal bias, the same mask
-    lr = causal_mask(torch.arange(6, 10), 10)
-    q, k = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 10, 8)
+    # the last positions in order run as plain causal attention: the same result as the dense mask
+    tail = causal_mask(torch.arange(6, 10), 10)
+    assert tail == CausalTail(4, 10)
+    q, k, v = torch.randn(1, 4, 4, 8), torch.randn(1, 2, 10, 8), torch.randn(1, 2, 10, 8)
     dense = torch.arange(10)[None] <= torch.arange(6, 10)[:, None]
-    a = torch.nn.functional.scaled_dot_product_attention(q, k, k, attn_mask=lr)
-    b = torch.nn.functional.scaled_dot_product_attention(q, k, k, attn_mask=dense)
-    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(attend(q, k, v, tail, 0.3), attend(q, k, v, dense, 0.3))
+    q = torch.randn(1, 4, 10, 8)
+    torch.testing.assert_close(attend(q, k, v, causal_mask(torch.arange(10), 10), 0.3),
+                               attend(q, k, v, torch.ones(10, 10, dtype=torch.bool).tril(), 0.3))
 
 
 # ---------------------------------------------------------------------------------------------- fidelity
