@@ -687,9 +687,12 @@ class CausalTail:
 def causal_mask(qpos: torch.Tensor, nkeys: int) -> CausalTail | torch.Tensor:
     """The exact causal mask of queries at prompt positions ``qpos`` over keys at positions ``0 … nkeys-1``:
     a query sees the keys at positions <= its own. The last positions in order (a full layer) give a
-    :class:`CausalTail`, which :func:`attend` runs with SDPA's causal kernel instead of a dense mask."""
+    :class:`CausalTail`, which :func:`attend` runs with SDPA's causal kernel instead of a dense mask;
+    a few queries (the query alone, plain reuse) get a dense mask."""
     n = qpos.numel()
-    if n and int(qpos[0]) == nkeys - n and int(qpos[-1]) == nkeys - 1 and bool((qpos[1:] - qpos[:-1] == 1).all()):
+    # (padded to a square problem, see attend: worth it while the padding is at most the queries)
+    if 2 * n >= nkeys and int(qpos[0]) == nkeys - n and int(qpos[-1]) == nkeys - 1 \
+            and bool((qpos[1:] - qpos[:-1] == 1).all()):
         return CausalTail(n, nkeys)
     return torch.arange(nkeys, device=qpos.device).unsqueeze(0) <= qpos.unsqueeze(1)
 

@@ -195,11 +195,12 @@ def test_causal_mask_is_exact():
     m = causal_mask(qpos, 10)
     assert m.tolist() == [[j <= p for j in range(10)] for p in (3, 5, 9)]
     # the last positions in order run as plain causal attention: the same result as the dense mask
-    tail = causal_mask(torch.arange(6, 10), 10)
-    assert tail == CausalTail(4, 10)
-    q, k, v = torch.randn(1, 4, 4, 8), torch.randn(1, 2, 10, 8), torch.randn(1, 2, 10, 8)
-    dense = torch.arange(10)[None] <= torch.arange(6, 10)[:, None]
+    tail = causal_mask(torch.arange(4, 10), 10)
+    assert tail == CausalTail(6, 10)
+    q, k, v = torch.randn(1, 4, 6, 8), torch.randn(1, 2, 10, 8), torch.randn(1, 2, 10, 8)
+    dense = torch.arange(10)[None] <= torch.arange(4, 10)[:, None]
     torch.testing.assert_close(attend(q, k, v, tail, 0.3), attend(q, k, v, dense, 0.3))
+    assert causal_mask(torch.arange(7, 10), 10).tolist() == dense[3:].tolist()  # few queries: a dense mask
     q = torch.randn(1, 4, 10, 8)
     torch.testing.assert_close(attend(q, k, v, causal_mask(torch.arange(10), 10), 0.3),
                                attend(q, k, v, torch.ones(10, 10, dtype=torch.bool).tril(), 0.3))
