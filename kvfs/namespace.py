@@ -273,7 +273,9 @@ class Namespace:
         if not all(ok):
             raise CacheMiss(f"segment of {len(toks)} tokens is not stored whole in {self.path}")
         header = self.store._headers.get(keys[0].path)
-        return result, (header.positions if header is not None else 0)
+        if header is None:  # evicted from the header cache since the read: the header says, not a guess
+            header = self.store._read_header(keys[0].path)
+        return result, header.positions
 
     def has_segment(self, tokens: Any) -> bool:
         keys = self.segment_keys(tokens)
