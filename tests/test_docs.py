@@ -49,6 +49,21 @@ def _doc_id(p: Path) -> str:
     return str(p.relative_to(ROOT))
 
 
+def _runnable_code(doc: Path) -> str:
+    return "\n".join(b.code for b in docs_runner.blocks(doc.read_text(encoding="utf-8")) if b.lang)
+
+
+def _doc_params() -> list:
+    """One parameter per document, marked ``s3`` / ``fuse`` when it needs the S3 server or a mount."""
+    out = []
+    for doc in DOCS:
+        code = _runnable_code(doc)
+        marks = ([pytest.mark.s3] if f"127.0.0.1:{S3_PORT}" in code else []) + \
+                ([pytest.mark.fuse] if "kvfs mount" in code else [])
+        out.append(pytest.param(doc, marks=marks, id=_doc_id(doc)))
+    return out
+
+
 def _fuse_unusable() -> str | None:
     try:
         import pyfuse3  # noqa: F401
@@ -66,7 +81,7 @@ def _fuse_unusable() -> str | None:
 
 @pytest.fixture(scope="module")
 def s3_endpoint():
-    """moto on 127.0.0.1:5123 with the documents' buckets (fresh for every document: see ``buckets``)."""
+    """moto on 127.0.0.1:5123, the endpoint the documents use (their buckets: :func:`_reset_buckets`)."""
     import socket
 
     from moto.server import ThreadedMotoServer
@@ -130,16 +145,15 @@ def _env(work: Path) -> dict[str, str]:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("doc", DOCS, ids=_doc_id)
+@pytest.mark.parametrize("doc", _doc_params())
 def test_document_runs(doc: Path, tmp_path: Path, request):
     text = doc.read_text(encoding="utf-8")
-    blocks = docs_runner.blocks(text)
-    if not any(b.lang for b in blocks):
+    code = _runnable_code(doc)
+    if not code:
         pytest.skip(f"{_doc_id(doc)} has no shell or Python block")
-    code = "\n".join(b.code for b in blocks if b.lang)
     if "kvfs mount" in code and (why := _fuse_unusable()):
         pytest.skip(f"FUSE unusable here: {why}")
-    if "127.0.0.1:5123" in code:
+    if f"127.0.0.1:{S3_PORT}" in code:
         _reset_buckets(request.getfixturevalue("s3_endpoint"))
     work = tmp_path / "work"
     work.mkdir()
