@@ -165,7 +165,7 @@ class LayerReader:
                 continue
             self.failed[i] = True
             if status == "corrupt":
-                store._quarantine(tier, items[j].path, str(payload))
+                store._quarantine(tier, items[j].path, payload)
             elif status == "missing":
                 store._warn_once(f"gone:{items[j].path}", f"kvfs: chunk {items[j].path} disappeared from "
                                                           f"{tier.url.redacted()} during a layer-wise read; a miss")

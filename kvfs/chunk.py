@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from .errors import ChunkFormatError, ForeignChunk, IntegrityError
+from .errors import ChunkFormatError, ForeignChunk, IntegrityError, UnsupportedVersion
 from .spec import DTYPES, SAFETENSORS_TO_DTYPE, KVSpec
 
 FORMAT_NAME = "kvfs"
@@ -334,7 +334,7 @@ def _parse_header(buf, file_size: int | None) -> ChunkHeader:
         raise ChunkFormatError(f"chunk metadata lacks {', '.join(missing)}")
     version = int(meta["version"])
     if version > FORMAT_VERSION:
-        raise ChunkFormatError(
+        raise UnsupportedVersion(
             f"chunk format version {version} is newer than this kvfs reads ({FORMAT_VERSION}); upgrade kvfs"
         )
     if version < 1:

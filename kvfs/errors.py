@@ -30,6 +30,10 @@ class IntegrityError(ChunkFormatError):
     """A chunk whose checksum, signature, tokens, key or namespace do not match."""
 
 
+class UnsupportedVersion(ChunkFormatError):
+    """A chunk written in a newer format than this kvfs reads: a miss, never deleted (newer nodes use it)."""
+
+
 class ForeignChunk(IntegrityError):
     """A chunk of another namespace (model, dtype, layout...) than the one it was read for."""
 

@@ -40,6 +40,7 @@ from .errors import (
     ChunkFormatError,
     ForeignChunk,
     IntegrityError,
+    UnsupportedVersion,
     InvalidInput,
     InvalidURL,
     NoSpace,
@@ -134,6 +135,7 @@ class FsckReport:
     corrupt: list[str] = field(default_factory=list)
     foreign: list[str] = field(default_factory=list)
     orphans: list[str] = field(default_factory=list)  # keys that are neither chunks nor manifests
+    newer: list[str] = field(default_factory=list)  # chunks in a newer format (kept: a newer kvfs reads them)
     size_fixed: int = 0
 
     @property
@@ -150,6 +152,7 @@ class FsckReport:
             "corrupt": self.corrupt,
             "foreign": self.foreign,
             "orphans": self.orphans,
+            "newer": self.newer,
             "size_fixed": self.size_fixed,
         }
 
@@ -506,7 +509,7 @@ class Store:
                     if payload is not None:
                         promotions.append((i, tier.index, payload))
                 elif status == "corrupt":
-                    self._quarantine(tier, items[i].path, str(payload))
+                    self._quarantine(tier, items[i].path, payload)
                 elif status == "missing" and recs[i] is not None and recs[i].tiers & tier.bit:
                     stale.append(items[i].ckey)
             if stale:
@@ -828,13 +831,24 @@ class Store:
             self._warned.add(key)
             log.warning(message)
 
-    def _quarantine(self, tier: Tier, path: str, reason: str) -> None:
-        """A chunk failed its checks: drop it from the tier and the catalog, and say so once."""
+    def _quarantine(self, tier: Tier, path: str, reason: str | BaseException) -> None:
+        """A chunk failed its checks: drop it from the tier and the catalog, and say so once.
+
+        A chunk in a newer format is only a miss: a newer kvfs wrote it, and it is kept for it.
+        A read-only store reports and deletes nothing.
+        """
         self._headers.pop(path, None)
+        if isinstance(reason, UnsupportedVersion):
+            self._warn_once(f"v:{path}", f"kvfs: chunk {path} in {tier.url.redacted()} is in a newer format "
+                                         f"({reason}); treated as a miss and left in place")
+            return
+        reason = str(reason)
+        if self.read_only:
+            self._warn_once(f"q:{path}", f"kvfs: chunk {path} in {tier.url.redacted()} failed its checks "
+                                         f"({reason}); treated as a miss (read-only store: left in place)")
+            return
         self._warn_once(f"q:{path}", f"kvfs: chunk {path} in {tier.url.redacted()} failed its checks ({reason}); "
                                      "quarantined, treated as a miss")
-        if self.read_only:
-            return
         try:
             self.catalog.remove_from([key_of_path(path)], tier.slot)
             self.catalog.quarantine(path, reason, tier.url.redacted())
@@ -1061,7 +1075,7 @@ class Store:
             try:
                 self.validate_chunk(data, path, spec)
             except ChunkFormatError as e:
-                self._quarantine(t, path, str(e))
+                self._quarantine(t, path, e)
                 continue
             return data
         raise NotFound(path)
@@ -1323,12 +1337,15 @@ class Store:
                             raise ChunkFormatError(f"{k} is {size} bytes, header says {header.file_size}")
                 except ForeignChunk as e:
                     problem = ("foreign", e)
+                except UnsupportedVersion as e:
+                    problem = ("newer", e)
                 except ChunkFormatError as e:
                     problem = ("corrupt", e)
                 if problem is not None:
-                    (report.foreign if problem[0] == "foreign" else report.corrupt).append(f"{t.index}:{k}")
+                    {"foreign": report.foreign, "newer": report.newer, "corrupt": report.corrupt}[problem[0]].append(
+                        f"{t.index}:{k}")
                     if repair:
-                        self._quarantine(t, k, str(problem[1]))
+                        self._quarantine(t, k, problem[1])
                     continue
                 ck = key_of_path(k)
                 present[ck] = present.get(ck, 0) | t.bit
@@ -1400,7 +1417,7 @@ class Store:
                 except ChunkFormatError as e:
                     err = str(e)
                     if quarantine:
-                        self._quarantine(t, rec.path, err)
+                        self._quarantine(t, rec.path, e)
                 except OSError as e:
                     err = f"I/O error: {e}"
                 out.append({"path": rec.path, "tier": t.url.redacted(), "ok": err is None, "error": err})
@@ -1442,7 +1459,7 @@ class Store:
                 try:
                     header = self.validate_chunk(data, r.path)
                 except ChunkFormatError as e:
-                    self._quarantine(t, r.path, str(e))
+                    self._quarantine(t, r.path, e)
                     continue
                 key = ChunkKey(bytes.fromhex(header.key), bytes.fromhex(header.parent) if header.parent else None,
                                header.start, header.start + header.num_tokens, r.namespace,
