@@ -88,7 +88,8 @@ def _local_dirs(url: str) -> list[tuple[str, str]]:
     return [(t.scheme, os.path.expanduser(t.location)) for t in parse_url(url) if t.scheme in ("lmdb", "file")]
 
 
-def open_store(url: str | None = None, *, read_only: bool = False, create: bool = False):
+def open_store(url: str | None = None, *, read_only: bool = False, create: bool = False,
+               signing_key: bytes | None = None, unsigned: bool = False):
     """Open a store for the running command; it is closed (and flushed) when the command ends.
 
     ``url=None`` is the global ``--url`` (``$KVFS_URL``, else the embedded
@@ -122,7 +123,8 @@ def open_store(url: str | None = None, *, read_only: bool = False, create: bool 
     from kvfs.store import Store
 
     try:
-        store = Store(url, read_only=read_only)
+        # unsigned: no signatures required (checksums still apply)
+        store = Store(url, read_only=read_only, signing_key=False if unsigned else signing_key)
     except TypeError as e:  # a backend given an option it does not take
         from kvfs.url import parse_url
 

@@ -17,8 +17,14 @@ HELD_BATCH = 1024  # destination existence checks per batch
 @click.argument("src_url", metavar="SRC_URL")
 @click.argument("dst_url", metavar="DST_URL")
 @click.argument("path", required=False, default="")
+@click.option("--source-key-file", type=click.Path(dir_okay=False), default=None,
+              help="signing key the source's chunks must carry (default: $KVFS_SIGNING_KEY[_FILE], if set)")
+@click.option("--source-unsigned", is_flag=True,
+              help="read the source without signature checks (checksums still apply): publishing a trusted "
+                   "unsigned cache into a signed store")
 @json_option
-def cp(src_url: str, dst_url: str, path: str, as_json: bool) -> None:
+def cp(src_url: str, dst_url: str, path: str, source_key_file: str | None, source_unsigned: bool,
+       as_json: bool) -> None:
     """Copy the chunks at or under PATH (default: all) from one store to another.
 
     Each chunk is read and verified from SRC_URL (checksums, token ids, key
@@ -27,11 +33,28 @@ def cp(src_url: str, dst_url: str, path: str, as_json: bool) -> None:
     them. Chunks the destination already holds are skipped. A chunk that
     fails its checks in the source is reported and not copied (exit 1).
 
+    Signing: the destination signs what it stores with its key
+    ($KVFS_SIGNING_KEY or $KVFS_SIGNING_KEY_FILE) after the source's copy was
+    verified with the source's key (--source-key-file, default the same
+    environment key) — this is how a deployment key is rotated. Copying from
+    an unsigned source into a signed store needs --source-unsigned: kvfs then
+    vouches for chunks no key protected, so do it only from a source you trust.
+
     Example: kvfs cp lmdb:///var/cache/kvfs s3://team-bucket/kv llama-3.1-8b
     """
     from kvfs.errors import ChunkFormatError, NotFound
 
-    src = open_store(src_url, read_only=True)
+    if source_key_file and source_unsigned:
+        raise click.UsageError("--source-key-file and --source-unsigned contradict each other")
+    src_key: bytes | None = None
+    if source_key_file:
+        try:
+            with open(source_key_file, "rb") as f:
+                src_key = f.read().strip()
+        except OSError as e:
+            raise CommandError(f"cannot read --source-key-file {source_key_file}: {e.strerror}", 2,
+                               "kvfs cp") from None
+    src = open_store(src_url, read_only=True, signing_key=src_key, unsigned=source_unsigned)
     dst = open_store(dst_url, create=True)
     if path.strip("/"):
         src.stat(path)  # NotFound when the source has nothing there
@@ -74,7 +97,7 @@ def cp(src_url: str, dst_url: str, path: str, as_json: bool) -> None:
                 failed.append({"path": rec.path, "error": err or "not found in the source"})
             else:
                 try:
-                    if dst.import_chunk(rec.path, data, manifest=manifests[rec.namespace]):
+                    if dst.import_chunk(rec.path, data, manifest=manifests[rec.namespace], resign=True):
                         copied += 1
                         nbytes += len(data)
                     else:

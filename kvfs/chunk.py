@@ -266,6 +266,26 @@ def finish_metadata(meta: dict[str, str], whole: str, layer_sums: list[str], lay
         meta["signature"] = signer.sign(_canonical_meta(meta))
 
 
+_STANDARD = set(_REQUIRED) | {"layer_digests", "signature"}
+
+
+def resign(buf, spec: KVSpec, signer: Any) -> memoryview:
+    """The same chunk (tensor bytes and metadata) signed with ``signer`` (or unsigned if None).
+
+    For ``kvfs cp`` into a store with another deployment key; the caller
+    must have verified ``buf`` first: signing is vouching for its content.
+    """
+    header = parse_header(buf)
+    mv = memoryview(buf)
+    if mv.ndim != 1 or mv.itemsize != 1:
+        mv = mv.cast("B")
+    raw = np.frombuffer(mv[header.data_offset :], dtype=_RAW[DTYPES[header.dtype][1]]).reshape(header.shape)
+    m = header.metadata
+    return encode(spec, key=m["key"], parent=m["parent"], tokens=header.tokens, kv=raw, start=int(m["start"]),
+                  kind=m["kind"], positions=int(m["positions"]),
+                  extra={k: v for k, v in m.items() if k not in _STANDARD}, signer=signer)
+
+
 def _header_json(meta: dict[str, str], dtype: str, shape: tuple[int, ...], nbytes: int) -> bytes:
     header = {
         "__metadata__": meta,

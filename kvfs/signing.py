@@ -31,7 +31,10 @@ class Signer:
         self._key = hashlib.blake2b(key, digest_size=32, person=b"kvfs-sign").digest()
 
     @classmethod
-    def from_config(cls, key: bytes | str | None = None) -> "Signer | None":
+    def from_config(cls, key: bytes | str | bool | None = None) -> "Signer | None":
+        """``key`` given: that key; ``False``: no signing whatever the environment; ``None``: the environment."""
+        if key is False:
+            return None
         if key is None:
             env = os.environ.get("KVFS_SIGNING_KEY")
             path = os.environ.get("KVFS_SIGNING_KEY_FILE")

@@ -36,6 +36,7 @@ from .chunk import (
     parse_header,
     verify_data,
 )
+from .chunk import resign as resign_chunk
 from .errors import (
     ChunkFormatError,
     ForeignChunk,
@@ -254,7 +255,7 @@ class Store:
         catalog: str | None = None,
         writeback_bytes: int | str = DEFAULT_WRITEBACK_BYTES,
         read_only: bool = False,
-        signing_key: bytes | str | None = None,
+        signing_key: bytes | str | bool | None = None,
         verify: bool = True,
     ) -> None:
         from kvfs.backends import backend_class
@@ -1080,7 +1081,8 @@ class Store:
             return data
         raise NotFound(path)
 
-    def validate_chunk(self, data, path: str, spec: KVSpec | None = None) -> ChunkHeader:
+    def validate_chunk(self, data, path: str, spec: KVSpec | None = None, *,
+                       check_signature: bool = True) -> ChunkHeader:
         """Check that ``data`` is a whole, valid chunk that belongs at ``path``; raise ChunkFormatError if not."""
         parts = self._split(path)
         if len(parts) != 4 or not parts[3].endswith(".safetensors"):
@@ -1098,7 +1100,7 @@ class Store:
         verify_data(header, mv[header.data_offset :])
         out = np.empty(header.shape, dtype=_RAW[spec.itemsize])
         copy_verified(header, mv[header.data_offset :], out)  # per-layer sums too
-        if self.signer is not None:
+        if self.signer is not None and check_signature:
             self.signer.verify(header, path)
         return header
 
@@ -1127,11 +1129,14 @@ class Store:
                 self.catalog.remove_from(stale, t.slot)
         return out
 
-    def import_chunk(self, path: str, data, *, manifest: bytes | None = None) -> bool:
+    def import_chunk(self, path: str, data, *, manifest: bytes | None = None, resign: bool = False) -> bool:
         """Store a chunk file's bytes at ``path`` after full validation. ``False`` if already stored.
 
         ``manifest``: the namespace's manifest if this store does not know it
-        yet (``kvfs cp`` passes the source's).
+        yet (``kvfs cp`` passes the source's). ``resign``: the caller vouches
+        for the chunk (it verified it in its source, with the source's key if
+        any); a store with a signing key then signs it with its own key
+        instead of requiring the signature it came with.
         """
         self._check_writable()
         parts = self._split(path)
@@ -1144,10 +1149,16 @@ class Store:
             if spec.path != nsp:
                 raise ChunkFormatError(f"manifest describes {spec.path}, not {nsp}")
             self._specs[nsp] = spec
-        header = self.validate_chunk(data, path, spec)
+        resigning = resign and self.signer is not None
+        header = self.validate_chunk(data, path, spec, check_signature=not resigning)
         rec = self.catalog.get(key_of_path("/".join(parts)))
         if rec is not None and rec.tiers & self.mask:
             return False
+        if resigning:
+            try:
+                self.signer.verify(header, path)  # already signed with this store's key: keep the bytes
+            except IntegrityError:
+                data = resign_chunk(data, spec or self.spec_of(nsp), self.signer)
         key = ChunkKey(bytes.fromhex(header.key), bytes.fromhex(header.parent) if header.parent else None,
                        header.start, header.start + header.num_tokens, nsp, header.kind == "segment")
         buf = bytes(data)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -111,3 +113,44 @@ def test_signed_layers_are_authenticated_one_by_one(tmp_path):
             for layer in range(SPEC.num_layers):
                 k, v = pf.wait_layer(layer)
                 assert k.shape[-3] == 16
+
+
+def test_cp_rotates_the_deployment_key_and_publishes_unsigned_caches(tmp_path):
+    import subprocess
+    import sys
+
+    old, new = tmp_path / "old.key", tmp_path / "new.key"
+    old.write_bytes(b"old deployment key")
+    new.write_bytes(b"new deployment key")
+    tokens = list(range(48))
+    signed_old = f"lmdb://{tmp_path}/old"
+    with kvfs.open(signed_old, signing_key=b"old deployment key") as s:
+        s.namespace(SPEC).put(tokens, kv(6, 48))
+    unsigned = f"lmdb://{tmp_path}/plain"
+    with kvfs.open(unsigned) as s:
+        s.namespace(SPEC).put(tokens, kv(6, 48))
+
+    def cp(*args, key=new):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("KVFS_SIGNING")}
+        env["KVFS_SIGNING_KEY_FILE"] = str(key)
+        return subprocess.run([sys.executable, "-m", "kvfs.cli", "cp", *args], capture_output=True, text=True,
+                              env=env)
+
+    # rotation: read with the old key, store signed with the new one
+    r = cp("--source-key-file", str(old), signed_old, f"lmdb://{tmp_path}/rotated")
+    assert r.returncode == 0, r.stderr
+    with kvfs.open(f"lmdb://{tmp_path}/rotated", signing_key=b"new deployment key") as s:
+        assert s.namespace(SPEC).get(tokens).tobytes() == kv(6, 48).tobytes()
+    with kvfs.open(f"lmdb://{tmp_path}/rotated", signing_key=b"old deployment key") as s:
+        with pytest.raises(CacheMiss):
+            s.namespace(SPEC).get(tokens)
+    # an unsigned source needs an explicit --source-unsigned; without it nothing is copied
+    r = cp(unsigned, f"lmdb://{tmp_path}/published")
+    assert r.returncode == 1 and "not copied" in r.stderr
+    r = cp("--source-unsigned", unsigned, f"lmdb://{tmp_path}/published")
+    assert r.returncode == 0, r.stderr
+    with kvfs.open(f"lmdb://{tmp_path}/published", signing_key=b"new deployment key") as s:
+        assert s.namespace(SPEC).get(tokens).tobytes() == kv(6, 48).tobytes()
+    # a wrong source key verifies nothing, so nothing is vouched for
+    r = cp("--source-key-file", str(new), signed_old, f"lmdb://{tmp_path}/wrong")
+    assert r.returncode == 1
