@@ -743,6 +743,12 @@ class Store:
         if not targets:
             return
         total = sum(len(e[3]) for e in entries)
+        if len(entries) > 1 and any(self.tiers[ti].capacity is not None and total > self.tiers[ti].capacity
+                                    for ti in targets):
+            # a batch larger than a tier: chunk by chunk, so that the tier takes what fits
+            for e in entries:
+                self._write_new([e], tiers, recycle=recycle)
+            return
         spec_paths = {e[0].namespace for e in entries}
         first = None
         for pos, ti in enumerate(targets):

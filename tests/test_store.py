@@ -354,3 +354,16 @@ def test_a_missing_manifest_never_costs_data(tmp_path):
         assert store.tiers[0].backend.exists_many([path]) == [True]
         # the namespace's owner comes back: everything is still there
         assert store.namespace(SPEC).get(toks).tobytes() == kv.tobytes()
+
+
+def test_a_put_larger_than_a_tier_fills_it_instead_of_skipping_it(tmp_path):
+    one = SPEC.bytes_per_token * SPEC.chunk_tokens + 4096
+    url = f"memory://?capacity={3 * one}::lmdb://{tmp_path}/s"
+    toks, kv = prompt(32 * 6), rand_kv(SPEC, 32 * 6)
+    with kvfs.open(url) as store:
+        ns = store.namespace(SPEC)
+        ns.put(toks, kv)  # six chunks into a three-chunk memory tier
+        store.flush()
+        mem = store.tiers[0]
+        assert 0 < store.catalog.used(mem.slot) <= 3 * one
+        assert ns.get(toks).tobytes() == kv.tobytes()
