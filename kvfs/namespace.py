@@ -25,7 +25,6 @@ from .spec import KVSpec, canonical_dtype
 from .store import ReadItem, Store
 
 _RAW = {1: np.uint8, 2: np.uint16, 4: np.uint32}
-PUT_BATCH_BYTES = 512 << 20
 
 
 @dataclass(frozen=True)
@@ -144,35 +143,17 @@ class Namespace:
             # of this very put cannot evict them (which would cut the prefix just stored)
             new = set(todo)
             store.catalog.touch([f"{k.namespace}/{k.hex}" for i, k in enumerate(keys) if i not in new])
-        written = 0
-        batch: list[int] = []
-        batch_bytes = 0
-        per_token = self.spec.bytes_per_token
-        for i in todo + [None]:
-            if i is not None:
-                batch.append(i)
-                batch_bytes += keys[i].num_tokens * per_token
-                if batch_bytes < PUT_BATCH_BYTES:
-                    continue
-            if not batch:
-                break
-            chunks = []
-            for j in batch:
+        def chunks():
+            for j in todo:
                 k = keys[j]
                 opts: dict[str, Any] = {}
                 if positions is not None:
                     opts["positions"] = positions + k.start
                 if extra:
                     opts["extra"] = extra
-                chunks.append((k, toks[k.start : k.end], raw[:, :, k.start : k.end], opts))
-            bufs = store._encode_many(self.spec, chunks)
-            entries = []
-            for (k, t, _, _), buf in zip(chunks, bufs):
-                entries.append((store._record_for(k, t, len(buf)), None if segment else t, k.path, buf))
-            store._write_new(entries, recycle=True)
-            written += len(entries)
-            batch, batch_bytes = [], 0
-        return written
+                yield (k, toks[k.start : k.end], raw[:, :, k.start : k.end], opts)
+
+        return store._put_encoded(self.spec, chunks(), segment=segment)
 
     # ---------------------------------------------------------------------------------- lookup
     def plan(self, tokens: Any) -> list[PlanItem]:

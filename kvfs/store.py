@@ -708,25 +708,63 @@ class Store:
         return ChunkRecord(f"{key.namespace}/{key.hex}", size, ntok, start, now, now, 0, 0, 0, key.segment,
                            key.parent_hex if not key.segment else "")
 
+    def _encode_one(self, spec: KVSpec, chunk: tuple[ChunkKey, np.ndarray, np.ndarray, dict]):
+        """Encode one chunk: ``(key, tokens, raw kv view, options)`` -> its file bytes."""
+        key, toks, kv, opts = chunk
+        return encode(
+            spec,
+            key=key.hex,
+            parent=key.parent_hex,
+            tokens=toks,
+            kv=kv,
+            start=opts.get("start", key.start),
+            kind="segment" if key.segment else "prefix",
+            positions=opts.get("positions"),
+            extra=opts.get("extra"),
+            signer=self.signer,
+        )
+
     def _encode_many(self, spec: KVSpec, chunks: Sequence[tuple[ChunkKey, np.ndarray, np.ndarray, dict]]):
-        """Encode chunks on the pool: ``(key, tokens, raw kv view, options)`` -> encoded buffers."""
+        """Encode chunks on the pool -> encoded buffers, in order."""
+        return _pool.run_all([lambda c=c: self._encode_one(spec, c) for c in chunks])
 
-        def enc(c):
-            key, toks, kv, opts = c
-            return encode(
-                spec,
-                key=key.hex,
-                parent=key.parent_hex,
-                tokens=toks,
-                kv=kv,
-                start=opts.get("start", key.start),
-                kind="segment" if key.segment else "prefix",
-                positions=opts.get("positions"),
-                extra=opts.get("extra"),
-                signer=self.signer,
-            )
+    def _put_encoded(self, spec: KVSpec, chunks, segment: bool = False) -> int:
+        """Encode chunks on the pool while this thread writes the finished ones, in order.
 
-        return _pool.run_all([lambda c=c: enc(c) for c in chunks])
+        Encoding (a copy and checksums, on the workers) overlaps the first
+        tier's write (LMDB's and the kernel's copies, GIL released) of the
+        chunk before; at most a few chunks are in flight. Returns how many
+        were written.
+        """
+        from collections import deque
+
+        pool = _pool.pool()
+        it = iter(chunks)
+        pending: deque = deque()
+        for c in it:
+            pending.append((c, pool.submit(self._encode_one, spec, c)))
+            if len(pending) >= 2 * _pool.workers():
+                break
+        written = 0
+        try:
+            while pending:
+                c, fut = pending.popleft()
+                buf = fut.result()
+                nxt = next(it, None)
+                if nxt is not None:
+                    pending.append((nxt, pool.submit(self._encode_one, spec, nxt)))
+                key, toks = c[0], c[1]
+                self._write_new([(self._record_for(key, toks, len(buf)), None if segment else toks, key.path, buf)],
+                                recycle=True)
+                written += 1
+        finally:
+            for _, fut in pending:  # an error: let the encodes in flight finish before the caller moves on
+                fut.cancel()
+                try:
+                    fut.result()
+                except BaseException:  # noqa: BLE001 - the first error is the one raised
+                    pass
+        return written
 
     def _write_new(self, entries: list[tuple[ChunkRecord, np.ndarray | None, str, Any]],
                    tiers: list[int] | None = None, *, recycle: bool = False) -> None:
