@@ -62,8 +62,6 @@ def raw_read_fresh(path: str, like: np.ndarray) -> float:
     """A raw read into a newly allocated array, allocated the way ``ns.get`` allocates its result."""
     t0 = time.perf_counter()
     buf = mmap.mmap(-1, like.nbytes)
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        buf.madvise(mmap.MADV_HUGEPAGE)
     out = np.frombuffer(buf, dtype=like.dtype).reshape(like.shape)
     raw_read(path, out)
     return time.perf_counter() - t0

@@ -475,7 +475,7 @@ def markdown(res: dict[str, Any], command: str, when: str | None = None, where: 
         f"counts (kvfs pool {kmain.get('threads')}, LMCache disk I/O 4, torch {lmf.get('torch_threads')}). "
         "Baselines are measured in each side's own process (memcpy: best of one and two threads; file I/O: one "
         "file per 32 MiB chunk, best of 1 and 4 threads); caller buffers and baseline destinations are faulted in "
-        "ahead, on transparent huge pages.",
+        "ahead, page aligned.",
         "",
         "| operation | kvfs backend | kvfs | LMCache | kvfs / LMCache | target | met | baseline | kvfs vs baseline "
         "| LMCache vs baseline | kvfs / LMCache, each over its baseline | noise |",

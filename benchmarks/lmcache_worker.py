@@ -67,17 +67,11 @@ def n_tokens_for(gib: float) -> int:
 
 
 def touched(shape, dtype=np.uint16) -> np.ndarray:
-    """An output buffer whose pages are already faulted in (measure copies, not page faults), on transparent
-    huge pages where the kernel offers them, as the large buffers of both systems are."""
+    """A page-aligned output buffer whose pages are already faulted in (measure copies, not page faults)."""
     import mmap
 
     nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
     m = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        try:
-            m.madvise(mmap.MADV_HUGEPAGE)
-        except OSError:
-            pass
     a = np.frombuffer(m, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
     a.reshape(-1).view(np.uint8)[::4096] = 1
     return a

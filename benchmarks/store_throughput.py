@@ -23,7 +23,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import Results, best_of, drop_caches, machine  # noqa: E402
+from _common import Results, aligned_like, best_of, drop_caches, machine  # noqa: E402
 
 import kvfs  # noqa: E402
 
@@ -34,7 +34,7 @@ def make_workload(total_bytes: int, seed: int = 0):
     n_chunks = max(1, total_bytes // (SPEC.bytes_per_token * SPEC.chunk_tokens))
     tokens = np.random.default_rng(seed).integers(0, 128_000, n_chunks * SPEC.chunk_tokens).tolist()
     kv = np.random.default_rng(seed).integers(0, 2**16, SPEC.chunk_shape(len(tokens)), dtype=np.uint16)
-    return tokens, kv.view(np.float16)
+    return tokens, aligned_like(kv.view(np.float16), copy=True)
 
 
 def raw_write(path: str, data: np.ndarray, block: int = 4 << 20, fsync: bool = False) -> float:
@@ -100,12 +100,11 @@ def main() -> None:
         tokens, kv = make_workload(int(args.gib * 2**30))
         nbytes = kv.nbytes
         gb = nbytes / 1e9
-        out = np.empty_like(kv)
-        out.view(np.uint8).reshape(-1)[::4096] = 1  # touch every page: measure copies, not page faults
+        out = aligned_like(kv)  # touched: measure copies, not page faults; aligned as engines' buffers are
         t_memcpy = best_of(args.repeats, lambda: np.copyto(out, kv))
 
-        # --- memory backend. The first put of a fresh process pays for its new memory (page faults: how
-        # much depends on the kernel's free huge pages); a serving process runs a full tier, whose evicted
+        # --- memory backend. The first put of a fresh process pays for its new memory (page
+        # faults); a serving process runs a full tier, whose evicted
         # chunks' buffers are reused: measured by filling the tier with other prompts first.
         other_tokens, other_kv = make_workload(nbytes, seed=1)
         with kvfs.open("memory://") as store:

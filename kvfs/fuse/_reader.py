@@ -241,7 +241,7 @@ class ChunkReader:
         need = last if need is None else need
         h = self.header
         lb = h.layer_bytes
-        mv = _buffers.alloc((last - first) * lb)  # huge pages, recycled (see release_retired)
+        mv = _buffers.alloc((last - first) * lb)  # page aligned, recycled (see release_retired)
         off = h.data_offset + first * lb
         for tier in self._tiers:
             backend = tier.backend
