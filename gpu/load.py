@@ -231,6 +231,7 @@ class DeviceReader:
     def close(self) -> None:
         if self.stream is not None:
             self.stream.synchronize()
+        self.reader.close()  # views kept across layer reads (an LMDB read transaction)
         if self._own_pool and self.pool is not None:
             self.pool.close()
 

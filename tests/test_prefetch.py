@@ -68,7 +68,9 @@ class SlowTier:
         return out
 
 
-def _slow(store, delay: float) -> SlowTier:
+def _slow(store, delay: float, monkeypatch) -> SlowTier:
+    # every layer read takes its views again (and waits), instead of keeping them across reads
+    monkeypatch.setattr("kvfs._layers.HOLD_SECONDS", 0)
     slow = SlowTier(store.tiers[0].backend, delay)
     store.tiers[0].backend = slow
     return slow
@@ -162,13 +164,13 @@ def test_later_layers_skip_catalog_and_header_work(tmp_path):
         assert calls == {"get_many": 3, "touch": 1, "parse": 8}, calls
 
 
-def test_wait_layer_never_returns_a_layer_before_it_is_read():
+def test_wait_layer_never_returns_a_layer_before_it_is_read(monkeypatch):
     """The loader is made much slower than the consumer; every layer must still arrive complete."""
     with kvfs.open("memory://slow") as store:
         ns = store.namespace(SPEC)
         kv = _kv(6 * C, seed=2)
         ns.put(_toks(6 * C), kv)
-        slow = _slow(store, 0.05)
+        slow = _slow(store, 0.05, monkeypatch)
         with ns.prefetch(_toks(6 * C)) as pf:
             for i in range(L):
                 k, v = pf.wait_layer(i)
@@ -181,12 +183,12 @@ def test_wait_layer_never_returns_a_layer_before_it_is_read():
             assert pf.done
 
 
-def test_prefetch_overlaps_with_the_callers_work():
+def test_prefetch_overlaps_with_the_callers_work(monkeypatch):
     delay = 0.05
     with kvfs.open("memory://overlap") as store:
         ns = store.namespace(SPEC)
         ns.put(_toks(4 * C), _kv(4 * C))
-        slow = _slow(store, delay)
+        slow = _slow(store, delay, monkeypatch)
         t0 = time.monotonic()
         with ns.prefetch(_toks(4 * C)) as pf:
             assert time.monotonic() - t0 < delay * L / 2  # starting does not wait for the loads
@@ -245,12 +247,12 @@ def test_corrupt_first_layer_means_nothing_from_that_chunk():
             assert pf.wait_layer(L - 1)[0].shape[0] == 0
 
 
-def test_chunk_evicted_mid_prefetch_is_a_miss(tmp_path):
+def test_chunk_evicted_mid_prefetch_is_a_miss(tmp_path, monkeypatch):
     with kvfs.open(f"lmdb://{tmp_path}/db") as store:
         ns = store.namespace(SPEC)
         kv = _kv(4 * C, seed=5)
         ns.put(_toks(4 * C), kv)
-        slow = _slow(store, 0.05)
+        slow = _slow(store, 0.05, monkeypatch)
         with ns.prefetch(_toks(4 * C)) as pf:
             pf.wait_layer(0)
             victim = pf.plan[3].key.path
@@ -262,11 +264,11 @@ def test_chunk_evicted_mid_prefetch_is_a_miss(tmp_path):
             assert torch.equal(whole, kv[:, :, :n])
 
 
-def test_cancel_and_close_free_the_buffers():
+def test_cancel_and_close_free_the_buffers(monkeypatch):
     with kvfs.open("memory://cancel") as store:
         ns = store.namespace(SPEC)
         ns.put(_toks(8 * C), _kv(8 * C))
-        _slow(store, 0.2)  # the loader needs 0.8 s for all layers: the cancel below comes well before
+        _slow(store, 0.2, monkeypatch)  # the loader needs 0.8 s for all layers: the cancel below comes well before
         pf = ns.prefetch(_toks(8 * C))
         assert pf.bytes_held == L * pf.layer_bytes
         buf = weakref.ref(pf._all)
@@ -283,12 +285,12 @@ def test_cancel_and_close_free_the_buffers():
             pf.wait_layer(L - 1)
 
 
-def test_bounded_prefetch_holds_at_most_max_bytes():
+def test_bounded_prefetch_holds_at_most_max_bytes(monkeypatch):
     with kvfs.open("memory://bounded") as store:
         ns = store.namespace(SPEC)
         kv = _kv(6 * C, seed=6)
         ns.put(_toks(6 * C), kv)
-        _slow(store, 0.01)
+        _slow(store, 0.01, monkeypatch)
         layer_bytes = 6 * C * SPEC.bytes_per_token // L
         with ns.prefetch(_toks(6 * C), max_bytes=2 * layer_bytes) as pf:
             assert pf.max_layers == 2
@@ -481,3 +483,67 @@ def test_prefetch_into_the_callers_buffer():
         assert torch.equal(out[:, :, : 3 * C], kv) and not out[:, :, 3 * C:].float().any()
         with pytest.raises(InvalidInput, match="cannot hold"):
             ns.prefetch(_toks(3 * C), out=torch.zeros(SPEC.chunk_shape(C), dtype=torch.bfloat16))
+
+
+class CountingViews:
+    """A backend wrapped to count how often views are taken."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.taken = 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    @contextlib.contextmanager
+    def views(self, keys):
+        self.taken += 1
+        with self.inner.views(keys) as v:
+            yield v
+
+
+def _active_lmdb_readers(backend) -> int:
+    """Reader slots of this LMDB environment holding a snapshot (an open read transaction)."""
+    rows = backend._env.env.readers().splitlines()[1:]
+    return sum(1 for r in rows if r.split() and r.split()[-1] != "-")
+
+
+def test_layer_reads_keep_their_lmdb_views_and_release_them_on_close(tmp_path):
+    """py-lmdb touches every page of a value each time it lends one: a 32-layer load takes its views once."""
+    with kvfs.open(f"lmdb://{tmp_path}/db") as store:
+        ns = store.namespace(SPEC)
+        kv = _kv(4 * C, seed=11)
+        ns.put(_toks(4 * C), kv)
+        inner = store.tiers[0].backend
+        counting = CountingViews(inner)
+        store.tiers[0].backend = counting
+        with ns.prefetch(_toks(4 * C)) as pf:
+            for i in range(L):
+                k, v = pf.wait_layer(i)
+                assert torch.equal(k, kv[i, 0]) and torch.equal(v, kv[i, 1])
+            assert pf.wait() == 4 * C
+        # the first layer goes through the store's full read path, every later one through one held set
+        assert counting.taken == 2, counting.taken
+        assert _active_lmdb_readers(inner) == 0  # closing the prefetch ended the read transaction
+
+
+def test_chunks_evicted_while_views_are_held_are_read_from_the_snapshot(tmp_path):
+    with kvfs.open(f"lmdb://{tmp_path}/db") as store:
+        ns = store.namespace(SPEC)
+        kv = _kv(4 * C, seed=12)
+        ns.put(_toks(4 * C), kv)
+        pf = ns.prefetch(_toks(4 * C), start=False)
+        reader = pf._reader
+        out = torch.zeros(SPEC.chunk_shape(4 * C), dtype=kv.dtype)
+        ok, _ = reader.fill(range(0, 1), out[0:1])
+        ok2, _ = reader.fill(range(1, 2), out[1:2])  # views now held
+        assert all(ok) and all(ok2)
+        store.evict(all=True, force=True)
+        # overwrite the freed pages with other chunks: a reader without its snapshot would see them
+        ns.put(_toks(4 * C, base=50_000), _kv(4 * C, seed=13))
+        ok3, _ = reader.fill(range(2, L), out[2:])
+        assert all(ok3)
+        assert torch.equal(out, kv)  # whole and intact, from the snapshot the views belong to
+        pf.close()
+        assert _active_lmdb_readers(store.tiers[0].backend) == 0
+        assert ns.lookup(_toks(4 * C)) == 0
