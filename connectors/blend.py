@@ -639,15 +639,7 @@ class BlendedLM:
         tok = int(torch.argmax(blend.logits))
         ttft = time.perf_counter() - t0
         stored_segments, stored_chunks = self._store_pending(blend)
-        eos = self.lm._eos()
-        new = [tok]
-        cache = blend.cache
-        while len(new) < max_new_tokens and tok not in eos:
-            step = torch.tensor([[tok]], dtype=torch.long, device=self.device)
-            out = self.model(input_ids=step, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            tok = int(torch.argmax(out.logits[0, -1]))
-            new.append(tok)
+        new = self.lm.decode(tok, blend.cache, max_new_tokens)
         return BlendGeneration(new, blend, ttft, time.perf_counter() - t0, stored_segments, stored_chunks)
 
 

@@ -311,16 +311,20 @@ class CachedLM:
             t = time.perf_counter()
             stored = self.store_prompt(toks, pre.cache)
             save_s = time.perf_counter() - t
+        new = self.decode(tok, pre.cache, max_new_tokens)
+        return Generation(new, pre, ttft, time.perf_counter() - t0, stored, save_s)
+
+    def decode(self, tok: int, cache: Any, max_new_tokens: int) -> list[int]:
+        """Greedy decoding from the first token ``tok`` and the prompt's ``cache``: the new token ids."""
         eos = self._eos()
         new = [tok]
-        cache = pre.cache
         while len(new) < max_new_tokens and tok not in eos:
             step = torch.tensor([[tok]], dtype=torch.long, device=self.device)
             out = self.model(input_ids=step, past_key_values=cache, use_cache=True)
             cache = out.past_key_values
             tok = int(torch.argmax(out.logits[0, -1]))
             new.append(tok)
-        return Generation(new, pre, ttft, time.perf_counter() - t0, stored, save_s)
+        return new
 
     def _eos(self) -> set[int]:
         eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)

@@ -25,6 +25,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from . import _buffers, _pool
+from ._proc import process_alive
 from .catalog import Catalog, ChunkRecord, key_of_path
 from .chunk import (
     ChunkHeader,
@@ -366,7 +367,7 @@ class Store:
                 pid = int(ident.rsplit("#", 1)[1].split(".", 1)[0])
             except ValueError:
                 continue
-            if pid == os.getpid() or _pid_alive(pid):
+            if pid == os.getpid() or process_alive(pid):
                 continue
             try:
                 self.catalog.drop_slot(ident, slot)
@@ -1566,16 +1567,6 @@ class _HeaderCache(dict):
                     self.pop(k, None)
             except RuntimeError:  # resized by another thread while listing: trim next time
                 pass
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class _DirectReader:

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 
+from .._proc import process_alive
 from ..errors import StoreError
 
 READY_TIMEOUT = 120.0
@@ -65,22 +66,6 @@ def mounted_fstype(mountpoint: str) -> str | None:
     except (OSError, ValueError):
         return None
     return found
-
-
-def process_alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie, exited but not yet reaped by its parent, does not)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-        return state not in ("Z", "X")
-    except (OSError, IndexError):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
 
 
 def _read_pid(mountpoint: str) -> int | None:
