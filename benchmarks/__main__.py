@@ -8,8 +8,8 @@ table and saves its rows to ``benchmarks/results/<section>.json``. Then the
 tables of docs/benchmarks.md are regenerated between their
 ``<!-- results: SECTION -->`` markers (the prose around them is kept), the
 summary of targets at the top is rebuilt, and the figures in ``docs/img/``
-are redrawn. ``--quick`` runs smaller workloads (about 10 minutes on a
-2-core machine); the full suite takes about an hour.
+are redrawn. ``--quick`` runs smaller workloads (3-5 minutes on a 2-core
+machine); the full suite takes about 10 minutes there.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ SUITE = [
           ["kvfs vs LMCache"]),
 ]
 
-_TARGET = re.compile(r"target\s*(>=|≥|<=|≤|<|>)\s*([0-9.]+)\s*(ms|s|×|x)?", re.I)
+_TARGET = re.compile(r"target\s*(>=|≥|<=|≤|<|>)\s*([0-9.]+)\s*(ms|s|×|x|%)?", re.I)
 
 
 def run(bench: Bench, quick: bool) -> tuple[bool, float]:
@@ -133,7 +133,7 @@ def target_rows(results: dict[str, dict]) -> list[tuple[str, dict, str, bool | N
             if not m:
                 continue
             op, bound, unit = m.group(1), float(m.group(2)), (m.group(3) or "").lower()
-            x = r.get("value") if unit in ("ms", "s") else r.get("ratio")
+            x = r.get("value") if unit in ("ms", "s", "%") else r.get("ratio")
             if unit == "s" and r.get("unit") == "ms" and x is not None:
                 x = x / 1000
             met = None
@@ -254,7 +254,7 @@ def plots(results: dict[str, dict]) -> list[tuple[str, str]]:
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="smaller workloads (about 10 minutes)")
+    ap.add_argument("--quick", action="store_true", help="smaller workloads (3-5 minutes on 2 cores)")
     ap.add_argument("--only", default="", help="comma-separated benchmark names")
     ap.add_argument("--skip", default="", help="comma-separated benchmark names")
     ap.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")

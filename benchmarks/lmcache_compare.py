@@ -462,8 +462,8 @@ def markdown(res: dict[str, Any], command: str, when: str | None = None, where: 
         "",
         f"Command: `{command}`  ",
         f"Machine: {where or machine()}; {when or time.strftime('%Y-%m-%d %H:%M')}; {rounds} round(s), each side's figure the best "
-        "of every sample (noise column: median over best, kvfs / LMCache). The machine was shared with other "
-        "engineers' test runs: re-run on a quiet machine before quoting absolute figures. When the machine's "
+        "of every sample (noise column: median over best, kvfs / LMCache: on this VM the memory bandwidth a "
+        "process gets moves by up to 2x between minutes, even with nothing else running). When the machine's "
         "speed changed between the two sides' processes, the column dividing each side by the baseline measured "
         "in its own process is the steadier comparison; `met` uses the plain ratio.",
         "",

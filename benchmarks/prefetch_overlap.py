@@ -164,7 +164,8 @@ def overlap(args, res: Results) -> None:
                         "load alone, compute alone", None,
                         f"load {t_ld * 1e3:.0f} ms, compute {t_comp * 1e3:.0f} ms, pipelined {t_pipe * 1e3:.0f} ms "
                         f"(sequential: {(t_ld + t_comp) * 1e3:.0f} ms); consumer waited {min(waited) * 1e3:.0f} ms "
-                        f"= {min(waited) / t_ld * 100:.0f} % of the load")
+                        f"= {min(waited) / t_ld * 100:.0f} % of the load"
+                        + ("; target >= 80 %" if t_comp >= t_ld else ""))
                 if minimal is not None:
                     res.add(f"  same, vs a minimal pipeline (ratio {t_comp / t_ld:.2g})", t_pipe * 1e3, "ms",
                             "plain copy+xxh3 thread, same bytes, same compute", t_min / t_pipe,
