@@ -275,8 +275,11 @@ class PagedCache:
         a = idx.aligned
         for (view, flat), src in zip(pairs, self._per_target(kv, layer, len(pairs))):
             if a:  # whole blocks: a block at a time (contiguous runs in NHD and HND alike)
-                _put(view, (idx.blocks, slice(None), slice(None), slice(None)),
-                     src[..., :a, :, :].unflatten(-3, (-1, self.block_size)))
+                whole = src[..., :a, :, :].unflatten(-3, (-1, self.block_size))
+                if view.device.type == "cpu" and whole.device.type == "cpu" and _layers_inside_blocks(view):
+                    _put_blocks(view, idx.blocks, whole)
+                else:
+                    _put(view, (idx.blocks, slice(None), slice(None), slice(None)), whole)
                 if a == src.shape[-3]:
                     continue
                 src = src[..., a:, :, :]
@@ -392,6 +395,27 @@ def _put(dst: torch.Tensor, index: tuple, src: torch.Tensor) -> None:
         dst.view(raw).numpy()[np_index] = src.view(raw).numpy()
         return
     dst[(Ellipsis,) + index] = src
+
+
+def _layers_inside_blocks(view: torch.Tensor) -> bool:
+    """A whole-cache view ``[layers, planes, blocks, block_size, heads, dim]`` whose blocks hold every layer
+    and whose (heads, dim) rows are split (SGLang ``page_head``: a token's layers interleaved in ``dim``-sized
+    runs; not ``page_first``, whose token rows hold every head)."""
+    return view.dim() == 6 and view.shape[0] > 1 and view.stride(0) < view.stride(2) \
+        and not _rows_contiguous(view, 2)
+
+
+def _put_blocks(dst: torch.Tensor, blocks: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst[..., blocks, :, :, :] = src`` on CPU one block at a time, for caches whose blocks hold every
+    layer (SGLang ``page_head``): numpy's fancy assignment walks them in ``dim``-sized rows layer by layer
+    across all blocks; a copy per block keeps each block's writes together (0.59-0.65x a contiguous copy
+    instead of 0.46-0.51x here; for the other layouts the fancy assignment is the faster one)."""
+    raw = _RAW_TORCH[dst.element_size()]
+    d = dst.view(raw).numpy()
+    s = src.view(raw).numpy()
+    rows = (slice(None),) * 3
+    for j, b in enumerate(blocks.tolist()):
+        np.copyto(d[(Ellipsis, b) + rows], s[(Ellipsis, j) + rows])
 
 
 def _select(src: torch.Tensor, dim: int, index: torch.Tensor, out: torch.Tensor) -> None:
