@@ -551,7 +551,7 @@ class KVFSOperations(WriteOps, XattrOps, pyfuse3.Operations):
         if h is None:
             return
         if h.reader is not None:
-            h.reader.close()  # buffers are not recycled here: a read-ahead thread may still hold the lock
+            h.reader.close()  # recycles the windows unless a read-ahead is still running
         if h.staged is not None:
             await self._close_write(h, report=False)  # nobody to tell: the log says it
             h.staged.opens -= 1

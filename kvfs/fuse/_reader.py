@@ -313,6 +313,17 @@ class ChunkReader:
         self._next = off + n
 
     def close(self) -> None:
+        """Drop the cached windows. Called from the event loop once the file is released (every read of it
+        has been answered): the windows go back to the buffer pool for the next file, unless a
+        background read-ahead may still be using them (then they are left to the garbage collector)."""
+        buffers = [w[2] for w in self._windows] + self._retired
         self._windows = []
         self._retired = []
         self.whole = None
+        if self._inflight or not self.lock.acquire(blocking=False):
+            return
+        try:
+            for b in buffers:
+                _buffers.release(b)
+        finally:
+            self.lock.release()
