@@ -26,6 +26,7 @@ checked against the signed layer checksums.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any, Sequence
 
@@ -82,15 +83,19 @@ class LayerReader:
         #: reads that went through the fast path (tests and benchmarks look at it)
         self.fast_reads = 0
         self._held: dict[int, _Held] = {}  # tier index -> views kept across reads
+        self._io = threading.Lock()  # a read in flight; close() waits for it before dropping the views
 
     def close(self) -> None:
-        """Drop the views kept across reads (an LMDB read transaction); the reader stays usable."""
-        held, self._held = self._held, {}
-        for h in held.values():
-            try:
-                h.close()
-            except Exception as e:  # noqa: BLE001 - releasing a snapshot must not fail the caller
-                log.debug("kvfs: releasing held views failed: %s", e)
+        """Drop the views kept across reads (an LMDB read transaction); the reader stays usable while its
+        store is open. Called by the store's own close too: held views never outlive the backend."""
+        with self._io:
+            held, self._held = self._held, {}
+            for h in held.values():
+                try:
+                    h.close()
+                except Exception as e:  # noqa: BLE001 - releasing a snapshot must not fail the caller
+                    log.debug("kvfs: releasing held views failed: %s", e)
+            self.store._view_holders.discard(self)
 
     def _views(self, tier, paths: list[str]) -> list:
         held = self._held.get(tier.index)
@@ -105,6 +110,7 @@ class LayerReader:
                                                if self._tier[i] is tier and not self.failed[i]]))
             held = _Held(tier.backend, want)
             self._held[tier.index] = held
+            self.store._view_holders.add(self)
         return [held.views[p] for p in paths]
 
     def __len__(self) -> int:
@@ -126,6 +132,11 @@ class LayerReader:
 
     # ------------------------------------------------------------------------------------------ reads
     def read(self, layers: range, dests: Sequence[np.ndarray | None]) -> list[bool]:
+        with self._io:
+            self.store._check_open()  # a closed store's backends (and any views of them) are gone
+            return self._read(layers, dests)
+
+    def _read(self, layers: range, dests: Sequence[np.ndarray | None]) -> list[bool]:
         if len(dests) != len(self.plan):
             raise ValueError(f"{len(dests)} destinations for {len(self.plan)} chunks")
         ok = [False] * len(self.plan)

@@ -19,6 +19,7 @@ import os
 import threading
 import time
 import uuid
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
@@ -272,6 +273,8 @@ class Store:
         #: parsed headers of chunks read before (chunks are immutable: a path's header never changes
         #: while the chunk exists; entries are dropped on eviction and quarantine)
         self._headers: _HeaderCache = _HeaderCache(8192)
+        #: layer-wise readers keeping backend views across reads (kvfs._layers), closed before the backends
+        self._view_holders: weakref.WeakSet = weakref.WeakSet()
         self._specs: dict[str, KVSpec] = {}
         self._manifests_written: set[tuple[int, str]] = set()
         from .signing import Signer
@@ -348,6 +351,8 @@ class Store:
                     log.warning("kvfs: flushing %s failed: %s", t, e)
         finally:
             self._closed = True
+            for reader in list(self._view_holders):
+                reader.close()  # waits for a read in flight, then ends its read transaction
             for t in self.tiers:
                 t.backend.close()
                 if getattr(t.backend, "dropped", False):

@@ -547,3 +547,43 @@ def test_chunks_evicted_while_views_are_held_are_read_from_the_snapshot(tmp_path
         pf.close()
         assert _active_lmdb_readers(store.tiers[0].backend) == 0
         assert ns.lookup(_toks(4 * C)) == 0
+
+
+def test_closing_the_store_under_a_prefetch_is_an_error_not_a_crash(tmp_path):
+    """Held LMDB views must not outlive the store: its close ends them, later layer reads say it is closed."""
+    store = kvfs.open(f"lmdb://{tmp_path}/db")
+    ns = store.namespace(SPEC)
+    kv = _kv(3 * C, seed=14)
+    ns.put(_toks(3 * C), kv)
+    pf = ns.prefetch(_toks(3 * C), start=False)
+    out = torch.zeros(SPEC.chunk_shape(3 * C), dtype=kv.dtype)
+    for i in (0, 1):  # the second read keeps its views
+        ok, _ = pf._reader.fill(range(i, i + 1), out[i : i + 1])
+        assert all(ok)
+    backend = store.tiers[0].backend
+    assert _active_lmdb_readers(backend) == 1
+    store.close()  # would unmap what the held views point into: it releases them first
+    with pytest.raises(kvfs.StoreError, match="closed"):
+        pf._reader.fill(range(2, 3), out[2:3])
+    pf.close()
+    assert torch.equal(out[:2], kv[:2])
+
+
+def test_prefetch_running_when_the_store_closes_reports_it(tmp_path):
+    """Whatever the loader had read when the store closed is exact; the rest is a clear error, not a crash."""
+    store = kvfs.open(f"lmdb://{tmp_path}/db")
+    ns = store.namespace(SPEC)
+    kv = _kv(4 * C, seed=15)
+    ns.put(_toks(4 * C), kv)
+    served = 0
+    with ns.prefetch(_toks(4 * C)) as pf:
+        k, v = pf.wait_layer(0)
+        assert torch.equal(k, kv[0, 0]) and torch.equal(v, kv[0, 1])
+        store.close()
+        try:
+            for i in range(1, L):
+                k, v = pf.wait_layer(i)
+                assert torch.equal(k, kv[i, 0]) and torch.equal(v, kv[i, 1])
+                served = i
+        except kvfs.StoreError as e:
+            assert "closed" in str(e) and served < L - 1
