@@ -132,8 +132,7 @@ class LayerReader:
 
     # ------------------------------------------------------------------------------------------ reads
     def read(self, layers: range, dests: Sequence[np.ndarray | None]) -> list[bool]:
-        with self._io:
-            self.store._check_open()  # a closed store's backends (and any views of them) are gone
+        with self._io, self.store.reading():  # a closed store's backends (and any views of them) are gone
             return self._read(layers, dests)
 
     def _read(self, layers: range, dests: Sequence[np.ndarray | None]) -> list[bool]:

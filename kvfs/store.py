@@ -21,7 +21,8 @@ import time
 import uuid
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -62,6 +63,7 @@ log = logging.getLogger("kvfs")
 
 DEFAULT_WRITEBACK_BYTES = 1 << 30
 HEADER_PROBE = 4096
+CLOSE_WAIT_S = 30.0  # how long close() waits for reads in flight
 DIRECT_READ_BYTES = 2 << 20  # direct reads: bytes read per call, then hashed while in cache
 MANIFEST_NAME = "manifest.json"
 _RAW = {1: np.uint8, 2: np.uint16, 4: np.uint32}
@@ -275,6 +277,8 @@ class Store:
         self._headers: _HeaderCache = _HeaderCache(8192)
         #: layer-wise readers keeping backend views across reads (kvfs._layers), closed before the backends
         self._view_holders: weakref.WeakSet = weakref.WeakSet()
+        self._reads = 0  # reads in flight (see reading())
+        self._reads_cv = threading.Condition()
         self._specs: dict[str, KVSpec] = {}
         self._manifests_written: set[tuple[int, str]] = set()
         from .signing import Signer
@@ -350,7 +354,11 @@ class Store:
                 except OSError as e:
                     log.warning("kvfs: flushing %s failed: %s", t, e)
         finally:
-            self._closed = True
+            with self._reads_cv:
+                self._closed = True  # no new read starts; wait for those in flight
+                if not self._reads_cv.wait_for(lambda: not self._reads, timeout=CLOSE_WAIT_S):
+                    log.warning("kvfs: closing with %d read(s) still in flight after %.0f s", self._reads,
+                                CLOSE_WAIT_S)
             for reader in list(self._view_holders):
                 reader.close()  # waits for a read in flight, then ends its read transaction
             for t in self.tiers:
@@ -493,7 +501,25 @@ class Store:
     # ---------------------------------------------------------------------------------- reads
     def _read(self, spec: KVSpec, items: Sequence[ReadItem], *, promote: bool = True) -> list[bool]:
         """Fill each item's ``dest``; ``True`` where the chunk was found and passed every check."""
-        self._check_open()
+        with self.reading():
+            return self._read_open(spec, items, promote)
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        """A read in flight: :meth:`close` waits for it before it releases the backends (whose zero-copy
+        views the read may be copying from)."""
+        with self._reads_cv:
+            self._check_open()
+            self._reads += 1
+        try:
+            yield
+        finally:
+            with self._reads_cv:
+                self._reads -= 1
+                if not self._reads:
+                    self._reads_cv.notify_all()
+
+    def _read_open(self, spec: KVSpec, items: Sequence[ReadItem], promote: bool) -> list[bool]:
         n = len(items)
         ok = [False] * n
         if not n:
