@@ -20,6 +20,16 @@ os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 sys.path.insert(0, os.path.dirname(__file__))
 
 
+def pytest_terminal_summary(terminalreporter):
+    from fault_report import lines
+
+    found = lines()
+    if found:
+        terminalreporter.section("fault suites")
+        for line in found:
+            terminalreporter.write_line(line)
+
+
 def pytest_addoption(parser):
     parser.addoption("--soak", action="store_true", help="run long soak versions of fault tests")
 

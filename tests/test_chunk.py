@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+import fault_report
 import kvfs
 from kvfs import chunk
 from kvfs.errors import ChunkFormatError, IntegrityError
@@ -150,6 +151,7 @@ def test_partial_copies_verify_from_the_source():
 @settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_fuzzed_chunks_only_ever_raise_chunk_format_error(data):
+    fault_report.add("chunk parser fuzz (Hypothesis)", cases=1)
     base = bytes(make_chunk(ntok=4)[0]) if not hasattr(test_fuzzed_chunks_only_ever_raise_chunk_format_error, "b") \
         else test_fuzzed_chunks_only_ever_raise_chunk_format_error.b
     test_fuzzed_chunks_only_ever_raise_chunk_format_error.b = base

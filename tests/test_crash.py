@@ -19,6 +19,7 @@ import time
 
 import pytest
 
+import fault_report
 import kvfs
 from workers.kvdata import SPEC, expected_kv, prompt
 
@@ -140,5 +141,6 @@ def _check_flushed_only(url: str, journal: str) -> None:
 
 
 def teardown_module(module):
-    print(f"\ncrash suite: {COUNTS['crash_points']} crash points, {COUNTS['chunks_checked']} chunk checks, "
-          f"{COUNTS['wrong_kv']} wrong KV served, {COUNTS['lost']} committed prompts lost")
+    fault_report.add("crash (SIGKILL at random points)", crash_points=COUNTS["crash_points"],
+                     chunk_checks=COUNTS["chunks_checked"], wrong_KV_served=COUNTS["wrong_kv"],
+                     committed_prompts_lost=COUNTS["lost"])

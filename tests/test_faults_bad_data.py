@@ -12,6 +12,7 @@ import struct
 import numpy as np
 import pytest
 
+import fault_report
 import kvfs
 from kvfs import chunk
 from kvfs.errors import CacheMiss, NotFound
@@ -125,7 +126,7 @@ def _cases_names():
 
 
 def teardown_module(module):
-    print(f"\nbad-data suite: {COUNT['cases']} corrupt reads tried, {COUNT['served_wrong']} wrong KV served")
+    fault_report.add("bad data", corrupt_chunks_tried=COUNT["cases"], wrong_KV_served=COUNT["served_wrong"])
 
 
 def test_chunks_of_a_newer_format_are_misses_but_never_deleted(tmp_path, caplog):

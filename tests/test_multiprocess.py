@@ -1,4 +1,4 @@
-"""Several processes writing and reading one LMDB store at once."""
+"""Several processes writing, reading and evicting one LMDB store, or one file store, at once."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import multiprocessing as mp
 import time
 
 import numpy as np
+import pytest
 
+import fault_report
 import kvfs
 
 SPEC = kvfs.KVSpec("mp/tiny", num_layers=2, num_kv_heads=2, head_dim=16, dtype="float16", chunk_tokens=16)
@@ -49,8 +51,9 @@ def worker(url: str, role: str, seed: int, seconds: float, q) -> None:
     q.put((role, ops, errors))
 
 
-def test_concurrent_processes_on_one_lmdb_store(tmp_path):
-    url = f"lmdb://{tmp_path}/shared"
+@pytest.mark.parametrize("scheme", ["lmdb", "file"])
+def test_concurrent_processes_on_one_store(tmp_path, scheme):
+    url = f"{scheme}://{tmp_path}/shared"
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     procs = [ctx.Process(target=worker, args=(url, role, i, 4.0, q))
@@ -61,6 +64,8 @@ def test_concurrent_processes_on_one_lmdb_store(tmp_path):
     for p in procs:
         p.join(30)
         assert p.exitcode == 0
+    fault_report.add(f"concurrency ({scheme}, 4 processes)", concurrent_operations=sum(o for _, o, _ in results),
+                     wrong_KV_served=sum(1 for _, _, errs in results for e in errs if e.startswith("wrong KV")))
     assert all(not errs for _, _, errs in results), results
     assert sum(ops for role, ops, _ in results if role == "reader") > 20
     with kvfs.open(url) as store:
