@@ -21,7 +21,7 @@ import threading
 
 import numpy as np
 
-HUGE_MIN = 4 << 20
+MAP_MIN = 4 << 20  # buffers this large or larger are pooled anonymous maps
 _HUGEPAGES = os.environ.get("KVFS_HUGEPAGES", "0") == "1"
 _POOL_BYTES = int(os.environ.get("KVFS_BUFFER_POOL_BYTES", str(512 << 20)))
 
@@ -48,7 +48,7 @@ def _new_map(nbytes: int) -> mmap.mmap:
 def alloc(nbytes: int) -> memoryview:
     """A writable byte buffer of ``nbytes`` (contents undefined)."""
     global _free_bytes
-    if nbytes >= HUGE_MIN:
+    if nbytes >= MAP_MIN:
         with _lock:
             lst = _free.get(nbytes)
             if lst:
@@ -79,6 +79,6 @@ def empty(shape, dtype) -> np.ndarray:
     """``np.empty`` through :func:`alloc`."""
     dtype = np.dtype(dtype)
     n = int(np.prod(shape)) * dtype.itemsize
-    if n < HUGE_MIN:
+    if n < MAP_MIN:
         return np.empty(shape, dtype=dtype)
     return np.frombuffer(alloc(n), dtype=dtype).reshape(shape)

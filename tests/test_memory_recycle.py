@@ -11,7 +11,7 @@ import kvfs
 from kvfs import _buffers
 from kvfs.backends._memory import MemoryBackend
 
-BIG = _buffers.HUGE_MIN + 4096  # large enough to come from the mmap pool
+BIG = _buffers.MAP_MIN + 4096  # large enough to come from the mmap pool
 
 
 def _pooled(fill: int) -> memoryview:
