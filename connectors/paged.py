@@ -13,8 +13,13 @@ copy) of shape ``[planes, blocks, block_size, heads, dim]`` for layouts that
 keep one tensor per layer, or ``[layers, planes, blocks, block_size, heads,
 dim]`` for layouts that keep every layer in one tensor. A scatter or gather
 is then one advanced-indexing operation on that view: one per layer for
-per-layer caches, one for all layers of a whole-cache tensor. No Python loop
-over tokens or blocks.
+per-layer caches, one for all layers of a whole-cache tensor on a device. No
+Python loop over tokens. On CPU, the layers of a scatter run side by side on
+kvfs's worker pool (numpy's fancy assignment releases the GIL, and rows of a
+few hundred bytes are bound by one core's stores, not by memory bandwidth);
+caches whose blocks are not laid out in token order (HND, ``kv_concat``,
+SGLang ``page_head``) are copied a block at a time, which numpy orders by the
+block's memory layout.
 
 ==========================  =====================================================  ==============
 layout                      engine tensor (shape as the engine allocates it)       one tensor per
@@ -272,21 +277,42 @@ class PagedCache:
         if not idx.flat.numel():
             return
         pairs = self._sources(layer)
+        jobs = list(zip(pairs, self._per_target(kv, layer, len(pairs))))
+        if self.device.type == "cpu" and kv.device.type == "cpu":
+            # one job per layer, over kvfs's worker pool: numpy's fancy assignment releases the GIL, and a
+            # scatter of 256-byte rows is bound by one core's store latency, not by memory bandwidth
+            if len(jobs) == 1 and not self.layout.per_layer and jobs[0][1].dim() == 5 \
+                    and not _layers_inside_blocks(jobs[0][0][0]):
+                (view, flat), src = jobs[0]
+                jobs = [((view[i], None if flat is None else flat[i]), src[i]) for i in range(src.shape[0])]
+            from kvfs import _pool
+
+            _pool.run_all([lambda v=v, f=f, s=s: self._scatter_one(v, f, s, idx) for (v, f), s in jobs])
+            return
+        for (view, flat), src in jobs:
+            self._scatter_one(view, flat, src, idx)
+
+    def _scatter_one(self, view: torch.Tensor, flat: torch.Tensor | None, src: torch.Tensor, idx: SlotIndex) -> None:
         a = idx.aligned
-        for (view, flat), src in zip(pairs, self._per_target(kv, layer, len(pairs))):
-            if a:  # whole blocks: a block at a time (contiguous runs in NHD and HND alike)
-                whole = src[..., :a, :, :].unflatten(-3, (-1, self.block_size))
-                if view.device.type == "cpu" and whole.device.type == "cpu" and _layers_inside_blocks(view):
-                    _copy_blocks(view, whole, idx.blocks.tolist(), range(whole.shape[-4]))
-                else:
-                    _put(view, (idx.blocks, slice(None), slice(None), slice(None)), whole)
-                if a == src.shape[-3]:
-                    continue
-                src = src[..., a:, :, :]
-            if flat is not None:
-                _put(flat, (idx.flat[a:], slice(None), slice(None)), src)
+        if a:  # whole blocks: a block at a time (contiguous runs in NHD and HND alike)
+            whole = src[..., :a, :, :].unflatten(-3, (-1, self.block_size))
+            if view.device.type == "cpu" and whole.device.type == "cpu" and _layers_inside_blocks(view):
+                from kvfs import _pool
+
+                blocks = idx.blocks.tolist()
+                step = -(-len(blocks) // _pool.workers())
+                _pool.run_all([lambda lo=lo: _copy_blocks(view, whole, blocks[lo : lo + step],
+                                                          range(lo, min(lo + step, len(blocks))))
+                               for lo in range(0, len(blocks), step)])
             else:
-                _put(view, (idx.block[a:], idx.offset[a:], slice(None), slice(None)), src)
+                _put(view, (idx.blocks, slice(None), slice(None), slice(None)), whole)
+            if a == src.shape[-3]:
+                return
+            src = src[..., a:, :, :]
+        if flat is not None:
+            _put(flat, (idx.flat[a:], slice(None), slice(None)), src)
+        else:
+            _put(view, (idx.block[a:], idx.offset[a:], slice(None), slice(None)), src)
 
     # ------------------------------------------------------------------------------------------ gather
     def gather(self, slots: Any, *, layer: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 _pool: ThreadPoolExecutor | None = None
 _pid = 0
 _lock = threading.Lock()
+_PREFIX = "kvfs-io"
 
 
 def workers() -> int:
@@ -29,7 +30,7 @@ def pool() -> ThreadPoolExecutor:
     if _pool is None or _pid != os.getpid():
         with _lock:
             if _pool is None or _pid != os.getpid():
-                _pool = ThreadPoolExecutor(max_workers=workers(), thread_name_prefix="kvfs-io")
+                _pool = ThreadPoolExecutor(max_workers=workers(), thread_name_prefix=_PREFIX)
                 _pid = os.getpid()
     return _pool
 
@@ -41,8 +42,8 @@ def run_all(fns) -> list:
     writing into a buffer the caller is about to reuse.
     """
     fns = list(fns)
-    if len(fns) <= 1 or workers() == 1:
-        return [f() for f in fns]
+    if len(fns) <= 1 or workers() == 1 or threading.current_thread().name.startswith(_PREFIX):
+        return [f() for f in fns]  # on a worker already: run inline (a worker waiting on workers could deadlock)
     futures = [pool().submit(f) for f in fns[1:]]
     results: list = [None] * len(fns)
     first_exc: BaseException | None = None
