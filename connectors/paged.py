@@ -77,6 +77,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from kvfs import _pool
 from kvfs.errors import InvalidInput
 
 _RAW_TORCH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -285,8 +286,6 @@ class PagedCache:
                     and not _layers_inside_blocks(jobs[0][0][0]):
                 (view, flat), src = jobs[0]
                 jobs = [((view[i], None if flat is None else flat[i]), src[i]) for i in range(src.shape[0])]
-            from kvfs import _pool
-
             _pool.run_all([lambda v=v, f=f, s=s: self._scatter_one(v, f, s, idx) for (v, f), s in jobs])
             return
         for (view, flat), src in jobs:
@@ -297,8 +296,6 @@ class PagedCache:
         if a:  # whole blocks: a block at a time (contiguous runs in NHD and HND alike)
             whole = src[..., :a, :, :].unflatten(-3, (-1, self.block_size))
             if view.device.type == "cpu" and whole.device.type == "cpu" and _layers_inside_blocks(view):
-                from kvfs import _pool
-
                 blocks = idx.blocks.tolist()
                 step = -(-len(blocks) // _pool.workers())
                 _pool.run_all([lambda lo=lo: _copy_blocks(view, whole, blocks[lo : lo + step],
