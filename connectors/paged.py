@@ -282,10 +282,7 @@ class PagedCache:
         if self.device.type == "cpu" and kv.device.type == "cpu":
             # one job per layer, over kvfs's worker pool: numpy's fancy assignment releases the GIL, and a
             # scatter of 256-byte rows is bound by one core's store latency, not by memory bandwidth
-            if len(jobs) == 1 and not self.layout.per_layer and jobs[0][1].dim() == 5 \
-                    and not _layers_inside_blocks(jobs[0][0][0]):
-                (view, flat), src = jobs[0]
-                jobs = [((view[i], None if flat is None else flat[i]), src[i]) for i in range(src.shape[0])]
+            jobs = self._per_layer_jobs(jobs)
             _pool.run_all([lambda v=v, f=f, s=s: self._scatter_one(v, f, s, idx) for (v, f), s in jobs])
             return
         for (view, flat), src in jobs:
@@ -296,11 +293,7 @@ class PagedCache:
         if a:  # whole blocks: a block at a time (contiguous runs in NHD and HND alike)
             whole = src[..., :a, :, :].unflatten(-3, (-1, self.block_size))
             if view.device.type == "cpu" and whole.device.type == "cpu" and _layers_inside_blocks(view):
-                blocks = idx.blocks.tolist()
-                step = -(-len(blocks) // _pool.workers())
-                _pool.run_all([lambda lo=lo: _copy_blocks(view, whole, blocks[lo : lo + step],
-                                                          range(lo, min(lo + step, len(blocks))))
-                               for lo in range(0, len(blocks), step)])
+                _copy_blocks(view, whole, idx.blocks.tolist(), range(whole.shape[-4]))
             else:
                 _put(view, (idx.blocks, slice(None), slice(None), slice(None)), whole)
             if a == src.shape[-3]:
@@ -321,20 +314,35 @@ class PagedCache:
             out = alloc(shape, dtype=self.dtype, device=self.device)
         else:
             self._check_kv(out, idx.ntokens, layer, what="out")
-        pairs = self._sources(layer)
-        dsts = self._per_target(out, layer, len(pairs))
-        a = idx.aligned
-        for (view, flat), d in zip(pairs, dsts):
-            if idx.keep is None and d.device == view.device:
-                self._gather_into(view, flat, idx, d)
-                continue
-            got = torch.empty(d.shape[:-3] + (idx.flat.numel(),) + d.shape[-2:], dtype=d.dtype, device=view.device)
-            self._gather_into(view, flat, idx, got)
-            if idx.keep is not None:
-                d.index_copy_(d.dim() - 3, idx.keep.to(d.device), got.to(d.device))
-            else:
-                d.copy_(got)
+        jobs = list(zip(self._sources(layer), self._per_target(out, layer, len(self._sources(layer)))))
+        if self.device.type == "cpu" and out.device.type == "cpu":
+            # per-layer caches: one job per layer over kvfs's worker pool (a whole-cache tensor stays one
+            # index_select: split by layer, its output slabs are not contiguous and that measured 8x slower)
+            _pool.run_all([lambda v=v, f=f, d=d: self._gather_one(v, f, d, idx) for (v, f), d in jobs])
+        else:
+            for (view, flat), d in jobs:
+                self._gather_one(view, flat, d, idx)
         return out
+
+    def _gather_one(self, view: torch.Tensor, flat: torch.Tensor | None, d: torch.Tensor, idx: SlotIndex) -> None:
+        if idx.keep is None and d.device == view.device:
+            self._gather_into(view, flat, idx, d)
+            return
+        got = torch.empty(d.shape[:-3] + (idx.flat.numel(),) + d.shape[-2:], dtype=d.dtype, device=view.device)
+        self._gather_into(view, flat, idx, got)
+        if idx.keep is not None:
+            d.index_copy_(d.dim() - 3, idx.keep.to(d.device), got.to(d.device))
+        else:
+            d.copy_(got)
+
+    def _per_layer_jobs(self, jobs: list) -> list:
+        """A whole-cache tensor's single job split into one per layer (not for caches whose blocks hold every
+        layer: those are split by blocks instead, see :func:`_copy_blocks`)."""
+        if len(jobs) == 1 and not self.layout.per_layer and jobs[0][1].dim() == 5 \
+                and not _layers_inside_blocks(jobs[0][0][0]):
+            (view, flat), t = jobs[0]
+            return [((view[i], None if flat is None else flat[i]), t[i]) for i in range(t.shape[0])]
+        return jobs
 
     def _gather_into(self, view: torch.Tensor, flat: torch.Tensor | None, idx: SlotIndex, d: torch.Tensor) -> None:
         """Every kept slot of ``view`` -> ``d`` (``[..., planes, kept tokens, heads, dim]``, same device).
@@ -434,7 +442,7 @@ def _layers_inside_blocks(view: torch.Tensor) -> bool:
 
 def _copy_blocks(dst: torch.Tensor, src: torch.Tensor, dst_blocks, src_blocks) -> None:
     """``dst[..., i, :, :, :] = src[..., j, :, :, :]`` for each pair of block indices, on CPU, one block at a
-    time: numpy then orders each block's copy by its memory layout. For scatters into SGLang ``page_head``
+    time (the blocks split over kvfs's workers): numpy then orders each block's copy by its memory layout. For scatters into SGLang ``page_head``
     (whose pages hold every layer, 256-byte runs) this measured 0.52-0.62x a contiguous copy against
     0.46-0.51x for one fancy assignment (which stays faster for the other layouts' scatters); for gathers
     out of blocks whose tokens are not contiguous (HND, ``kv_concat``, ``page_head``) 0.46-0.56x against
@@ -443,8 +451,15 @@ def _copy_blocks(dst: torch.Tensor, src: torch.Tensor, dst_blocks, src_blocks) -
     d = dst.view(raw).numpy()
     s = src.view(raw).numpy()
     rows = (slice(None),) * 3
-    for i, j in zip(dst_blocks, src_blocks):
-        np.copyto(d[(Ellipsis, i) + rows], s[(Ellipsis, j) + rows])
+    pairs = list(zip(dst_blocks, src_blocks))
+
+    def copy(part) -> None:
+        for i, j in part:
+            np.copyto(d[(Ellipsis, i) + rows], s[(Ellipsis, j) + rows])
+
+    # split over kvfs's workers (numpy copies release the GIL; inline when called from a worker)
+    step = max(1, -(-len(pairs) // _pool.workers()))
+    _pool.run_all([lambda lo=lo: copy(pairs[lo : lo + step]) for lo in range(0, len(pairs), step)])
 
 
 def _select(src: torch.Tensor, dim: int, index: torch.Tensor, out: torch.Tensor) -> None:
