@@ -314,7 +314,8 @@ class PagedCache:
             out = alloc(shape, dtype=self.dtype, device=self.device)
         else:
             self._check_kv(out, idx.ntokens, layer, what="out")
-        jobs = list(zip(self._sources(layer), self._per_target(out, layer, len(self._sources(layer)))))
+        pairs = self._sources(layer)
+        jobs = list(zip(pairs, self._per_target(out, layer, len(pairs))))
         if self.device.type == "cpu" and out.device.type == "cpu":
             # per-layer caches: one job per layer over kvfs's worker pool (a whole-cache tensor stays one
             # index_select: split by layer, its output slabs are not contiguous and that measured 8x slower)
