@@ -104,3 +104,40 @@ def aligned_like(a, copy: bool = False):
     else:
         out.view(np.uint8).reshape(-1)[::4096] = 1
     return out
+
+
+def raw_write(path: str, data, fsync: bool = False, block: int = 4 << 20) -> float:
+    """Seconds for an unbuffered write of ``data``'s bytes to a new file at ``path``, after a ``sync`` so that
+    earlier dirty pages do not throttle it; with ``fsync``, until the bytes are on disk. The file is removed
+    afterwards (its dirty pages dropped, not written back behind the next measurement)."""
+    import numpy as np
+
+    mv = memoryview(data.reshape(-1).view(np.uint8))
+    if os.path.exists(path):
+        os.unlink(path)
+    os.sync()
+    t0 = time.perf_counter()
+    with open(path, "wb", buffering=0) as f:
+        for off in range(0, len(mv), block):
+            f.write(mv[off : off + block])
+        if fsync:
+            os.fsync(f.fileno())
+    dt = time.perf_counter() - t0
+    os.unlink(path)
+    return dt
+
+
+def raw_read(path: str, out, block: int = 4 << 20) -> float:
+    """Seconds to read ``path`` into ``out`` with plain ``readinto`` calls (the baseline of every get)."""
+    import numpy as np
+
+    mv = memoryview(out.reshape(-1).view(np.uint8))
+    t0 = time.perf_counter()
+    with open(path, "rb", buffering=0) as f:
+        off = 0
+        while off < len(mv):
+            n = f.readinto(mv[off : off + block])
+            if not n:
+                break
+            off += n
+    return time.perf_counter() - t0

@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from _common import Results, best_of, drop_caches  # noqa: E402
+from _common import Results, aligned_like, best_of, drop_caches, raw_read, raw_write  # noqa: E402
 
 import kvfs  # noqa: E402
 
@@ -50,47 +50,12 @@ def workload(nbytes: int, seed: int):
     return tokens, kv
 
 
-def aligned_like(a: np.ndarray) -> np.ndarray:
-    """A page-aligned, touched array of ``a``'s shape (so we time copies, not page faults)."""
-    buf = mmap.mmap(-1, a.nbytes)
-    out = np.frombuffer(buf, dtype=a.dtype).reshape(a.shape)
-    out.view(np.uint8).reshape(-1)[::4096] = 1
-    return out
-
-
 def raw_read_fresh(path: str, like: np.ndarray) -> float:
     """A raw read into a newly allocated array, allocated the way ``ns.get`` allocates its result."""
     t0 = time.perf_counter()
     buf = mmap.mmap(-1, like.nbytes)
     out = np.frombuffer(buf, dtype=like.dtype).reshape(like.shape)
     raw_read(path, out)
-    return time.perf_counter() - t0
-
-
-def raw_write(path: str, data: np.ndarray, fsync: bool = False, block: int = 4 << 20) -> float:
-    mv = memoryview(data.reshape(-1).view(np.uint8))
-    if os.path.exists(path):
-        os.unlink(path)
-    os.sync()
-    t0 = time.perf_counter()
-    with open(path, "wb", buffering=0) as f:
-        for off in range(0, len(mv), block):
-            f.write(mv[off : off + block])
-        if fsync:
-            os.fsync(f.fileno())
-    return time.perf_counter() - t0
-
-
-def raw_read(path: str, out: np.ndarray, block: int = 4 << 20) -> float:
-    mv = memoryview(out.reshape(-1).view(np.uint8))
-    t0 = time.perf_counter()
-    with open(path, "rb", buffering=0) as f:
-        off = 0
-        while off < len(mv):
-            n = f.readinto(mv[off : off + block])
-            if not n:
-                break
-            off += n
     return time.perf_counter() - t0
 
 

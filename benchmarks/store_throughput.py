@@ -23,7 +23,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import Results, aligned_like, best_of, drop_caches, machine  # noqa: E402
+from _common import Results, aligned_like, best_of, drop_caches, machine, raw_read, raw_write  # noqa: E402
 
 import kvfs  # noqa: E402
 
@@ -35,35 +35,6 @@ def make_workload(total_bytes: int, seed: int = 0):
     tokens = np.random.default_rng(seed).integers(0, 128_000, n_chunks * SPEC.chunk_tokens).tolist()
     kv = np.random.default_rng(seed).integers(0, 2**16, SPEC.chunk_shape(len(tokens)), dtype=np.uint16)
     return tokens, aligned_like(kv.view(np.float16), copy=True)
-
-
-def raw_write(path: str, data: np.ndarray, block: int = 4 << 20, fsync: bool = False) -> float:
-    """Buffered write of the same bytes (after a sync, so earlier dirty pages do not throttle it)."""
-    os.sync()
-    mv = memoryview(data.reshape(-1).view(np.uint8))
-    t0 = time.perf_counter()
-    with open(path, "wb") as f:
-        for off in range(0, len(mv), block):
-            f.write(mv[off : off + block])
-        if fsync:
-            f.flush()
-            os.fsync(f.fileno())
-    dt = time.perf_counter() - t0
-    os.unlink(path)
-    return dt
-
-
-def raw_read(path: str, out: np.ndarray, block: int = 4 << 20) -> float:
-    mv = memoryview(out.reshape(-1).view(np.uint8))
-    t0 = time.perf_counter()
-    with open(path, "rb", buffering=0) as f:
-        off = 0
-        while off < len(mv):
-            n = f.readinto(mv[off : off + block])
-            if not n:
-                break
-            off += n
-    return time.perf_counter() - t0
 
 
 def lookup_bench(root: str, res: Results, repeats: int) -> None:

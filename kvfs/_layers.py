@@ -89,20 +89,15 @@ class LayerReader:
         """Drop the views kept across reads (an LMDB read transaction); the reader stays usable while its
         store is open. Called by the store's own close too: held views never outlive the backend."""
         with self._io:
-            held, self._held = self._held, {}
-            for h in held.values():
-                try:
-                    h.close()
-                except Exception as e:  # noqa: BLE001 - releasing a snapshot must not fail the caller
-                    log.debug("kvfs: releasing held views failed: %s", e)
+            for index in list(self._held):
+                self._drop_held(index)
             self.store._view_holders.discard(self)
 
     def _views(self, tier, paths: list[str]) -> list:
         held = self._held.get(tier.index)
         if held is not None and (time.monotonic() - held.since > HOLD_SECONDS
                                  or any(p not in held.views for p in paths)):
-            del self._held[tier.index]
-            held.close()
+            self._drop_held(tier.index)
             held = None
         if held is None:
             # every chunk of the plan read from this tier, so later layers find theirs in the same views
@@ -190,13 +185,13 @@ class LayerReader:
             ok[i] = good
             self.failed[i] = self.failed[i] or not good
 
-    def _drop_held(self, tier) -> None:
-        held = self._held.pop(tier.index, None)
+    def _drop_held(self, tier_index: int) -> None:
+        held = self._held.pop(tier_index, None)
         if held is not None:
             try:
                 held.close()
-            except Exception:  # noqa: BLE001
-                pass
+            except Exception as e:  # noqa: BLE001 - releasing a snapshot must not fail the caller
+                log.debug("kvfs: releasing held views failed: %s", e)
 
     def _read_tier(self, tier, idxs: list[int], layers: range, dests, ok: list[bool]) -> None:
         store = self.store
@@ -209,7 +204,7 @@ class LayerReader:
                 try:
                     views = self._views(tier, [it.path for it in items])
                 except BaseException:
-                    self._drop_held(tier)
+                    self._drop_held(tier.index)
                     raise
                 sources = {}
                 for j, (h, buf) in enumerate(zip(headers, views)):
@@ -226,7 +221,7 @@ class LayerReader:
                     store._run_copies(items, sources, results)
                 finally:
                     if HOLD_SECONDS <= 0:  # holding off: the views last one read, as through the store
-                        self._drop_held(tier)
+                        self._drop_held(tier.index)
             elif backend.direct_reads:
                 reader = _DirectReader(backend)
                 sources = {j: _Source(h, backend=reader, path=it.path) for j, (h, it) in enumerate(zip(headers, items))}

@@ -26,6 +26,7 @@ from kvfs.connectors.demo_model import build_model  # noqa: E402
 from kvfs.connectors.hf import kv_from_cache  # noqa: E402
 from kvfs.errors import InvalidInput  # noqa: E402
 
+from bitrot import flip_bit  # noqa: E402
 from blend_models import BOS, build_sparse_llama, kl_divergence, rag_prompt  # noqa: E402
 
 CHUNK = 16
@@ -335,11 +336,7 @@ def test_a_corrupt_segment_chunk_is_recomputed_not_used(sparse, tmp_path, caplog
         bad = lm.ns.segment_keys(segs[1])[1]
         want = {r: lm.prefill(prefix, segs, query, ratio=r).logits for r in (0.0, 1.0)}
     # bit rot in the last layer of one chunk: found when that layer is loaded, after earlier layers were used
-    with open(os.path.join(tmp_path, "s", bad.path), "r+b") as f:
-        f.seek(-7, os.SEEK_END)
-        b = f.read(1)
-        f.seek(-7, os.SEEK_END)
-        f.write(bytes([b[0] ^ 0x40]))
+    flip_bit(os.path.join(tmp_path, "s", bad.path), -7)
     with BlendedLM(sparse, url, chunk_tokens=CHUNK) as lm:
         with caplog.at_level("WARNING", logger="kvfs"):
             got = lm.prefill(prefix, segs, query, ratio=0.0)

@@ -17,6 +17,8 @@ from kvfs import KVSpec
 from kvfs.connectors.paged import PagedCache, slot_mapping
 from kvfs.gpu import DeviceReader, PinnedPool, load
 
+from bitrot import flip_bit
+
 pytestmark = pytest.mark.gpu
 
 L, H, D, C = 4, 4, 64, 64
@@ -93,11 +95,7 @@ def test_direct_read_of_a_corrupt_layer_is_a_miss(tmp_path):
         bad = ns.plan(_toks(3 * C))[1]
         header = store._read_header(bad.key.path)
         path = f"{tmp_path}/files/{bad.key.path}"
-        with open(path, "r+b") as f:  # bit rot in layer 2 of the second chunk
-            f.seek(header.layer_range(2)[0] + 7)
-            b = f.read(1)
-            f.seek(header.layer_range(2)[0] + 7)
-            f.write(bytes([b[0] ^ 0x01]))
+        flip_bit(path, header.layer_range(2)[0] + 7, 0x01)  # bit rot in layer 2 of the second chunk
         with ns.prefetch(_toks(3 * C), device="cuda") as pf:
             layers = [pf.wait_layer_kv(i).cpu() for i in range(L)]
             assert pf.wait() == C

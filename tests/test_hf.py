@@ -22,6 +22,7 @@ import kvfs  # noqa: E402
 from kvfs.connectors.demo_model import build_model, demo_spec  # noqa: E402
 from kvfs.connectors.hf import CachedLM, kv_from_cache, kv_spec  # noqa: E402
 
+from bitrot import flip_bit  # noqa: E402
 from s3servers import moto_server, s3_bucket_url  # noqa: E402,F401
 
 CHUNK = 16
@@ -144,11 +145,7 @@ def test_a_corrupt_chunk_is_recomputed_not_used(model, tmp_path, caplog):
         third = lm.ns.keys(prompt)[2]
     # flip one byte of the third chunk's KV data on disk (bit rot)
     path = os.path.join(tmp_path, "store", third.path)
-    with open(path, "r+b") as f:
-        f.seek(-100, os.SEEK_END)
-        b = f.read(1)
-        f.seek(-100, os.SEEK_END)
-        f.write(bytes([b[0] ^ 0x40]))
+    flip_bit(path, -100)
     with CachedLM(model, url, chunk_tokens=CHUNK) as lm:
         with caplog.at_level("WARNING", logger="kvfs"):
             out = lm.generate(prompt, 8)
