@@ -697,6 +697,12 @@ def test_a_small_range_reads_one_layer_and_sequential_reads_read_ahead(tmp_path)
         bad = bytearray(want)
         bad[r.header.data_offset + 2 * lb] ^= 1
         store.tiers[0].backend.put(path, bytes(bad))
+        # r holds its view of the chunk (an LMDB snapshot of the intact bytes): it still serves them
+        r.fetch(6, 7)
+        assert bytes(r.read_cached(off + lb, 4096)) == want[off + lb : off + lb + 4096]
+        r.close()
+        r = ChunkReader(store, path)
+        r.open()
         with pytest.raises(IntegrityError):
             r.fetch(2, 3)
         r3 = ChunkReader(store, path)
@@ -706,3 +712,86 @@ def test_a_small_range_reads_one_layer_and_sequential_reads_read_ahead(tmp_path)
         assert r3.read_cached(r.header.data_offset + 2 * lb, 10) is None
         with pytest.raises(IntegrityError):
             r3.fetch(2, 8, need=3)
+
+
+def test_a_mapped_chunk_is_served_in_place_and_its_view_let_go(tmp_path):
+    """LMDB chunks are checked and served from the map (no copy); the view (a read transaction) is let go
+    after HOLD_SECONDS, never while a read waits on it, and by the store's close at the latest."""
+    from kvfs.fuse._reader import HOLD_SECONDS, ChunkReader
+
+    url = f"lmdb://{tmp_path}/store"
+    path = put(url, WIDE, 64, seed=41)[0]
+    store = kvfs.open(url)
+    try:
+        want = store.cat(path)
+        r = ChunkReader(store, path)
+        r.open()
+        lb, d0 = r.header.layer_bytes, r.header.data_offset
+        r.fetch(0, 4)
+        got = r.read_cached(d0, 2 * lb)
+        assert bytes(got) == want[d0 : d0 + 2 * lb]
+        assert r._mapped is not None and r._mapped.open
+        assert all(not w[3] for w in r._windows)  # slices of the map: nothing copied, nothing pooled
+        later = time.monotonic() + HOLD_SECONDS + 1
+        r.busy = 1  # a read waits on a fetch: its slice may come from the view
+        assert not r.expire(later) and r._mapped is not None
+        r.busy = 0
+        assert r.expire(later) and r._mapped is None
+        assert r.read_cached(d0, 10) is None  # the windows sliced from it are gone with it
+        r.fetch(1, 2)  # taken again on the next read
+        assert bytes(r.read_cached(d0 + lb, 100)) == want[d0 + lb : d0 + lb + 100]
+        held = r._mapped
+        r2 = ChunkReader(store, path)
+        r2.open()
+        r2.fetch(0, 1)
+    finally:
+        store.close()
+    assert not held.open and not r2._mapped.open  # the store ended them before closing LMDB
+    assert r.read_cached(d0 + lb, 100) is None  # nothing served from a closed view
+    r.close()
+
+
+def test_a_release_during_read_ahead_lets_the_read_ahead_finish_the_close(tmp_path):
+    from kvfs.fuse._reader import ChunkReader
+
+    url = f"lmdb://{tmp_path}/store"
+    path = put(url, WIDE, 64, seed=42)[0]
+    with kvfs.open(url) as store:
+        r = ChunkReader(store, path)
+        r.open()
+        r.fetch(0, 1)
+        r._sequential = True
+        assert r.prefetch_plan() is not None  # a read-ahead is scheduled ...
+        r.close()  # ... and the file is released before it ran: close leaves the view to it
+        assert r._mapped is not None
+        r.fetch_ahead(1, 4)  # nothing fetched for a closed file; the view is let go
+        assert r._mapped is None and not r._windows
+
+
+def test_an_idle_open_file_does_not_keep_an_lmdb_snapshot(tmp_path, reaper):
+    """An open file reads from a held LMDB read transaction; the mount lets it go after HOLD_SECONDS even if
+    the file stays open (an old snapshot would stop LMDB reusing pages: the file would grow)."""
+    from kvfs.fuse._reader import HOLD_SECONDS
+
+    url = f"lmdb://{tmp_path}/store"
+    path = put(url, WIDE, 64, seed=43)[0]
+    probe = ("import lmdb, sys; e = lmdb.open(sys.argv[1], readonly=True, lock=True, max_dbs=64); "
+             "print(e.readers())")
+
+    def active_readers() -> int:
+        out = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "store")], capture_output=True,
+                             text=True, check=True).stdout
+        # one line per reader slot: pid, thread, txnid ("-" when no transaction is open)
+        return sum(1 for line in out.splitlines()[1:] if line.split() and line.split()[-1] != "-")
+
+    with kvfs.open(url) as s:
+        want = s.cat(path)
+    with Mounted(url, str(tmp_path / "mnt"), adopted=reaper) as m:
+        with open(m.path(path), "rb", buffering=0) as f:
+            assert f.read(4096) == want[:4096]
+            assert f.read(100_000) == want[4096:104_096]
+            assert active_readers() >= 1  # the open file's view
+            time.sleep(HOLD_SECONDS * 2 + 1)
+            assert active_readers() == 0  # let go while the file is still open
+            f.seek(len(want) - 70_000)
+            assert f.read() == want[-70_000:]  # and taken again when needed

@@ -35,7 +35,7 @@ from ..catalog import key_of_path
 from ..errors import ChunkFormatError, NotFound
 from . import _tree
 from ._boundary import Handle, Node, boundary
-from ._reader import ChunkReader
+from ._reader import HOLD_SECONDS, ChunkReader
 from ._staging import MANIFEST_NAME, SHARD_NAME, StagedFile, chunk_limit
 from ._tree import DIR_KINDS, Stat, child_of, inode_of
 from ._writes import WriteOps
@@ -507,8 +507,8 @@ class KVFSOperations(WriteOps, XattrOps, pyfuse3.Operations):
                         raise
                 data = reader.read_cached(off, size)
                 if data is not None:
-                    # a copy: the window's buffer may be recycled before the event loop replies with it
-                    return bytes(data) if isinstance(data, memoryview) else data
+                    # no copy: while this read waits (reader.busy), no window is recycled or let go
+                    return data
         raise OSError(errno.EIO, f"{reader.path}: layers for bytes {off}..{off + size} could not be kept in memory")
 
     @boundary
@@ -524,18 +524,34 @@ class KVFSOperations(WriteOps, XattrOps, pyfuse3.Operations):
             raise FUSEError(errno.EIO)
         reader = h.reader
         reader.release_retired()
+        reader.expire()
         data = reader.read_cached(off, size)
         if data is None:
+            reader.busy += 1
             try:
                 data = await self._io(self._fill_sync, reader, off, size)
             except ChunkFormatError:
                 h.failed = True  # a corrupt copy: this open file serves nothing more
                 raise
+            finally:
+                reader.busy -= 1
+        # from here to the reply nothing awaits: the slice is copied to the kernel before any window it may
+        # come from is recycled or its view let go (both happen only on this loop, between reads)
         reader.advance(off, len(data))
         ahead = reader.prefetch_plan()
         if ahead is not None and self.nursery is not None:
             self.nursery.start_soon(self._read_ahead, reader, *ahead)
         return data
+
+    async def expire_views(self) -> None:
+        """Forever: let go of the backend views that open files have held past ``HOLD_SECONDS`` (an idle open
+        file must not pin an old LMDB snapshot). Runs on the event loop, so never under a read's feet."""
+        while True:
+            await trio.sleep(HOLD_SECONDS / 2)
+            now = time.monotonic()
+            for h in list(self._handles.values()):
+                if h.reader is not None:
+                    h.reader.expire(now)
 
     async def _read_ahead(self, reader: ChunkReader, first: int, last: int) -> None:
         try:

@@ -14,6 +14,16 @@ are served from that verified copy. With a signing key configured the
 signature covers the whole tensor, so the chunk is read and verified whole
 at open instead.
 
+Backends that lend zero-copy views (LMDB, memory) are not copied at all:
+the reader keeps one view of the whole chunk (for LMDB, a read transaction)
+while the file is read, checks each layer's checksum in place, and serves
+slices of the mapped bytes, which the kernel copies straight out of the
+store's map. The view is let go when the file is released, or after
+``HOLD_SECONDS`` (a long-open file must not keep an old LMDB snapshot alive:
+LMDB cannot reuse pages a reader may still see), and only ever on the event
+loop between reads, or by the last worker using it: no slice handed to the
+kernel outlives it.
+
 Nothing here touches pyfuse3 or trio: the FUSE operations call these
 methods from worker threads (``fetch``) or directly on the event loop
 (``read_cached``, which never does I/O).
@@ -21,7 +31,9 @@ methods from worker threads (``fetch``) or directly on the event loop
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -34,8 +46,12 @@ from ..errors import ChunkFormatError, IntegrityError, NotFound
 HEADER_PROBE = 4096
 #: bytes a sequential reader's fetches read ahead (one ranged read each)
 READAHEAD = 8 << 20
-#: bytes of verified layers one open file keeps
+#: bytes of verified layers one open file keeps (copied windows; a mapped chunk costs no memory)
 MAX_CACHED = 32 << 20
+#: how long one open file may keep a backend's view of its chunk (an LMDB read transaction)
+HOLD_SECONDS = 1.0
+
+log = logging.getLogger("kvfs.fuse")
 
 
 class StaleChunk(Exception):
@@ -91,6 +107,30 @@ def check_header(store: Any, path: str, header: ChunkHeader) -> None:
         store.signer.verify(header, path)  # then every layer served is checked against its signed digest
 
 
+class _Mapped:
+    """A backend's view of one whole chunk, kept across reads. ``close`` is idempotent and thread-safe; the
+    store closes it too (it is registered as a view holder), before it closes the backend."""
+
+    def __init__(self, tier: Any, cm: Any, view: memoryview) -> None:
+        self.tier = tier
+        self.view = view
+        self.since = time.monotonic()
+        self.open = True
+        self._cm = cm
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            if not self.open:
+                return
+            self.open = False
+            self.view = None
+            try:
+                self._cm.__exit__(None, None, None)
+            except Exception as e:  # noqa: BLE001 - ending a read transaction of a backend going away
+                log.debug("kvfs mount: releasing a view failed: %s", e)
+
+
 def _layer_ok(header: ChunkHeader, layer: int, data) -> bool:
     try:
         check_layer(header, layer, data)
@@ -106,6 +146,13 @@ class ChunkReader:
     only slices memory. One reader serves one open file handle; ``lock``
     serialises fetches so that concurrent kernel read-ahead requests do not
     fetch the same layers twice.
+
+    Windows are ``(first layer, end layer, bytes, owned)``: owned ones are
+    buffers from kvfs's pool, recycled once retired; the others are slices of
+    the mapped chunk (``_mapped``), valid while it is held. ``busy`` counts the
+    event loop's reads waiting on a fetch: while one waits, nothing is
+    recycled or let go, since the slice it will be answered with may come from
+    any window.
     """
 
     def __init__(self, store: Any, path: str) -> None:
@@ -117,11 +164,15 @@ class ChunkReader:
         self.size = 0
         self.whole: memoryview | None = None  # whole verified file (signed stores)
         self._tiers: list = []
-        self._windows: list[tuple[int, int, memoryview]] = []  # (first layer, end layer, bytes)
+        self._windows: list[tuple[int, int, memoryview, bool]] = []  # (first layer, end layer, bytes, owned)
         self._retired: list[memoryview] = []  # buffers of dropped windows, recycled by the event loop
+        self._mapped: _Mapped | None = None  # a backend's view of the whole chunk, served from in place
         self._next = 0  # where the last read ended: detects sequential access (from the start, too)
         self._sequential = False
+        self._mu = threading.Lock()  # guards _inflight and _closed together (see close)
         self._inflight = False  # a background read-ahead is running
+        self._closed = False
+        self.busy = 0  # event-loop reads waiting on a fetch (set by the FUSE operations)
 
     # ------------------------------------------------------------------------------ open
     def open(self) -> None:
@@ -156,7 +207,7 @@ class ChunkReader:
         if self.whole is not None:
             return self.whole[off:end]
         h = self.header
-        windows = tuple(self._windows)
+        windows = self._usable()
         parts = []
         if off < h.data_offset:
             parts.append(memoryview(self.header_bytes)[off : min(end, h.data_offset)])
@@ -175,9 +226,17 @@ class ChunkReader:
             return parts[0]
         return b"".join(parts)
 
+    def _usable(self) -> tuple:
+        """The windows that may be served: all but slices of a view that is no longer held."""
+        windows = tuple(self._windows)
+        m = self._mapped
+        if m is not None and m.open:
+            return windows
+        return tuple(w for w in windows if w[3])
+
     def _cached_run(self, layer: int) -> int:
         """The end of the run of cached layers starting at ``layer`` (``layer`` if it is not cached)."""
-        windows = tuple(self._windows)
+        windows = self._usable()
         while True:
             w = next((w for w in windows if w[0] <= layer < w[1]), None)
             if w is None:
@@ -216,20 +275,26 @@ class ChunkReader:
         lb = h.layer_bytes
         cur = (max(self._next, h.data_offset) - h.data_offset) // lb
         end = self._cached_run(cur)
-        if end >= h.shape[0] or (end - cur) * lb > READAHEAD:
+        # a mapped chunk's windows cost no memory: verify further ahead, in bigger steps
+        ahead = READAHEAD if self._mapped is None else 2 * READAHEAD
+        if end >= h.shape[0] or (end - cur) * lb > ahead:
             return None
         self._inflight = True
-        return end, min(h.shape[0], end + max(1, READAHEAD // lb))
+        return end, min(h.shape[0], end + max(1, ahead // lb))
 
     def fetch_ahead(self, first: int, last: int) -> None:
         """Background read-ahead (worker thread): fetch the layers a sequential reader needs next."""
         try:
             with self.lock:
                 first = self._cached_run(first)
-                if first < last:
+                if first < last and not self._closed:
                     self.fetch(first, last, need=first)  # nothing here is needed yet
         finally:
-            self._inflight = False
+            with self._mu:
+                self._inflight = False
+                closed = self._closed
+            if closed:  # the file was released while this ran: close() left the cleanup to us
+                self._finish_close(blocking=True)
 
     def fetch(self, first: int, last: int, need: int | None = None) -> None:
         """Read layers ``[first, last)`` with one ranged read and verify each one's checksum.
@@ -239,43 +304,87 @@ class ChunkReader:
         ends the window there, and the read that needs it will fail on it.
         """
         need = last if need is None else need
+        with self.store.reading():  # the store's close waits for this before it closes the backends
+            for tier in self._tiers:
+                if tier.backend.supports_views:
+                    view = self._map(tier)
+                    if view is not None:
+                        self._verify_mapped(view, first, last, need)
+                        return
+                    if self._mapped is None or self._mapped.tier is tier:
+                        continue  # gone from this tier: the checksums tell whether another copy is the same
+                if self._fetch_copy(tier, first, last, need):
+                    return
+        raise StaleChunk(self.path)
+
+    def _map(self, tier: Any) -> memoryview | None:
+        """The held view of the whole chunk in ``tier`` (taken now if none is held); None if the tier does
+        not hold the chunk, or if a view of another tier is held (then this tier's bytes are copied)."""
+        m = self._mapped
+        if m is not None:
+            return m.view if m.tier is tier and m.open else None
+        cm = tier.backend.views([self.path])
+        (view,) = cm.__enter__()
+        if view is None:
+            cm.__exit__(None, None, None)
+            return None
+        if view.ndim != 1 or view.itemsize != 1:
+            view = view.cast("B")
+        m = _Mapped(tier, cm, view)
+        if len(view) < self.size:
+            m.close()
+            raise ChunkFormatError(f"{self.path} is truncated: {len(view)} bytes")
+        self._mapped = m
+        self.store._view_holders.add(m)  # the store ends it before closing the backend, if we have not
+        return view
+
+    def _verify_mapped(self, view: memoryview, first: int, last: int, need: int) -> None:
+        """Check layers ``[first, last)`` of the mapped chunk in place and keep them as a window."""
+        h = self.header
+        lb = h.layer_bytes
+        off = h.data_offset + first * lb
+        for i in range(last - first):
+            if not _layer_ok(h, first + i, view[off + i * lb : off + (i + 1) * lb]):
+                last = self._corrupt(first, first + i, need)
+                break
+        if last > first:
+            self._keep(first, last, view[off : off + (last - first) * lb], owned=False)
+
+    def _fetch_copy(self, tier: Any, first: int, last: int, need: int) -> bool:
+        """Read layers ``[first, last)`` of ``tier``'s copy into a pooled buffer, check and keep them."""
         h = self.header
         lb = h.layer_bytes
         mv = _buffers.alloc((last - first) * lb)  # page aligned, recycled (see release_retired)
         off = h.data_offset + first * lb
-        for tier in self._tiers:
-            backend = tier.backend
-            if backend.supports_views:
-                # zero-copy view (LMDB, memory): copy a layer with numpy (no GIL: the event loop keeps
-                # answering), then hash it while it is still in cache
-                with backend.views([self.path]) as (view,):
-                    if view is None:
-                        continue  # gone from this tier: the checksums tell whether another copy is the same
-                    if view.ndim != 1 or view.itemsize != 1:
-                        view = view.cast("B")
-                    if len(view) < off + len(mv):
-                        raise ChunkFormatError(f"{self.path} is truncated: {len(view)} bytes")
-                    src = np.frombuffer(view, np.uint8, len(mv), off)
-                    dst = np.frombuffer(mv, np.uint8)
-                    for i in range(last - first):
-                        np.copyto(dst[i * lb : (i + 1) * lb], src[i * lb : (i + 1) * lb])
-                        if not _layer_ok(h, first + i, mv[i * lb : (i + 1) * lb]):
-                            last = self._corrupt(first, first + i, need)
-                            break
-            else:
-                n = readinto(backend, self.path, off, mv)
-                if n is None:
-                    continue
-                if n != len(mv):
-                    raise ChunkFormatError(f"{self.path} is truncated: layer {first + n // lb} is short")
-                for i in range(last - first):
-                    if not _layer_ok(h, first + i, mv[i * lb : (i + 1) * lb]):
-                        last = self._corrupt(first, first + i, need)
-                        break
-            if last > first:
-                self._keep(first, last, mv[: (last - first) * lb])
-            return
-        raise StaleChunk(self.path)
+        backend = tier.backend
+        if backend.supports_views:
+            with backend.views([self.path]) as (view,):
+                if view is None:
+                    _buffers.release(mv)
+                    return False
+                if view.ndim != 1 or view.itemsize != 1:
+                    view = view.cast("B")
+                if len(view) < off + len(mv):
+                    _buffers.release(mv)
+                    raise ChunkFormatError(f"{self.path} is truncated: {len(view)} bytes")
+                np.copyto(np.frombuffer(mv, np.uint8), np.frombuffer(view, np.uint8, len(mv), off))
+        else:
+            n = readinto(backend, self.path, off, mv)
+            if n is None:
+                _buffers.release(mv)
+                return False
+            if n != len(mv):
+                _buffers.release(mv)
+                raise ChunkFormatError(f"{self.path} is truncated: layer {first + n // lb} is short")
+        for i in range(last - first):
+            if not _layer_ok(h, first + i, mv[i * lb : (i + 1) * lb]):
+                last = self._corrupt(first, first + i, need)
+                break
+        if last > first:
+            self._keep(first, last, mv[: (last - first) * lb])
+        else:
+            _buffers.release(mv)
+        return True
 
     def _corrupt(self, first: int, layer: int, need: int) -> int:
         """Layer ``layer`` failed its checksum: raise if it is needed now, else end the window before it."""
@@ -283,18 +392,20 @@ class ChunkReader:
             raise IntegrityError(f"{self.path}: layer {layer} checksum mismatch: corrupt")
         return layer
 
-    def _keep(self, first: int, last: int, mv: memoryview) -> None:
-        """Add a verified window (under ``lock``); retire the oldest, and those a sequential reader passed."""
-        windows = self._windows + [(first, last, mv)]
+    def _keep(self, first: int, last: int, mv: memoryview, owned: bool = True) -> None:
+        """Add a verified window (under ``lock``); retire the oldest, and those a sequential reader passed.
+        Slices of the mapped chunk cost no memory: only copied windows count towards ``MAX_CACHED``."""
+        windows = self._windows + [(first, last, mv, owned)]
         keep = windows
         if self._sequential:
             h = self.header
             done = (self._next - h.data_offset) // h.layer_bytes if self._next > h.data_offset else 0
             keep = [w for w in windows if w[1] > done - 1]  # one layer of slack for reads in flight
-        cached = sum(len(w[2]) for w in keep)
-        while cached > MAX_CACHED and len(keep) > 1:
-            cached -= len(keep.pop(0)[2])
-        self._retired.extend(w[2] for w in windows if not any(w is k for k in keep))
+        cached = sum(len(w[2]) for w in keep if w[3])
+        while cached > MAX_CACHED and sum(w[3] for w in keep) > 1:
+            i = next(i for i, w in enumerate(keep) if w[3])
+            cached -= len(keep.pop(i)[2])
+        self._retired.extend(w[2] for w in windows if w[3] and not any(w is k for k in keep))
         self._windows = keep  # one assignment: the event loop reads a consistent list
 
     def release_retired(self) -> None:
@@ -305,25 +416,61 @@ class ChunkReader:
         loop are copied to the kernel before the loop runs anything else, and
         reads served from a worker thread return copies.
         """
+        if self.busy:
+            return  # a read waiting on a fetch may be answered with a slice of one of them
         while self._retired:
             _buffers.release(self._retired.pop())
+
+    def expire(self, now: float | None = None) -> bool:
+        """Let go of a view held longer than ``HOLD_SECONDS`` (event loop only, between reads); True if it
+        did. Skipped while a fetch may be using it: the next call retries."""
+        m = self._mapped
+        if m is None or (now if now is not None else time.monotonic()) - m.since <= HOLD_SECONDS:
+            return False
+        if self.busy or self._inflight or not self.lock.acquire(blocking=False):
+            return False
+        try:
+            self._unmap()
+        finally:
+            self.lock.release()
+        return True
+
+    def _unmap(self) -> None:
+        """End the held view and forget the windows sliced from it (under ``lock``, no slice in use)."""
+        m = self._mapped
+        if m is None:
+            return
+        self._mapped = None
+        self._windows = [w for w in self._windows if w[3]]
+        m.close()
+        self.store._view_holders.discard(m)
 
     def advance(self, off: int, n: int) -> None:
         """Record that a read of ``n`` bytes at ``off`` was served (sequential-access detection)."""
         self._next = off + n
 
     def close(self) -> None:
-        """Drop the cached windows. Called from the event loop once the file is released (every read of it
-        has been answered): the windows go back to the buffer pool for the next file, unless a
-        background read-ahead may still be using them (then they are left to the garbage collector)."""
-        buffers = [w[2] for w in self._windows] + self._retired
-        self._windows = []
-        self._retired = []
+        """Drop the cached windows and the held view. Called from the event loop once the file is released
+        (every read of it has been answered): the windows go back to the buffer pool for the next file.
+        If a background read-ahead is still running, it finishes the close when it ends."""
         self.whole = None
-        if self._inflight or not self.lock.acquire(blocking=False):
+        with self._mu:
+            self._closed = True
+            if self._inflight:
+                return
+        self._finish_close(blocking=False)
+
+    def _finish_close(self, *, blocking: bool) -> None:
+        # not blocking (event loop): a fetch abandoned after its timeout may still hold the lock; then its
+        # buffers go to the garbage collector and its view to the store's close (or the collector)
+        if not self.lock.acquire(blocking=blocking):
             return
         try:
+            buffers = [w[2] for w in self._windows if w[3]] + self._retired
+            self._windows = []
+            self._retired = []
             for b in buffers:
                 _buffers.release(b)
+            self._unmap()
         finally:
             self.lock.release()

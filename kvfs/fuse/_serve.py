@@ -122,6 +122,7 @@ async def _run(ops, mountpoint: str, on_ready) -> bool:
         ops.nursery = nursery
         nursery.start_soon(watch_signals)
         nursery.start_soon(announce_ready)
+        nursery.start_soon(ops.expire_views)
         await pyfuse3.main(min_tasks=2, max_tasks=64)
         nursery.cancel_scope.cancel()
     return stopped
