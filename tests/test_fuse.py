@@ -795,3 +795,30 @@ def test_an_idle_open_file_does_not_keep_an_lmdb_snapshot(tmp_path, reaper):
             assert active_readers() == 0  # let go while the file is still open
             f.seek(len(want) - 70_000)
             assert f.read() == want[-70_000:]  # and taken again when needed
+
+
+def test_open_files_past_the_mapped_limit_copy_instead(tmp_path, monkeypatch):
+    """Each held view takes an LMDB reader slot: past MAX_MAPPED open files, reads copy through short views."""
+    from kvfs.fuse import _reader
+
+    monkeypatch.setattr(_reader, "MAX_MAPPED", _reader._slots_used + 2)
+    url = f"lmdb://{tmp_path}/store"
+    paths = put(url, WIDE, 192, seed=44)
+    with kvfs.open(url) as store:
+        readers = []
+        for p in paths:
+            r = _reader.ChunkReader(store, p)
+            r.open()
+            r.fetch(0, 2)
+            d0 = r.header.data_offset
+            assert bytes(r.read_cached(d0, 1000)) == store.cat(p)[d0 : d0 + 1000]
+            readers.append(r)
+        assert [r._mapped is not None for r in readers] == [True, True, False]
+        assert all(w[3] for w in readers[2]._windows)  # the third copied into pooled buffers
+        readers[0].close()  # its slot comes back
+        r = _reader.ChunkReader(store, paths[2])
+        r.open()
+        r.fetch(0, 1)
+        assert r._mapped is not None
+        for x in readers[1:] + [r]:
+            x.close()

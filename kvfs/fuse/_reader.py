@@ -50,6 +50,8 @@ READAHEAD = 8 << 20
 MAX_CACHED = 32 << 20
 #: how long one open file may keep a backend's view of its chunk (an LMDB read transaction)
 HOLD_SECONDS = 1.0
+#: open files that may keep a view at once (each holds an LMDB reader slot; the others copy, as before)
+MAX_MAPPED = 64
 
 log = logging.getLogger("kvfs.fuse")
 
@@ -107,9 +109,29 @@ def check_header(store: Any, path: str, header: ChunkHeader) -> None:
         store.signer.verify(header, path)  # then every layer served is checked against its signed digest
 
 
+_slots_lock = threading.Lock()
+_slots_used = 0
+
+
+def _take_slot() -> bool:
+    global _slots_used
+    with _slots_lock:
+        if _slots_used >= MAX_MAPPED:
+            return False
+        _slots_used += 1
+        return True
+
+
+def _give_slot() -> None:
+    global _slots_used
+    with _slots_lock:
+        _slots_used -= 1
+
+
 class _Mapped:
-    """A backend's view of one whole chunk, kept across reads. ``close`` is idempotent and thread-safe; the
-    store closes it too (it is registered as a view holder), before it closes the backend."""
+    """A backend's view of one whole chunk, kept across reads, holding one of ``MAX_MAPPED`` slots. ``close``
+    is idempotent and thread-safe; the store closes it too (it is registered as a view holder), before it
+    closes the backend."""
 
     def __init__(self, tier: Any, cm: Any, view: memoryview) -> None:
         self.tier = tier
@@ -129,6 +151,11 @@ class _Mapped:
                 self._cm.__exit__(None, None, None)
             except Exception as e:  # noqa: BLE001 - ending a read transaction of a backend going away
                 log.debug("kvfs mount: releasing a view failed: %s", e)
+            finally:
+                _give_slot()
+
+    def __del__(self) -> None:  # a reader dropped without close (an abandoned fetch): its slot comes back
+        self.close()
 
 
 def _layer_ok(header: ChunkHeader, layer: int, data) -> bool:
@@ -307,25 +334,30 @@ class ChunkReader:
         with self.store.reading():  # the store's close waits for this before it closes the backends
             for tier in self._tiers:
                 if tier.backend.supports_views:
-                    view = self._map(tier)
-                    if view is not None:
-                        self._verify_mapped(view, first, last, need)
+                    m = self._mapped
+                    if m is None and _take_slot():
+                        m = self._map(tier)
+                        if m is None:
+                            continue  # gone from this tier: the checksums tell whether another copy is the same
+                    if m is not None and m.tier is tier and m.open:
+                        self._verify_mapped(m.view, first, last, need)
                         return
-                    if self._mapped is None or self._mapped.tier is tier:
-                        continue  # gone from this tier: the checksums tell whether another copy is the same
+                    # no slot free, or a view of another tier is held: copy this tier's bytes (a short view)
                 if self._fetch_copy(tier, first, last, need):
                     return
         raise StaleChunk(self.path)
 
-    def _map(self, tier: Any) -> memoryview | None:
-        """The held view of the whole chunk in ``tier`` (taken now if none is held); None if the tier does
-        not hold the chunk, or if a view of another tier is held (then this tier's bytes are copied)."""
-        m = self._mapped
-        if m is not None:
-            return m.view if m.tier is tier and m.open else None
-        cm = tier.backend.views([self.path])
-        (view,) = cm.__enter__()
+    def _map(self, tier: Any) -> _Mapped | None:
+        """Take and keep a view of the whole chunk in ``tier`` (a slot is taken: given back here unless
+        kept); None if the tier does not hold the chunk."""
+        try:
+            cm = tier.backend.views([self.path])
+            (view,) = cm.__enter__()
+        except BaseException:
+            _give_slot()
+            raise
         if view is None:
+            _give_slot()
             cm.__exit__(None, None, None)
             return None
         if view.ndim != 1 or view.itemsize != 1:
@@ -336,7 +368,7 @@ class ChunkReader:
             raise ChunkFormatError(f"{self.path} is truncated: {len(view)} bytes")
         self._mapped = m
         self.store._view_holders.add(m)  # the store ends it before closing the backend, if we have not
-        return view
+        return m
 
     def _verify_mapped(self, view: memoryview, first: int, last: int, need: int) -> None:
         """Check layers ``[first, last)`` of the mapped chunk in place and keep them as a window."""
