@@ -765,8 +765,10 @@ class Store:
 
         Encoding (a copy and checksums, on the workers) overlaps the first
         tier's write (LMDB's and the kernel's copies, GIL released) of the
-        chunk before; at most a few chunks are in flight. Returns how many
-        were written.
+        chunks before; at most a few chunks are in flight. Finished chunks
+        are written as many at a time as the pool has workers, so that a
+        backend that writes a batch side by side (``file://``) does, and the
+        catalog takes them in one transaction. Returns how many were written.
         """
         from collections import deque
 
@@ -778,6 +780,8 @@ class Store:
             if len(pending) >= 2 * _pool.workers():
                 break
         written = 0
+        batch: list = []
+        per_write = _pool.workers()  # chunks written together: backends that can write them side by side do
         try:
             while pending:
                 c, fut = pending.popleft()
@@ -786,9 +790,11 @@ class Store:
                 if nxt is not None:
                     pending.append((nxt, pool.submit(self._encode_one, spec, nxt)))
                 key, toks = c[0], c[1]
-                self._write_new([(self._record_for(key, toks, len(buf)), None if segment else toks, key.path, buf)],
-                                recycle=True)
-                written += 1
+                batch.append((self._record_for(key, toks, len(buf)), None if segment else toks, key.path, buf))
+                if len(batch) >= per_write or not pending:
+                    self._write_new(batch, recycle=True)
+                    written += len(batch)
+                    batch = []
         finally:
             for _, fut in pending:  # an error: let the encodes in flight finish before the caller moves on
                 fut.cancel()
