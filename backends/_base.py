@@ -91,6 +91,9 @@ class Backend(ABC):
     retains_buffers: ClassVar[bool] = False
     #: the contents live only as long as this process (memory): never recorded for other processes
     volatile: ClassVar[bool] = False
+    #: ``put_many`` of several values writes them side by side (files, object stores): a put hands it
+    #: batches; a single-writer backend (LMDB) gets one value at a time, overlapping the next one's encode
+    parallel_puts: ClassVar[bool] = False
 
     url: str = ""
 

@@ -237,6 +237,7 @@ def _syncfs(fd: int) -> None:
 class FileBackend(Backend):
     """One file per key under a directory; atomic tmp+rename writes, ``preadv`` reads into caller buffers."""
 
+    parallel_puts = True
     scheme = "file"
     direct_reads = True
 

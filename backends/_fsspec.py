@@ -280,6 +280,7 @@ def _fs_class(protocol: str) -> type:
 class FsspecBackend(Backend):
     """A kvfs tier over any fsspec filesystem; s3fs for ``s3://``. The tier shared across nodes."""
 
+    parallel_puts = True
     scheme = "fsspec"
     shared = True
 

@@ -765,10 +765,11 @@ class Store:
 
         Encoding (a copy and checksums, on the workers) overlaps the first
         tier's write (LMDB's and the kernel's copies, GIL released) of the
-        chunks before; at most a few chunks are in flight. Finished chunks
-        are written as many at a time as the pool has workers, so that a
-        backend that writes a batch side by side (``file://``) does, and the
-        catalog takes them in one transaction. Returns how many were written.
+        chunks before; at most a few chunks are in flight. Into a backend
+        that writes a batch side by side (``file://``, object stores),
+        finished chunks go as many at a time as the pool has workers (and
+        the catalog takes them in one transaction). Returns how many were
+        written.
         """
         from collections import deque
 
@@ -781,7 +782,9 @@ class Store:
                 break
         written = 0
         batch: list = []
-        per_write = _pool.workers()  # chunks written together: backends that can write them side by side do
+        # chunks written together: as many as the pool has workers where the first tier writes a batch side by
+        # side; one at a time into a single writer (LMDB), whose write then overlaps the next chunk's encode
+        per_write = _pool.workers() if self.tiers[0].backend.parallel_puts else 1
         try:
             while pending:
                 c, fut = pending.popleft()
