@@ -388,34 +388,41 @@ class ChunkReader:
         lb = h.layer_bytes
         mv = _buffers.alloc((last - first) * lb)  # page aligned, recycled (see release_retired)
         off = h.data_offset + first * lb
-        backend = tier.backend
+        kept = False
+        try:
+            if not self._copy_into(tier.backend, off, mv):
+                return False
+            for i in range(last - first):
+                if not _layer_ok(h, first + i, mv[i * lb : (i + 1) * lb]):
+                    last = self._corrupt(first, first + i, need)
+                    break
+            if last > first:
+                self._keep(first, last, mv[: (last - first) * lb])
+                kept = True
+            return True
+        finally:
+            if not kept:
+                _buffers.release(mv)
+
+    def _copy_into(self, backend: Any, off: int, mv: memoryview) -> bool:
+        """Copy the chunk's bytes at ``off`` into ``mv``; False if the backend does not hold the chunk."""
         if backend.supports_views:
             with backend.views([self.path]) as (view,):
                 if view is None:
-                    _buffers.release(mv)
                     return False
                 if view.ndim != 1 or view.itemsize != 1:
                     view = view.cast("B")
                 if len(view) < off + len(mv):
-                    _buffers.release(mv)
                     raise ChunkFormatError(f"{self.path} is truncated: {len(view)} bytes")
                 np.copyto(np.frombuffer(mv, np.uint8), np.frombuffer(view, np.uint8, len(mv), off))
-        else:
-            n = readinto(backend, self.path, off, mv)
-            if n is None:
-                _buffers.release(mv)
-                return False
-            if n != len(mv):
-                _buffers.release(mv)
-                raise ChunkFormatError(f"{self.path} is truncated: layer {first + n // lb} is short")
-        for i in range(last - first):
-            if not _layer_ok(h, first + i, mv[i * lb : (i + 1) * lb]):
-                last = self._corrupt(first, first + i, need)
-                break
-        if last > first:
-            self._keep(first, last, mv[: (last - first) * lb])
-        else:
-            _buffers.release(mv)
+            return True
+        n = readinto(backend, self.path, off, mv)
+        if n is None:
+            return False
+        if n != len(mv):
+            lb = self.header.layer_bytes
+            raise ChunkFormatError(f"{self.path} is truncated: layer {(off - self.header.data_offset + n) // lb} "
+                                   "is short")
         return True
 
     def _corrupt(self, first: int, layer: int, need: int) -> int:
@@ -446,7 +453,7 @@ class ChunkReader:
         Buffers are recycled (no page faults on the next window), so no slice
         of one may outlive the read that took it: slices taken on the event
         loop are copied to the kernel before the loop runs anything else, and
-        reads served from a worker thread return copies.
+        while a read waits on a worker's fetch (``busy``) nothing is recycled.
         """
         if self.busy:
             return  # a read waiting on a fetch may be answered with a slice of one of them
