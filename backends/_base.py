@@ -94,6 +94,9 @@ class Backend(ABC):
     #: ``put_many`` of several values writes them side by side (files, object stores): a put hands it
     #: batches; a single-writer backend (LMDB) gets one value at a time, overlapping the next one's encode
     parallel_puts: ClassVar[bool] = False
+    #: ``put_many`` also takes :class:`kvfs.chunk.PendingChunk` values and writes them straight from the
+    #: caller's KV (``write_to``), with no encoded copy; others get encoded buffers
+    pending_puts: ClassVar[bool] = False
 
     url: str = ""
 

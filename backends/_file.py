@@ -238,6 +238,7 @@ class FileBackend(Backend):
     """One file per key under a directory; atomic tmp+rename writes, ``preadv`` reads into caller buffers."""
 
     parallel_puts = True
+    pending_puts = True
     scheme = "file"
     direct_reads = True
 
@@ -569,12 +570,16 @@ class FileBackend(Backend):
             raise
 
     def _posix_write(self, tmp: str, value: Buffer) -> None:
-        mv = _byte_view(value, writable=False)
+        pending = hasattr(value, "write_to")  # a kvfs.chunk.PendingChunk: written from the caller's KV
+        mv = None if pending else _byte_view(value, writable=False)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
-            off = 0
-            while off < len(mv):
-                off += os.write(fd, mv[off:])
+            if pending:
+                value.write_to(lambda views, offset: _pwritev_all(fd, views, offset))
+            else:
+                off = 0
+                while off < len(mv):
+                    off += os.write(fd, mv[off:])
             if self.fsync == "always":
                 os.fsync(fd)
             elif self.fsync == "flush":
@@ -703,4 +708,24 @@ def _nbytes(buf: Any) -> int:
     n = getattr(buf, "nbytes", None)
     if n is not None:
         return int(n)
+    if hasattr(buf, "write_to"):
+        return len(buf)
     return len(memoryview(buf).cast("B"))
+
+
+IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+
+
+def _pwritev_all(fd: int, views: list[memoryview], offset: int) -> None:
+    """Write every byte of ``views`` at ``offset`` (``pwritev``, resumed after a short write)."""
+    views = [v for v in views if len(v)]
+    while views:
+        n = os.pwritev(fd, views[:IOV_MAX], offset)
+        if n <= 0:
+            raise OSError(errno.EIO, "pwritev wrote nothing")
+        offset += n
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if n:
+            views[0] = views[0][n:]

@@ -192,66 +192,145 @@ def encode(
     ``spec.chunk_shape(len(tokens))``, with any strides (a slice of a longer
     sequence is fine). Checksums are computed on the copy while it is in cache.
     """
-    t = len(tokens)
-    shape = spec.chunk_shape(t)
-    if tuple(kv.shape) != shape:
-        raise ValueError(f"kv shape {tuple(kv.shape)} != {shape}")
-    itemsize = spec.itemsize
-    nbytes = math.prod(shape) * itemsize
-    meta = {
-        "format": FORMAT_NAME,
-        "version": str(FORMAT_VERSION),
-        "namespace": spec.namespace_id,
-        "key": key,
-        "parent": parent,
-        "kind": kind,
-        "start": str(int(start)),
-        "positions": str(int(start if positions is None else positions)),
-        "tokens": "[" + ",".join(map(str, tokens.tolist())) + "]",
-        "checksum": "xxh3-64:" + _HEX16,
-        "layer_checksums": ",".join([_HEX16] * shape[0]),
-    }
-    if extra:
-        for k, v in extra.items():
-            if k in meta or k in ("meta_checksum", "signature"):
-                raise ValueError(f"metadata key {k!r} is reserved")
-            meta[k] = str(v)
-    if signer is not None:
-        meta["layer_digests"] = ",".join([_HEX32] * shape[0])
-    meta["meta_checksum"] = _HEX16
-    if signer is not None:
-        meta["signature"] = signer.placeholder  # fixed width: the real signature has the same length
-    header_json = _header_json(meta, spec.dtype, shape, nbytes)
-    hlen = _padded_len(len(header_json))
-    data_offset = 8 + hlen
-    from ._buffers import alloc
+    return PendingChunk(spec, key=key, parent=parent, tokens=tokens, kv=kv, start=start, kind=kind,
+                        positions=positions, extra=extra, signer=signer).materialize()
 
-    mv = alloc(data_offset + nbytes)
-    buf = mv
 
-    # copy layer by layer and hash each layer while it is hot in cache
-    raw = _RAW[itemsize]
-    src = kv.view(raw) if kv.dtype != raw else kv
-    dst = np.frombuffer(mv[data_offset:], dtype=raw).reshape(shape)
-    whole = xxhash.xxh3_64()
-    layer_sums, layer_digests = [], []
-    lb = nbytes // shape[0] if shape[0] else 0
-    for layer in range(shape[0]):
-        np.copyto(dst[layer], src[layer])
-        block = mv[data_offset + layer * lb : data_offset + (layer + 1) * lb]
-        whole.update(block)
-        c = LayerCheck(signer is not None)
-        c.update(block)
-        x, b = c.sums()
-        layer_sums.append(x)
-        layer_digests.append(b)
-    finish_metadata(meta, whole.hexdigest(), layer_sums, layer_digests, signer)
-    final = _header_json(meta, spec.dtype, shape, nbytes)
-    if len(final) > hlen:  # cannot happen with fixed-width placeholders; guard anyway
-        raise AssertionError("chunk header grew while encoding")
-    struct.pack_into("<Q", mv, 0, hlen)
-    mv[8 : 8 + hlen] = final + b" " * (hlen - len(final))
-    return mv
+class PendingChunk:
+    """A chunk whose layout is fixed and whose bytes are produced as they are written.
+
+    The header has fixed-width placeholders for the checksums, so the file
+    size (``len()``) is known before any tensor byte is touched. Two ways out:
+
+    * :meth:`materialize` copies the KV into one new buffer (what a backend
+      that keeps or copies whole values gets), hashing each layer while it
+      is hot in cache;
+    * :meth:`write_to` hands the caller's own KV bytes, layer by layer, to a
+      positional writer (a file: ``pwritev``), hashing each layer right
+      before it is written and writing the header, checksums filled in, last.
+      The KV is read once and never copied in user space: the kernel copies
+      it into the page cache straight from the caller's array.
+
+    The caller's KV must not change until the write returns (``Store.put``
+    returns only once it is written).
+    """
+
+    __slots__ = ("spec", "meta", "shape", "nbytes", "hlen", "data_offset", "src", "signer", "_header")
+
+    def __init__(self, spec: KVSpec, *, key: str, parent: str, tokens: np.ndarray, kv: np.ndarray, start: int,
+                 kind: str = "prefix", positions: int | None = None, extra: dict[str, str] | None = None,
+                 signer: Any = None) -> None:
+        t = len(tokens)
+        shape = spec.chunk_shape(t)
+        if tuple(kv.shape) != shape:
+            raise ValueError(f"kv shape {tuple(kv.shape)} != {shape}")
+        nbytes = math.prod(shape) * spec.itemsize
+        meta = {
+            "format": FORMAT_NAME,
+            "version": str(FORMAT_VERSION),
+            "namespace": spec.namespace_id,
+            "key": key,
+            "parent": parent,
+            "kind": kind,
+            "start": str(int(start)),
+            "positions": str(int(start if positions is None else positions)),
+            "tokens": "[" + ",".join(map(str, tokens.tolist())) + "]",
+            "checksum": "xxh3-64:" + _HEX16,
+            "layer_checksums": ",".join([_HEX16] * shape[0]),
+        }
+        if extra:
+            for k, v in extra.items():
+                if k in meta or k in ("meta_checksum", "signature"):
+                    raise ValueError(f"metadata key {k!r} is reserved")
+                meta[k] = str(v)
+        if signer is not None:
+            meta["layer_digests"] = ",".join([_HEX32] * shape[0])
+        meta["meta_checksum"] = _HEX16
+        if signer is not None:
+            meta["signature"] = signer.placeholder  # fixed width: the real signature has the same length
+        self.spec = spec
+        self.meta = meta
+        self.shape = shape
+        self.nbytes = nbytes
+        self.hlen = _padded_len(len(_header_json(meta, spec.dtype, shape, nbytes)))
+        self.data_offset = 8 + self.hlen
+        raw = _RAW[spec.itemsize]
+        self.src = kv.view(raw) if kv.dtype != raw else kv
+        self.signer = signer
+        self._header: bytes | None = None
+
+    def __len__(self) -> int:
+        return self.data_offset + self.nbytes
+
+    @property
+    def layer_bytes(self) -> int:
+        return self.nbytes // self.shape[0] if self.shape[0] else 0
+
+    def _finish(self, whole: str, layer_sums: list[str], layer_digests: list) -> bytes:
+        """The header bytes (length prefix, JSON, padding) with the checksums filled in."""
+        meta = dict(self.meta)
+        finish_metadata(meta, whole, layer_sums, layer_digests, self.signer)
+        final = _header_json(meta, self.spec.dtype, self.shape, self.nbytes)
+        if len(final) > self.hlen:  # cannot happen with fixed-width placeholders; guard anyway
+            raise AssertionError("chunk header grew while encoding")
+        head = struct.pack("<Q", self.hlen) + final + b" " * (self.hlen - len(final))
+        self._header = head
+        return head
+
+    def materialize(self) -> memoryview:
+        """The whole chunk in one new buffer from :func:`kvfs._buffers.alloc` (the KV copied once)."""
+        from ._buffers import alloc
+
+        mv = alloc(len(self))
+        off, lb = self.data_offset, self.layer_bytes
+        dst = np.frombuffer(mv[off:], dtype=self.src.dtype).reshape(self.shape)
+        whole = xxhash.xxh3_64()
+        layer_sums, layer_digests = [], []
+        for layer in range(self.shape[0]):
+            np.copyto(dst[layer], self.src[layer])
+            block = mv[off + layer * lb : off + (layer + 1) * lb]
+            whole.update(block)
+            c = LayerCheck(self.signer is not None)
+            c.update(block)
+            x, b = c.sums()
+            layer_sums.append(x)
+            layer_digests.append(b)
+        mv[: self.data_offset] = self._finish(whole.hexdigest(), layer_sums, layer_digests)
+        return mv
+
+    def _layer_pieces(self, layer: int, scratch: list) -> list[memoryview]:
+        """Contiguous byte views of ``layer``'s bytes, in file order: one per plane when each plane of the
+        caller's array is contiguous (a chunk sliced out of a prompt-wide ``[L, 2, T, H, D]`` array), else
+        the layer copied into a scratch buffer reused across layers."""
+        src = self.src[layer]
+        if src.flags.c_contiguous:
+            return [memoryview(src).cast("B")]
+        planes = [src[p] for p in range(src.shape[0])]
+        if all(p.flags.c_contiguous for p in planes):
+            return [memoryview(p).cast("B") for p in planes]
+        if not scratch:
+            scratch.append(np.empty(src.shape, dtype=src.dtype))
+        np.copyto(scratch[0], src)
+        return [memoryview(scratch[0]).cast("B")]
+
+    def write_to(self, pwritev) -> None:
+        """Write the chunk through ``pwritev(views, offset)`` (which writes all of ``views`` at ``offset``):
+        each layer hashed and then written from the caller's KV, the header last (at offset 0)."""
+        whole = xxhash.xxh3_64()
+        layer_sums, layer_digests = [], []
+        scratch: list = []
+        off, lb = self.data_offset, self.layer_bytes
+        for layer in range(self.shape[0]):
+            pieces = self._layer_pieces(layer, scratch)
+            c = LayerCheck(self.signer is not None)
+            for p in pieces:
+                whole.update(p)
+                c.update(p)
+            x, b = c.sums()
+            layer_sums.append(x)
+            layer_digests.append(b)
+            pwritev(pieces, off + layer * lb)
+        pwritev([self._finish(whole.hexdigest(), layer_sums, layer_digests)], 0)
 
 
 def finish_metadata(meta: dict[str, str], whole: str, layer_sums: list[str], layer_digests: list,

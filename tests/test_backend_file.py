@@ -423,3 +423,83 @@ def test_read_only_filesystem_needs_readonly_and_then_serves_reads():
         with pytest.raises(ReadOnlyStore):
             b.delete_many(["m/ns/aa/k"])
         b.flush()
+
+
+# ------------------------------------------------------------------------ puts from the caller's KV
+def _kv_layouts(spec, n, seed):
+    """The same KV in the layouts engines hand kvfs: one contiguous array, chunks of a prompt-wide array
+    (contiguous planes), and token-major memory (nothing contiguous: written through a scratch copy)."""
+    kv = _kv(spec, n, seed)
+    token_major = np.ascontiguousarray(kv.transpose(2, 0, 1, 3, 4)).transpose(1, 2, 0, 3, 4)
+    assert not token_major[:, 0].flags.c_contiguous
+    return kv, {"contiguous": kv.copy(), "token-major": token_major}
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_file_puts_written_from_the_callers_kv_equal_encoded_chunks(tmp_path, signed):
+    """file:// writes each chunk straight from the caller's arrays (no encoded copy); the files are byte for byte
+    the chunks ``encode`` makes (what LMDB stores), in every source layout, signed or not."""
+    key = "k" * 32 if signed else None
+    toks = _tokens(100, 7)  # 6 whole chunks of 16 and a partial one
+    kv, layouts = _kv_layouts(SPEC, 100, 7)
+    with kvfs.open(f"lmdb://{tmp_path}/ref", signing_key=key) as ref:
+        ref.namespace(SPEC).put(toks, kv)
+        expected = {r.path: ref.cat(r.path) for r in ref.records("")}
+    assert len(expected) == 7
+    for name, src in layouts.items():
+        with kvfs.open(f"file://{tmp_path}/{name}", signing_key=key) as store:
+            assert store.tiers[0].backend.pending_puts
+            ns = store.namespace(SPEC)
+            assert ns.put(toks, src) == 7
+            got = {r.path: store.cat(r.path) for r in store.records("")}
+            assert got == expected, name
+            np.testing.assert_array_equal(ns.get(toks), kv)
+            assert store.fsck(verify=True).clean
+            assert os.listdir(os.path.join(store.tiers[0].backend.root, RESERVED, "tmp")) == []
+
+
+def test_pwritev_all_writes_past_iov_max_and_short_writes(tmp_path):
+    from kvfs.backends._file import IOV_MAX, _pwritev_all
+
+    rng = np.random.default_rng(3)
+    views = [memoryview(rng.integers(0, 256, int(rng.integers(1, 64)), dtype=np.uint8).tobytes())
+             for _ in range(IOV_MAX * 2 + 17)]
+    views.insert(5, memoryview(b""))
+    path = tmp_path / "f"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        _pwritev_all(fd, list(views), 4096)
+        _pwritev_all(fd, [memoryview(b"head")], 0)
+    finally:
+        os.close(fd)
+    data = path.read_bytes()
+    assert data[:4] == b"head" and data[4:4096] == bytes(4092)
+    assert data[4096:] == b"".join(bytes(v) for v in views)
+
+
+def test_put_failing_midway_into_file_leaves_no_partial_chunk(tmp_path, monkeypatch):
+    """A write that fails after some layers (disk full here) leaves neither a visible file nor a catalog
+    record for that chunk, and the store keeps working."""
+    import kvfs.backends._file as fb
+
+    real = fb._pwritev_all
+    calls = {"n": 0}
+
+    def flaky(fd, views, offset):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, views, offset)
+
+    monkeypatch.setattr(fb, "_pwritev_all", flaky)
+    toks = _tokens(16, 9)
+    kv = _kv(SPEC, 16, 9)
+    with kvfs.open(f"file://{tmp_path}/s") as store:
+        ns = store.namespace(SPEC)
+        with pytest.raises(NoSpace):
+            ns.put(toks, kv)
+        assert ns.lookup(toks) == 0 and store.records("") == []
+        assert os.listdir(os.path.join(store.tiers[0].backend.root, RESERVED, "tmp")) == []
+        monkeypatch.setattr(fb, "_pwritev_all", real)
+        assert ns.put(toks, kv) == 1
+        np.testing.assert_array_equal(ns.get(toks), kv)
