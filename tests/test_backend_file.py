@@ -503,3 +503,15 @@ def test_put_failing_midway_into_file_leaves_no_partial_chunk(tmp_path, monkeypa
         monkeypatch.setattr(fb, "_pwritev_all", real)
         assert ns.put(toks, kv) == 1
         np.testing.assert_array_equal(ns.get(toks), kv)
+
+
+def test_segment_puts_into_file_equal_encoded_chunks(tmp_path):
+    """CacheBlend segments (position-independent keys, extra metadata) take the same copy-once path."""
+    toks = _tokens(40, 11)
+    kv = _kv(SPEC, 40, 11)
+    extra = {"rope": "unrotated"}
+    with kvfs.open(f"lmdb://{tmp_path}/ref") as ref, kvfs.open(f"file://{tmp_path}/f") as store:
+        assert ref.namespace(SPEC).put_segment(toks, kv, positions=5, extra=extra) == 3
+        assert store.namespace(SPEC).put_segment(toks, kv, positions=5, extra=extra) == 3
+        expected = {r.path: ref.cat(r.path) for r in ref.records("")}
+        assert {r.path: store.cat(r.path) for r in store.records("")} == expected
