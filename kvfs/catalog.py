@@ -21,6 +21,7 @@ removed behind its back (a read then misses and fixes the entry), and
 
 from __future__ import annotations
 
+import binascii
 import json
 import shutil
 import struct
@@ -36,6 +37,7 @@ from . import _lmdbenv
 _REC = struct.Struct("<QIIddQIIB32s")
 _U64 = struct.Struct("<Q")
 _TIERS_AT = struct.calcsize("<QIIddQI")  # byte offset of the tiers bitmask in a packed record
+_TIERS = struct.Struct("<I")
 _FLAG_SEGMENT = 1
 DB_CHUNKS = "kvfs.cat.chunks"
 DB_CHILDREN = "kvfs.cat.children"
@@ -192,11 +194,12 @@ class Catalog:
         """How many leading digests of a chain have a record held by a tier in ``mask`` (the lookup fast path)."""
         prefix = _enc(namespace + "/")
         n = 0
+        hexlify, tiers_of = binascii.hexlify, _TIERS.unpack_from
         with self.env.read(buffers=True) as txn:
             db = self._chunks
             for d in digests:
-                v = txn.get(prefix + d.hex().encode(), db=db)
-                if v is None or not int.from_bytes(v[_TIERS_AT : _TIERS_AT + 4], "little") & mask:
+                v = txn.get(prefix + hexlify(d), db=db)
+                if v is None or not tiers_of(v, _TIERS_AT)[0] & mask:
                     break
                 n += 1
         return n

@@ -129,11 +129,14 @@ def chain(seed: bytes, tokens: np.ndarray, chunk_tokens: int, *, start: int = 0)
     out: list[bytes] = []
     prev = seed
     n = len(tokens)
-    blake = hashlib.blake2b
-    for s in range(start, n, chunk_tokens):
-        e = min(s + chunk_tokens, n)
-        h = blake(prev, digest_size=DIGEST_SIZE)
-        h.update(mv[s * 4 : e * 4])
+    # copying a fresh hasher is cheaper than building one per chunk (lookups hash up to 512 chunks);
+    # blake2b(prev || tokens) either way
+    fresh = hashlib.blake2b(digest_size=DIGEST_SIZE)
+    step = chunk_tokens * 4
+    for s in range(start * 4, n * 4, step):
+        h = fresh.copy()
+        h.update(prev)
+        h.update(mv[s : s + step])  # the last slice stops at the end: a partial chunk
         prev = h.digest()
         out.append(prev)
     return out
