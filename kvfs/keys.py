@@ -86,8 +86,16 @@ def as_tokens(tokens: Any, *, allow_empty: bool = False) -> np.ndarray:
             arr = np.arange(tokens.start, tokens.stop, tokens.step, dtype=np.int64)
         else:
             try:
-                # array('I') converts a list ~3x faster than numpy and refuses negatives/overflow itself
-                return np.frombuffer(array("I", tokens), dtype="<u4") if tokens else _empty(allow_empty)
+                # array('I') converts a list ~3x faster than numpy and refuses negatives/overflow itself;
+                # fromlist (lists only) another 1.4x faster than array('I', list)
+                if not tokens:
+                    return _empty(allow_empty)
+                if type(tokens) is list:
+                    ids = array("I")
+                    ids.fromlist(tokens)
+                else:
+                    ids = array("I", tokens)
+                return np.frombuffer(ids, dtype="<u4")
             except (OverflowError, TypeError):
                 arr = np.asarray(tokens, dtype=object)
                 for t in arr.ravel():
