@@ -54,7 +54,16 @@ RESERVED = ".kvfs"  # <root>/.kvfs: catalog and temporary files, never a key
 TMP_SUFFIX = ".kvfs-tmp"
 STALE_TMP_SECONDS = 24 * 3600  # a temporary file this old is garbage whoever wrote it
 ALIGN = 4096  # O_DIRECT alignment of offsets, sizes and buffer addresses
-_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+
+
+def _iov_max() -> int:
+    try:
+        return max(16, int(os.sysconf("SC_IOV_MAX")))
+    except (AttributeError, ValueError, OSError):
+        return 1024
+
+
+_IOV_MAX = _iov_max()
 _HOST = socket.gethostname().replace(".", "_") or "host"
 _FSYNC_POLICIES = ("flush", "always", "never")
 
@@ -713,14 +722,11 @@ def _nbytes(buf: Any) -> int:
     return len(memoryview(buf).cast("B"))
 
 
-IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
-
-
 def _pwritev_all(fd: int, views: list[memoryview], offset: int) -> None:
     """Write every byte of ``views`` at ``offset`` (``pwritev``, resumed after a short write)."""
     views = [v for v in views if len(v)]
     while views:
-        n = os.pwritev(fd, views[:IOV_MAX], offset)
+        n = os.pwritev(fd, views[:_IOV_MAX], offset)
         if n <= 0:
             raise OSError(errno.EIO, "pwritev wrote nothing")
         offset += n

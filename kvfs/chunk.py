@@ -215,7 +215,7 @@ class PendingChunk:
     returns only once it is written).
     """
 
-    __slots__ = ("spec", "meta", "shape", "nbytes", "hlen", "data_offset", "src", "signer", "_header")
+    __slots__ = ("spec", "meta", "shape", "nbytes", "hlen", "data_offset", "src", "signer")
 
     def __init__(self, spec: KVSpec, *, key: str, parent: str, tokens: np.ndarray, kv: np.ndarray, start: int,
                  kind: str = "prefix", positions: int | None = None, extra: dict[str, str] | None = None,
@@ -257,7 +257,6 @@ class PendingChunk:
         raw = _RAW[spec.itemsize]
         self.src = kv.view(raw) if kv.dtype != raw else kv
         self.signer = signer
-        self._header: bytes | None = None
 
     def __len__(self) -> int:
         return self.data_offset + self.nbytes
@@ -273,9 +272,7 @@ class PendingChunk:
         final = _header_json(meta, self.spec.dtype, self.shape, self.nbytes)
         if len(final) > self.hlen:  # cannot happen with fixed-width placeholders; guard anyway
             raise AssertionError("chunk header grew while encoding")
-        head = struct.pack("<Q", self.hlen) + final + b" " * (self.hlen - len(final))
-        self._header = head
-        return head
+        return struct.pack("<Q", self.hlen) + final + b" " * (self.hlen - len(final))
 
     def materialize(self) -> memoryview:
         """The whole chunk in one new buffer from :func:`kvfs._buffers.alloc` (the KV copied once)."""

@@ -459,7 +459,7 @@ def test_file_puts_written_from_the_callers_kv_equal_encoded_chunks(tmp_path, si
 
 
 def test_pwritev_all_writes_past_iov_max_and_short_writes(tmp_path):
-    from kvfs.backends._file import IOV_MAX, _pwritev_all
+    from kvfs.backends._file import _IOV_MAX as IOV_MAX, _pwritev_all
 
     rng = np.random.default_rng(3)
     views = [memoryview(rng.integers(0, 256, int(rng.integers(1, 64)), dtype=np.uint8).tobytes())
