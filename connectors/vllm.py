@@ -31,7 +31,9 @@ How one request goes through it:
   by ``get_block_ids_with_load_errors`` so vLLM recomputes them.
 - worker, ``save_kv_layer``: gathers each layer's KV of the saved prompts out
   of the paged cache as the forward pass produces it; ``wait_for_save``
-  writes the new chunks (chunks already stored are skipped).
+  gathers the rest and hands the copies to a background writer (bounded by
+  ``save_queue_bytes``, default 2 GiB; ``save_in_background: false`` writes
+  before the step ends). Chunks already stored are skipped.
 
 Requests with LoRA adapters, multimodal inputs, prompt embeddings or a
 ``cache_salt`` are passed through untouched: their KV depends on more than
@@ -59,6 +61,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec, MLAAttentionSpec
 from ..errors import KVFSError
 from ..spec import KVSpec, canonical_dtype
 from ..store import open as open_store
+from ..units import parse_size
 from .paged import PagedCache, SlotIndex, slot_mapping
 
 if TYPE_CHECKING:
@@ -133,6 +136,83 @@ class _Staged:
     done: set[int] = field(default_factory=set)
 
 
+class _SaveWriter:
+    """Writes gathered prompts to kvfs on a thread of its own, so that an engine step does not wait for storage.
+
+    ``wait_for_save`` must finish copying a prompt's KV out of the paged cache
+    before it returns (vLLM may reuse the blocks at once); the write to the
+    store need not. Staged prompts wait here, oldest first, up to ``limit``
+    bytes: a step that would go over it waits until earlier writes are done
+    (back-pressure, never unbounded memory). A prompt is always admitted when
+    nothing is waiting, however large. Write errors are logged, never raised
+    into inference; :meth:`drain` waits for everything queued.
+    """
+
+    def __init__(self, ns: Any, limit: int) -> None:
+        self.ns = ns
+        self.limit = limit
+        self._cond = threading.Condition()
+        self._queue: list[tuple[str, list[int], torch.Tensor, int]] = []
+        self._bytes = 0  # queued plus being written
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def submit(self, req_id: str, token_ids: list[int], kv: torch.Tensor) -> None:
+        n = kv.numel() * kv.element_size()
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the kvfs save writer is shut down")
+            while self._bytes and self._bytes + n > self.limit:
+                self._cond.wait()
+            self._queue.append((req_id, token_ids, kv, n))
+            self._bytes += n
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="kvfs-vllm-saves", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                req_id, token_ids, kv, n = self._queue[0]
+            try:
+                self.ns.put(token_ids, kv)
+            except OSError as e:  # a full or unreachable store must not fail inference
+                log.warning("kvfs: could not store the KV of request %s: %s", req_id, e)
+            except Exception:  # noqa: BLE001 - nobody to raise to on this thread; the next prompt still goes
+                log.exception("kvfs: storing the KV of request %s failed", req_id)
+            with self._cond:
+                self._queue.pop(0)
+                self._bytes -= n
+                self._cond.notify_all()
+
+    @property
+    def pending(self) -> int:
+        """Prompts queued or being written."""
+        with self._cond:
+            return len(self._queue)
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Wait until every submitted prompt is written (or failed); False if ``timeout`` ran out first."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._queue, timeout)
+
+    def close(self, timeout: float | None = None) -> None:
+        if not self.drain(timeout):
+            log.warning("kvfs: %d prompts were still being stored at shutdown; their KV is not saved",
+                        self.pending)
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+
+
 # ---------------------------------------------------------------------------------------------- the spec
 def _attention_spec(kv_cache_config: "KVCacheConfig"):
     groups = kv_cache_config.kv_cache_groups
@@ -181,6 +261,17 @@ def kv_spec_for(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig", *, 
     )
 
 
+def _flag(value: Any) -> bool:
+    if isinstance(value, str):
+        v = value.strip().lower()
+        if v in ("1", "true", "yes", "on"):
+            return True
+        if v in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"KVFSConnector: expected true or false, got {value!r}")
+    return bool(value)
+
+
 # ---------------------------------------------------------------------------------------------- the connector
 class KVFSConnector(KVConnectorBase_V1):
     """vLLM V1 connector storing prefix KV in kvfs (see the module docstring)."""
@@ -213,6 +304,9 @@ class KVFSConnector(KVConnectorBase_V1):
         self._paged: PagedCache | None = None
         self._loading: list[_Loading] = []
         self._prefetch_bytes = int(extra.get("prefetch_bytes", 256 << 20))
+        self._writer: _SaveWriter | None = None
+        if role == KVConnectorRole.WORKER and self._saves_enabled and _flag(extra.get("save_in_background", True)):
+            self._writer = _SaveWriter(self.ns, parse_size(extra.get("save_queue_bytes", 2 << 30)))
         self._layer_index: dict[str, int] = {}
         self._staged: dict[str, _Staged] = {}
         self._load_errors: set[int] = set()
@@ -426,6 +520,9 @@ class KVFSConnector(KVConnectorBase_V1):
                     if i not in staged.done:
                         self._paged.gather(staged.slots, layer=i, out=staged.kv[i])
                         staged.done.add(i)
+                if self._writer is not None:  # staged.kv is this prompt's own copy: written after the step
+                    self._writer.submit(save.req_id, save.token_ids, staged.kv)
+                    continue
                 try:
                     self.ns.put(save.token_ids, staged.kv)
                 except OSError as e:  # a full or unreachable store must not fail inference
@@ -444,8 +541,14 @@ class KVFSConnector(KVConnectorBase_V1):
     def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
         return True  # loads and saves happen layer by layer, between the attention layers
 
+    def wait_for_saves_written(self, timeout: float | None = None) -> bool:
+        """Wait until the prompts saved so far are in the store (saves are written in the background)."""
+        return self._writer is None or self._writer.drain(timeout)
+
     def shutdown(self) -> None:
         for ld in self._loading:
             ld.prefetch.close()
         self._loading = []
+        if self._writer is not None:
+            self._writer.close()
         self.store.close()

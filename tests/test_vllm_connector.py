@@ -11,7 +11,12 @@ what a forward pass computes.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tempfile
+import threading
+import time
+from typing import Any
 
 import pytest
 
@@ -64,11 +69,12 @@ def kv_cache_config(spec=None) -> KVCacheConfig:
     )
 
 
-def make_connector(url: str, role: KVConnectorRole, kv_role: str = "kv_both", chunk_tokens: int = 16, spec=None):
+def make_connector(url: str, role: KVConnectorRole, kv_role: str = "kv_both", chunk_tokens: int = 16, spec=None,
+                   **extra):
     ktc = KVTransferConfig(kv_connector="KVFSConnector", kv_connector_module_path="kvfs.connectors.vllm",
                            kv_role=kv_role,
                            kv_connector_extra_config={"url": url, "chunk_tokens": chunk_tokens,
-                                                      "model": "test/llama-3-layers"})
+                                                      "model": "test/llama-3-layers", **extra})
     cfg = VllmConfig(cache_config=CacheConfig(block_size=BLOCK), kv_transfer_config=ktc)
     return KVConnectorFactory.create_connector(cfg, role, kv_cache_config(spec))
 
@@ -137,6 +143,7 @@ def gen(seed: int, *shape) -> torch.Tensor:
 
 PROMPT_A = list(range(1000, 1100))  # 100 tokens
 PROMPT_B = PROMPT_A[:70] + list(range(5000, 5030))  # shares 70 tokens with A
+PROMPT_C = list(range(7000, 7100))  # shares nothing
 BLOCKS_A = [5, 2, 17, 9, 30, 11, 3]  # 7 blocks of 16 hold 100 tokens; deliberately scattered
 BLOCKS_B = [8, 21, 0, 14, 33, 26, 19]
 
@@ -210,7 +217,8 @@ def test_two_requests_sharing_a_prefix(url, layout):
             for off in range(BLOCK):
                 if (blk, off) not in touched:
                     assert not caches[name][blk, :, off].any()
-    # B was saved too: its whole prompt is now in kvfs
+    # B was saved too (written after the step, in the background): its whole prompt is now in kvfs
+    assert worker.wait_for_saves_written(30)
     with kvfs.open(url) as store:
         ns = store.namespace(sched.spec)
         assert ns.lookup(PROMPT_B) == len(PROMPT_B)
@@ -275,6 +283,7 @@ def test_a_corrupt_chunk_is_reported_not_loaded(url, tmp_path, caplog):
     kv_b = torch.cat([kv_a[:, :, :70], gen(4, len(LAYERS), 2, 30, HEADS, HEAD)], dim=2)
     write_kv(caches, BLOCKS_B, kv_b[:, :, 32:], start=32)
     assert run_worker_step(worker, caches, meta) == set()
+    assert worker.wait_for_saves_written(30)
     assert torch.equal(torch.from_numpy(sched.ns.get(PROMPT_B)), kv_b)
     worker.shutdown()
     sched.shutdown()
@@ -324,6 +333,7 @@ def test_producer_saves_and_consumer_loads_exactly(url):
     assert [len(s.token_ids) for s in meta.saves] == [100] and meta.saves[0].block_ids == BLOCKS_A
     write_kv(p_caches, BLOCKS_A, kv_a[:, :, 64:], start=64)
     run_worker_step(p_worker, p_caches, meta)
+    assert p_worker.wait_for_saves_written(30)
     # a producer never loads
     assert p_sched.get_num_new_matched_tokens(request("A2", PROMPT_A), 0) == (0, False)
 
@@ -359,6 +369,7 @@ def test_mla_latent_cache_round_trip(url):
         for i, name in enumerate(LAYERS):
             caches[name][BLOCKS_A[p // BLOCK], 0, p % BLOCK] = latent[i, p]
     run_worker_step(p_worker, caches, meta)
+    assert p_worker.wait_for_saves_written(30)
     c_sched = make_connector(url, KVConnectorRole.SCHEDULER, "kv_consumer", spec=spec)
     c_worker = make_connector(url, KVConnectorRole.WORKER, "kv_consumer", spec=spec)
     c_caches = paged_caches(spec=spec)
@@ -497,3 +508,123 @@ def test_through_vllms_own_scheduler(model_config, tmp_path):
     meta = out.kv_connector_metadata
     assert not meta.loads and [s.req_id for s in meta.saves] == ["C"]
     worker.shutdown()
+
+
+# ------------------------------------------------------------------------------- saves written in the background
+def _prefill_step(sched, worker, caches, req_id: str, prompt: list[int], blocks: list[int], seed: int):
+    """Schedule ``prompt`` whole (nothing cached), write its KV into the paged cache, run the worker's step."""
+    r = request(req_id, prompt)
+    sched.on_new_request(r)
+    assert sched.get_num_new_matched_tokens(r, 0) == (0, False)
+    sched.update_state_after_alloc(r, blocks_of(blocks), 0)
+    meta = sched.build_connector_meta(step(r, blocks, len(prompt)))
+    assert len(meta.saves) == 1
+    kv = gen(seed, len(LAYERS), 2, len(prompt), HEADS, HEAD)
+    write_kv(caches, blocks, kv)
+    assert run_worker_step(worker, caches, meta) == set()
+    return kv
+
+
+class _WriterLock:
+    """Another process holding the LMDB store's write lock: every put into the store waits for it."""
+
+    def __init__(self, path: str) -> None:
+        script = ("import lmdb, sys\n"
+                  f"env = lmdb.open({path!r}, subdir=True, max_dbs=64, map_size=1 << 30)\n"
+                  "txn = env.begin(write=True)\n"
+                  "print('held', flush=True)\n"
+                  "sys.stdin.readline()\n"
+                  "txn.abort()\n")
+        self.proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True)
+        assert self.proc.stdout.readline().strip() == "held"
+
+    def release(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.write("\n")
+            self.proc.stdin.flush()
+            self.proc.wait(30)
+
+
+def test_a_step_does_not_wait_for_storage_and_the_write_uses_the_connectors_own_copy(tmp_path):
+    """wait_for_save returns once the prompt is copied out of the paged cache, while the store cannot take a
+    write at all (another process holds the LMDB write lock); vLLM then reuses the blocks, and once the store is
+    free the prompt's own KV is written, not what the blocks hold now."""
+    path = str(tmp_path / "store")
+    url = f"lmdb://{path}"
+    sched = make_connector(url, KVConnectorRole.SCHEDULER)
+    worker = make_connector(url, KVConnectorRole.WORKER)
+    caches = paged_caches()
+    worker.register_kv_caches(caches)
+    lock = _WriterLock(path)
+    try:
+        t0 = time.monotonic()
+        kv_a = _prefill_step(sched, worker, caches, "A", PROMPT_A, BLOCKS_A, 11)
+        assert time.monotonic() - t0 < 20
+        assert not worker.wait_for_saves_written(0.3)  # the write waits for the lock; the step did not
+        assert sched.ns.lookup(PROMPT_A) == 0
+        for name in LAYERS:  # vLLM hands A's blocks to another request
+            caches[name].fill_(7.0)
+    finally:
+        lock.release()
+    assert worker.wait_for_saves_written(30)
+    assert torch.equal(torch.from_numpy(sched.ns.get(PROMPT_A)), kv_a)
+    worker.shutdown()
+    sched.shutdown()
+
+
+def test_saves_waiting_past_save_queue_bytes_hold_the_next_step(tmp_path):
+    """Back-pressure: with room for one prompt, the next step's wait_for_save waits for the previous write."""
+    path = str(tmp_path / "store")
+    url = f"lmdb://{path}"
+    sched = make_connector(url, KVConnectorRole.SCHEDULER)
+    worker = make_connector(url, KVConnectorRole.WORKER, save_queue_bytes="1KiB")
+    caches = paged_caches()
+    worker.register_kv_caches(caches)
+    lock = _WriterLock(path)
+    result: dict[str, Any] = {}
+    try:
+        kv_a = _prefill_step(sched, worker, caches, "A", PROMPT_A, BLOCKS_A, 12)  # admitted: the queue was empty
+        second = threading.Thread(target=lambda: result.setdefault(
+            "kv", _prefill_step(sched, worker, caches, "B", PROMPT_C, BLOCKS_B, 13)), daemon=True)
+        second.start()
+        second.join(0.5)
+        assert second.is_alive()  # B's step waits for room: A is still not written
+    finally:
+        lock.release()
+    second.join(30)
+    assert not second.is_alive() and "kv" in result
+    assert worker.wait_for_saves_written(30)
+    assert torch.equal(torch.from_numpy(sched.ns.get(PROMPT_A)), kv_a)
+    assert torch.equal(torch.from_numpy(sched.ns.get(PROMPT_C)), result["kv"])
+    worker.shutdown()
+    sched.shutdown()
+
+
+def test_a_failed_background_write_is_logged_and_inference_goes_on(tmp_path, caplog):
+    url = f"file://{tmp_path}/store"
+    kvfs.open(url).close()
+    sched = make_connector(url, KVConnectorRole.SCHEDULER)
+    worker = make_connector(url + "?readonly=true", KVConnectorRole.WORKER)
+    caches = paged_caches()
+    worker.register_kv_caches(caches)
+    with caplog.at_level("WARNING"):
+        _prefill_step(sched, worker, caches, "A", PROMPT_A, BLOCKS_A, 14)
+        assert worker.wait_for_saves_written(30)
+    assert "could not store the KV of request A" in caplog.text
+    assert sched.ns.lookup(PROMPT_A) == 0
+    worker.shutdown()
+    sched.shutdown()
+
+
+def test_save_in_background_false_writes_before_the_step_ends(url):
+    sched = make_connector(url, KVConnectorRole.SCHEDULER)
+    worker = make_connector(url, KVConnectorRole.WORKER, save_in_background="false")
+    caches = paged_caches()
+    worker.register_kv_caches(caches)
+    kv_a = _prefill_step(sched, worker, caches, "A", PROMPT_A, BLOCKS_A, 15)
+    assert torch.equal(torch.from_numpy(sched.ns.get(PROMPT_A)), kv_a)  # no wait: written in wait_for_save
+    with pytest.raises(ValueError, match="true or false"):
+        make_connector(url, KVConnectorRole.WORKER, save_in_background="sometimes")
+    worker.shutdown()
+    sched.shutdown()
