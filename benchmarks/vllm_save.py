@@ -1,0 +1,171 @@
+"""How long a vLLM engine step waits for kvfs when it saves a prompt: writes in the step vs in the background.
+
+    python benchmarks/vllm_save.py [--tokens 4096] [--repeats 3] [--dir DIR] [--url URL]
+
+vLLM's own objects (``VllmConfig``, ``KVConnectorFactory``, ``KVCacheConfig``,
+paged caches from ``allocate_kv_cache``, ``Request``, ``SchedulerOutput``;
+the CPU install of ``shared/engines``) drive ``KVFSConnector`` as the model
+runner does around one forward pass: ``bind_connector_metadata``,
+``start_load_kv``, per layer ``wait_for_layer_load`` + ``save_kv_layer``,
+then ``wait_for_save``. The prompt is new to the store (every chunk is
+written), Llama-3-8B-shaped KV (32 layers, 8 KV heads of 128, float16, blocks
+of 16 tokens); between samples the store is emptied and ``sync`` run, so
+every write lands in the page cache of a store of the same size. "Step" is the connector's part of the step (no model compute
+here); "until written" adds waiting for the background writer to finish.
+
+The baseline is the same connector with ``save_in_background: false`` (the
+write inside ``wait_for_save``), measured in the same run, interleaved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+os.environ.setdefault("VLLM_CACHE_ROOT", tempfile.mkdtemp(prefix="kvfs-vllm-cache-"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _common import Results  # noqa: E402
+
+BLOCK = 16
+LAYERS = [f"model.layers.{i}.self_attn.attn" for i in range(32)]
+HEADS, HEAD = 8, 128
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=4096, help="prompt length (KV: 128 KiB a token)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--dir", default=None, help="directory for the file:// store (default: a temp dir)")
+    ap.add_argument("--url", default=None, help="store URL instead of file://DIR")
+    ap.add_argument("--quick", action="store_true", help="2048 tokens, 2 repeats")
+    args = ap.parse_args()
+    if args.quick:
+        args.tokens, args.repeats = min(args.tokens, 2048), 2
+    cmd = (f"python benchmarks/vllm_save.py --tokens {args.tokens} --repeats {args.repeats}"
+           + (" --quick" if args.quick else ""))
+    res = Results("vLLM connector saves", cmd)
+    try:
+        import torch
+        from vllm.config import CacheConfig, KVTransferConfig, VllmConfig
+        from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+        from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+        from vllm.sampling_params import SamplingParams
+        from vllm.utils.hashing import get_hash_fn_by_name
+        from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+        from vllm.v1.core.kv_cache_utils import KVCacheBlock, get_request_block_hasher, init_none_hash
+        from vllm.v1.core.sched.output import NewRequestData, SchedulerOutput
+        from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec, KVCacheTensor
+        from vllm.v1.kv_cache_layout import KVCacheLayout
+        from vllm.v1.request import Request
+        from vllm.v1.worker.utils import allocate_kv_cache
+    except ImportError as e:
+        res.add("vLLM connector saves", None, "", None, None, f"skipped: vLLM is not installed ({e.name})")
+        res.print()
+        res.save()
+        return
+
+    hash_fn = get_hash_fn_by_name("sha256")
+    init_none_hash(hash_fn)
+    nblocks = -(-args.tokens // BLOCK)
+    num_blocks = nblocks + 8
+    spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=HEADS, head_size=HEAD, dtype=torch.float16)
+    page = spec.page_size_bytes
+    kv_cfg = KVCacheConfig(
+        num_blocks=num_blocks,
+        kv_cache_tensors=[KVCacheTensor(size=page * num_blocks * len(LAYERS), layers=LAYERS,
+                                        layer_stride=page * num_blocks, block_stride=page)],
+        kv_cache_groups=[KVCacheGroupSpec(LAYERS, spec)],
+    )
+    root = tempfile.mkdtemp(prefix="kvfs-bench-vllm-", dir=args.dir)
+    url = args.url or f"file://{root}/store"
+
+    def connector(role, background: bool):
+        ktc = KVTransferConfig(kv_connector="KVFSConnector", kv_connector_module_path="kvfs.connectors.vllm",
+                               kv_role="kv_both",
+                               kv_connector_extra_config={"url": url, "model": "bench/llama-3-8b-shaped",
+                                                          "save_in_background": background})
+        cfg = VllmConfig(cache_config=CacheConfig(block_size=BLOCK), kv_transfer_config=ktc)
+        return KVConnectorFactory.create_connector(cfg, role, kv_cfg)
+
+    caches = allocate_kv_cache(kv_cfg, torch.device("cpu"), KVCacheLayout.LBNHC, [BLOCK])
+    gen = torch.Generator().manual_seed(0)
+    for t in caches.values():  # the forward pass's KV: whatever the blocks hold, every byte distinct
+        t.copy_(torch.randn(t.shape, generator=gen, dtype=torch.float32).to(torch.float16))
+    block_ids = list(range(3, 3 + nblocks))
+    sched = connector(KVConnectorRole.SCHEDULER, True)
+    workers = {mode: connector(KVConnectorRole.WORKER, mode == "background") for mode in ("in step", "background")}
+    for w in workers.values():
+        w.register_kv_caches(caches)
+    kv_bytes = args.tokens * len(LAYERS) * 2 * HEADS * HEAD * 2
+    counter = [0]
+
+    def one(mode: str) -> tuple[float, float]:
+        counter[0] += 1
+        prompt = [(counter[0] * 1_000_003 + i * 7919) % 128_000 for i in range(args.tokens)]  # new to the store
+        req = Request(f"r{counter[0]}", prompt, SamplingParams(max_tokens=1), None,
+                      block_hasher=get_request_block_hasher(BLOCK, hash_fn))
+        sched.on_new_request(req)
+        sched.get_num_new_matched_tokens(req, 0)
+        sched.update_state_after_alloc(req, KVCacheBlocks(blocks=([KVCacheBlock(block_id=i) for i in block_ids],)),
+                                       0)
+        out = SchedulerOutput.make_empty()
+        out.scheduled_new_reqs = [NewRequestData.from_request(req, (block_ids,))]
+        out.num_scheduled_tokens = {req.request_id: args.tokens}
+        out.total_num_scheduled_tokens = args.tokens
+        meta = sched.build_connector_meta(out)
+        assert len(meta.saves) == 1, "the prompt must be new to the store"
+        w = workers[mode]
+        t0 = time.perf_counter()
+        w.bind_connector_metadata(meta)
+        w.start_load_kv(None)
+        for name in LAYERS:
+            w.wait_for_layer_load(name)
+            w.save_kv_layer(name, caches[name], None)
+        w.wait_for_save()
+        w.get_block_ids_with_load_errors()
+        w.clear_connector_metadata()
+        t_step = time.perf_counter() - t0
+        assert w.wait_for_saves_written(600)
+        t_written = time.perf_counter() - t0
+        assert sched.ns.lookup(prompt) == args.tokens
+        # drop the prompt and let the disk catch up, so that every sample writes into a store of the same
+        # size with no backlog of dirty pages (else later samples measure the disk's writeback throttling)
+        sched.store.evict(all=True)
+        os.sync()
+        return t_step, t_written
+
+    try:
+        one("background")  # warm-up: first allocations, the store's first writes
+        samples: dict[str, list[tuple[float, float]]] = {"in step": [], "background": []}
+        for _ in range(args.repeats):
+            for mode in samples:
+                samples[mode].append(one(mode))
+        sync_step = min(s for s, _ in samples["in step"])
+        bg_step = min(s for s, _ in samples["background"])
+        bg_written = min(w for _, w in samples["background"])
+        gb = kv_bytes / 1e9
+        res.add(f"step saving a {args.tokens}-token prompt, written in wait_for_save (baseline)", sync_step * 1e3,
+                "ms", None, None, f"{gb:.2f} GB of KV, {gb / sync_step:.2f} GB/s")
+        res.add(f"step saving a {args.tokens}-token prompt, written in the background", bg_step * 1e3, "ms",
+                "written in wait_for_save", sync_step / bg_step,
+                "the step's gather out of the paged cache; ratio: how much shorter the step is")
+        res.add("background save, until written", bg_written * 1e3, "ms", "written in wait_for_save",
+                sync_step / bg_written, "the same work, after the step")
+    finally:
+        for w in workers.values():
+            w.shutdown()
+        sched.shutdown()
+        shutil.rmtree(root, ignore_errors=True)
+    res.print()
+    res.save()
+
+
+if __name__ == "__main__":
+    main()
