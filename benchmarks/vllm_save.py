@@ -46,6 +46,8 @@ def main() -> None:
     ap.add_argument("--url", default=None, help="store URL instead of file://DIR")
     ap.add_argument("--quick", action="store_true", help="2048 tokens, 2 repeats")
     args = ap.parse_args()
+    if args.tokens < BLOCK or args.repeats < 1:
+        ap.error(f"--tokens must be at least {BLOCK} (one vLLM block) and --repeats at least 1")
     if args.quick:
         args.tokens, args.repeats = min(args.tokens, 2048), 2
     cmd = (f"python benchmarks/vllm_save.py --tokens {args.tokens} --repeats {args.repeats}"

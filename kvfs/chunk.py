@@ -285,15 +285,19 @@ class PendingChunk:
         layer_sums, layer_digests = [], []
         for layer in range(self.shape[0]):
             np.copyto(dst[layer], self.src[layer])
-            block = mv[off + layer * lb : off + (layer + 1) * lb]
-            whole.update(block)
-            c = LayerCheck(self.signer is not None)
-            c.update(block)
-            x, b = c.sums()
-            layer_sums.append(x)
-            layer_digests.append(b)
+            self._sum_layer(whole, [mv[off + layer * lb : off + (layer + 1) * lb]], layer_sums, layer_digests)
         mv[: self.data_offset] = self._finish(whole.hexdigest(), layer_sums, layer_digests)
         return mv
+
+    def _sum_layer(self, whole, pieces, layer_sums: list, layer_digests: list) -> None:
+        """Feed one layer's bytes (in file order) to the whole-tensor hash and append the layer's own sums."""
+        c = LayerCheck(self.signer is not None)
+        for p in pieces:
+            whole.update(p)
+            c.update(p)
+        x, b = c.sums()
+        layer_sums.append(x)
+        layer_digests.append(b)
 
     def _layer_pieces(self, layer: int, scratch: list) -> list[memoryview]:
         """Contiguous byte views of ``layer``'s bytes, in file order: one per plane when each plane of the
@@ -319,13 +323,7 @@ class PendingChunk:
         off, lb = self.data_offset, self.layer_bytes
         for layer in range(self.shape[0]):
             pieces = self._layer_pieces(layer, scratch)
-            c = LayerCheck(self.signer is not None)
-            for p in pieces:
-                whole.update(p)
-                c.update(p)
-            x, b = c.sums()
-            layer_sums.append(x)
-            layer_digests.append(b)
+            self._sum_layer(whole, pieces, layer_sums, layer_digests)
             pwritev(pieces, off + layer * lb)
         pwritev([self._finish(whole.hexdigest(), layer_sums, layer_digests)], 0)
 

@@ -792,7 +792,7 @@ class Store:
         batch: list = []
         # chunks written together: as many as the pool has workers where the first tier writes a batch side by
         # side; one at a time into a single writer (LMDB), whose write then overlaps the next chunk's encode
-        per_write = _pool.workers() if self.tiers[0].backend.parallel_puts else 1
+        per_write = _pool.workers() if backend.parallel_puts else 1
         try:
             while pending:
                 c, fut = pending.popleft()

@@ -458,7 +458,9 @@ def test_file_puts_written_from_the_callers_kv_equal_encoded_chunks(tmp_path, si
             assert os.listdir(os.path.join(store.tiers[0].backend.root, RESERVED, "tmp")) == []
 
 
-def test_pwritev_all_writes_past_iov_max_and_short_writes(tmp_path):
+def test_pwritev_all_writes_past_iov_max_resuming_where_each_call_stopped(tmp_path):
+    """More views than one pwritev takes: each call writes part, the next resumes after it (a short write's
+    path); empty views are skipped."""
     from kvfs.backends._file import _IOV_MAX as IOV_MAX, _pwritev_all
 
     rng = np.random.default_rng(3)
