@@ -62,6 +62,7 @@ from ..errors import KVFSError
 from ..spec import KVSpec, canonical_dtype
 from ..store import open as open_store
 from ..units import parse_size
+from ._staging import StagingPool
 from .paged import PagedCache, SlotIndex, slot_mapping
 
 if TYPE_CHECKING:
@@ -148,9 +149,10 @@ class _SaveWriter:
     into inference; :meth:`drain` waits for everything queued.
     """
 
-    def __init__(self, ns: Any, limit: int) -> None:
+    def __init__(self, ns: Any, limit: int, release: Any = None) -> None:
         self.ns = ns
         self.limit = limit
+        self._release = release  # called with each prompt's KV once its write is over
         self._cond = threading.Condition()
         self._queue: list[tuple[str, list[int], torch.Tensor, int]] = []
         self._bytes = 0  # queued plus being written
@@ -185,6 +187,8 @@ class _SaveWriter:
                 log.warning("kvfs: could not store the KV of request %s: %s", req_id, e)
             except Exception:  # noqa: BLE001 - nobody to raise to on this thread; the next prompt still goes
                 log.exception("kvfs: storing the KV of request %s failed", req_id)
+            if self._release is not None:
+                self._release(kv)
             with self._cond:
                 self._queue.pop(0)
                 self._bytes -= n
@@ -305,8 +309,11 @@ class KVFSConnector(KVConnectorBase_V1):
         self._loading: list[_Loading] = []
         self._prefetch_bytes = int(extra.get("prefetch_bytes", 256 << 20))
         self._writer: _SaveWriter | None = None
+        queue_bytes = parse_size(extra.get("save_queue_bytes", 2 << 30))
+        # the host copies of saved prompts, recycled between steps (pinned once the caches are known on a GPU)
+        self._staging = StagingPool(queue_bytes)
         if role == KVConnectorRole.WORKER and self._saves_enabled and _flag(extra.get("save_in_background", True)):
-            self._writer = _SaveWriter(self.ns, parse_size(extra.get("save_queue_bytes", 2 << 30)))
+            self._writer = _SaveWriter(self.ns, queue_bytes, release=self._staging.give)
         self._layer_index: dict[str, int] = {}
         self._staged: dict[str, _Staged] = {}
         self._load_errors: set[int] = set()
@@ -409,6 +416,7 @@ class KVFSConnector(KVConnectorBase_V1):
         else:
             self._paged = PagedCache(tensors, "kv_concat")
         p = self._paged
+        self._staging.pin = p.device.type == "cuda"
         if (p.heads, p.dim, canonical_dtype(p.dtype)) != (self.spec.num_kv_heads, self.spec.head_dim, self.spec.dtype):
             raise ValueError(f"KVFSConnector: the registered caches ({p}) do not match the KV cache spec "
                              f"({self.spec.num_kv_heads} heads of {self.spec.head_dim}, {self.spec.dtype})")
@@ -497,9 +505,11 @@ class KVFSConnector(KVConnectorBase_V1):
     def _stage(self, save: SaveSpec) -> "_Staged":
         entry = self._staged.get(save.req_id)
         if entry is None or entry.save is not save:
-            entry = _Staged(save, torch.empty(self.spec.chunk_shape(len(save.token_ids)),
-                                              dtype=getattr(torch, self.spec.dtype)),
-                            self._slots(save.block_ids, 0, len(save.token_ids)))
+            slots = self._slots(save.block_ids, 0, len(save.token_ids))
+            if entry is not None:  # a stale entry (not expected: wait_for_save clears them every step)
+                self._staging.give(entry.kv)
+            entry = _Staged(save, self._staging.take(self.spec.chunk_shape(len(save.token_ids)),
+                                                     getattr(torch, self.spec.dtype)), slots)
             self._staged[save.req_id] = entry
         return entry
 
@@ -520,14 +530,23 @@ class KVFSConnector(KVConnectorBase_V1):
                     if i not in staged.done:
                         self._paged.gather(staged.slots, layer=i, out=staged.kv[i])
                         staged.done.add(i)
+                del self._staged[save.req_id]  # from here the writer (or the finally below) gives the copy back
                 if self._writer is not None:  # staged.kv is this prompt's own copy: written after the step
-                    self._writer.submit(save.req_id, save.token_ids, staged.kv)
+                    try:
+                        self._writer.submit(save.req_id, save.token_ids, staged.kv)
+                    except BaseException:
+                        self._staging.give(staged.kv)
+                        raise
                     continue
                 try:
                     self.ns.put(save.token_ids, staged.kv)
                 except OSError as e:  # a full or unreachable store must not fail inference
                     log.warning("kvfs: could not store the KV of request %s: %s", save.req_id, e)
+                finally:
+                    self._staging.give(staged.kv)
         finally:
+            for staged in self._staged.values():  # gathered but not saved (a failed load, an exception)
+                self._staging.give(staged.kv)
             self._staged.clear()
             self._failed_reqs.clear()
 
@@ -551,4 +570,5 @@ class KVFSConnector(KVConnectorBase_V1):
         self._loading = []
         if self._writer is not None:
             self._writer.close()
+        self._staging.clear()
         self.store.close()

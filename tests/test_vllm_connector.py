@@ -631,3 +631,48 @@ def test_save_in_background_false_writes_before_the_step_ends(url):
         make_connector(url, KVConnectorRole.WORKER, save_in_background="sometimes")
     worker.shutdown()
     sched.shutdown()
+
+
+def test_staging_buffers_are_reused_but_never_while_a_write_still_reads_one(tmp_path):
+    """The host copy of a saved prompt goes back to the connector's staging pool once its write is over: the next
+    save fills the same buffer (no new memory to fault in), and a save made while an earlier write still waits
+    gets a buffer of its own, so both prompts are stored exactly."""
+    path = str(tmp_path / "store")
+    url = f"lmdb://{path}"
+    sched = make_connector(url, KVConnectorRole.SCHEDULER)
+    worker = make_connector(url, KVConnectorRole.WORKER)
+    caches = paged_caches()
+    worker.register_kv_caches(caches)
+    pool = worker._staging
+    lock = _WriterLock(path)
+    try:
+        kv_a = _prefill_step(sched, worker, caches, "A", PROMPT_A, BLOCKS_A, 21)
+        kv_c = _prefill_step(sched, worker, caches, "C", PROMPT_C, BLOCKS_B, 22)  # A's write still waits
+        assert pool.allocated == 2 and pool.lent_bytes > 0
+    finally:
+        lock.release()
+    assert worker.wait_for_saves_written(30)
+    assert pool.lent_bytes == 0
+    prompt_d = list(range(9000, 9100))
+    kv_d = _prefill_step(sched, worker, caches, "D", prompt_d, BLOCKS_A, 23)
+    assert worker.wait_for_saves_written(30)
+    assert pool.allocated == 2  # D reused a buffer
+    for prompt, kv in ((PROMPT_A, kv_a), (PROMPT_C, kv_c), (prompt_d, kv_d)):
+        assert torch.equal(torch.from_numpy(sched.ns.get(prompt)), kv)
+    worker.shutdown()
+    assert pool.kept_bytes == 0  # shutdown frees them
+    sched.shutdown()
+
+
+def test_staging_buffers_are_reused_when_writing_in_the_step(url):
+    sched = make_connector(url, KVConnectorRole.SCHEDULER)
+    worker = make_connector(url, KVConnectorRole.WORKER, save_in_background="false")
+    caches = paged_caches()
+    worker.register_kv_caches(caches)
+    kv_a = _prefill_step(sched, worker, caches, "A", PROMPT_A, BLOCKS_A, 24)
+    kv_c = _prefill_step(sched, worker, caches, "C", PROMPT_C, BLOCKS_B, 25)
+    assert worker._staging.allocated == 1 and worker._staging.lent_bytes == 0
+    assert torch.equal(torch.from_numpy(sched.ns.get(PROMPT_A)), kv_a)
+    assert torch.equal(torch.from_numpy(sched.ns.get(PROMPT_C)), kv_c)
+    worker.shutdown()
+    sched.shutdown()
