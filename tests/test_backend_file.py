@@ -517,3 +517,38 @@ def test_segment_puts_into_file_equal_encoded_chunks(tmp_path):
         assert store.namespace(SPEC).put_segment(toks, kv, positions=5, extra=extra) == 3
         expected = {r.path: ref.cat(r.path) for r in ref.records("")}
         assert {r.path: store.cat(r.path) for r in store.records("")} == expected
+
+
+def test_a_batch_that_fails_part_way_records_the_chunks_already_in_place(tmp_path, monkeypatch):
+    """ENOSPC on the 4th file written by one put of 6 chunks: the put fails, and the files renamed into place
+    before it are in the catalog (counted against the tier, found by lookups, evictable); nothing else is."""
+    import kvfs.backends._file as fb
+
+    real = fb._pwritev_all
+    files: set[int] = set()
+
+    def flaky(fd, views, offset):
+        files.add(os.fstat(fd).st_ino)
+        if len(files) >= 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, views, offset)
+
+    toks = _tokens(6 * 16, 21)
+    kv = _kv(SPEC, 6 * 16, 21)
+    with kvfs.open(f"file://{tmp_path}/s") as store:
+        ns = store.namespace(SPEC)
+        ns.put(_tokens(16, 22), _kv(SPEC, 16, 22))  # the namespace's manifest, and one chunk, in place first
+        store.evict(all=True)
+        monkeypatch.setattr(fb, "_pwritev_all", flaky)
+        with pytest.raises(NoSpace):
+            ns.put(toks, kv)
+        records = store.records("")
+        assert 1 <= len(records) < 6
+        backend = store.tiers[0].backend
+        on_disk = {k for k in backend.list("") if k.endswith(".safetensors")}
+        assert {r.path for r in records} == on_disk  # every chunk file in place is recorded
+        assert store.catalog.used(store.tiers[0].slot) == sum(backend.stat(r.path).size for r in records)
+        assert ns.lookup(toks) == 16 * len(records)  # the leading chunks, written one after another
+        monkeypatch.setattr(fb, "_pwritev_all", real)
+        assert ns.put(toks, kv) == 6 - len(records)  # the retry writes only what is missing
+        np.testing.assert_array_equal(ns.get(toks), kv)
