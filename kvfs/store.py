@@ -883,16 +883,20 @@ class Store:
             spec = self.spec_of(nsp)
             if spec is not None:
                 self._ensure_manifest(spec, tier.index)
+        rest = targets[first + 1 :]
         try:
             tier.backend.put_many({path: buf for _, _, path, buf in entries})
         except BaseException:
             if len(entries) > 1:
-                self._record_written(tier, entries)
+                self._record_written(tier, entries, rest)
             raise
-        self.catalog.add([(rec, toks) for rec, toks, _, _ in entries], tier.slot)
-        rest = targets[first + 1 :]
         # a buffer goes back to the pool only if no tier it is written to keeps a reference to it
         recyclable = recycle and not any(self.tiers[ti].backend.retains_buffers for ti in targets[first:])
+        self._written(tier, entries, rest, recyclable)
+
+    def _written(self, tier: Tier, entries: list, rest: list[int], recyclable: bool) -> None:
+        """Chunks now in ``tier``: record them, and queue their copies to the tiers ``rest`` below."""
+        self.catalog.add([(rec, toks) for rec, toks, _, _ in entries], tier.slot)
         for rec, toks, path, buf in entries:
             if rest:
                 self._writeback.submit(
@@ -903,23 +907,24 @@ class Store:
             elif recyclable:
                 _buffers.release(buf)
 
-    def _record_written(self, tier: Tier, entries: list) -> None:
+    def _record_written(self, tier: Tier, entries: list, rest: list[int]) -> None:
         """A batch write failed part-way (a full disk, an I/O error): record the chunks already in place.
 
         Backends put each key atomically (a file renamed into place, an object
         PUT, one LMDB transaction for the batch), so a chunk present with its
-        encoded size is complete. Recording it keeps the tier's space
-        accounting true (eviction can free it) and lets a retry skip it; the
+        encoded size is complete. Recording it (and queueing its copies to the
+        tiers below, as for any chunk written) keeps the tier's space
+        accounting true, leaves it evictable and lets a retry skip it; the
         original error is still raised. Reads verify such a chunk like any other.
         """
         try:
             done = []
-            for rec, toks, path, buf in entries:
-                info = tier.backend.stat(path)
-                if info is not None and info.size == len(buf):
-                    done.append((rec, toks))
+            for entry in entries:
+                info = tier.backend.stat(entry[2])
+                if info is not None and info.size == len(entry[3]):
+                    done.append(entry)
             if done:
-                self.catalog.add(done, tier.slot)
+                self._written(tier, done, rest, recyclable=False)
         except Exception as e:  # noqa: BLE001 - the write's own error is the one to raise
             log.warning("kvfs: after a failed batch write to %s, recording the chunks already written failed: %s",
                         tier.url.redacted(), e)

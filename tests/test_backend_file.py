@@ -552,3 +552,36 @@ def test_a_batch_that_fails_part_way_records_the_chunks_already_in_place(tmp_pat
         monkeypatch.setattr(fb, "_pwritev_all", real)
         assert ns.put(toks, kv) == 6 - len(records)  # the retry writes only what is missing
         np.testing.assert_array_equal(ns.get(toks), kv)
+
+
+def test_chunks_in_place_after_a_failed_batch_into_a_top_tier_are_also_copied_below(tmp_path, monkeypatch):
+    """In a tiered store, the chunks recorded after a failed batch write are queued to the tier below like any
+    other: a chunk only in the top tier could never be evicted from it."""
+    calls = {"n": 0}
+    real = FileBackend._posix_write
+
+    def flaky(self, tmp, value):
+        calls["n"] += 1
+        if calls["n"] == 4:  # the second chunk of a batch (batches are as many chunks as the pool has workers)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, tmp, value)
+
+    toks = _tokens(6 * 16, 23)
+    kv = _kv(SPEC, 6 * 16, 23)
+    with kvfs.open(f"file://{tmp_path}/top::lmdb://{tmp_path}/low") as store:
+        ns = store.namespace(SPEC)
+        ns.put(_tokens(16, 24), _kv(SPEC, 16, 24))  # the namespace's manifests first
+        store.flush()
+        store.evict(all=True)
+        monkeypatch.setattr(FileBackend, "_posix_write", flaky)
+        with pytest.raises(NoSpace):
+            ns.put(toks, kv)
+        store.flush()  # waits for the copies to the tier below
+        records = store.records("")
+        assert len(records) == 3  # the chunks written before the failure
+        top, low = store.tiers
+        assert all(r.tiers == top.bit | low.bit for r in records)
+        assert {k for k in top.backend.list("") if k.endswith(".safetensors")} == {r.path for r in records}
+        monkeypatch.setattr(FileBackend, "_posix_write", real)
+        assert ns.put(toks, kv) == 3
+        np.testing.assert_array_equal(ns.get(toks), kv)
