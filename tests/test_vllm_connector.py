@@ -545,16 +545,22 @@ class _WriterLock:
             self.proc.wait(30)
 
 
+def _lmdb_connectors(tmp_path, **worker_extra):
+    """A scheduler and a worker connector on an LMDB store (whose write lock :class:`_WriterLock` can hold), the
+    worker's paged caches registered: ``(store path, scheduler, worker, caches)``."""
+    path = str(tmp_path / "store")
+    sched = make_connector(f"lmdb://{path}", KVConnectorRole.SCHEDULER)
+    worker = make_connector(f"lmdb://{path}", KVConnectorRole.WORKER, **worker_extra)
+    caches = paged_caches()
+    worker.register_kv_caches(caches)
+    return path, sched, worker, caches
+
+
 def test_a_step_does_not_wait_for_storage_and_the_write_uses_the_connectors_own_copy(tmp_path):
     """wait_for_save returns once the prompt is copied out of the paged cache, while the store cannot take a
     write at all (another process holds the LMDB write lock); vLLM then reuses the blocks, and once the store is
     free the prompt's own KV is written, not what the blocks hold now."""
-    path = str(tmp_path / "store")
-    url = f"lmdb://{path}"
-    sched = make_connector(url, KVConnectorRole.SCHEDULER)
-    worker = make_connector(url, KVConnectorRole.WORKER)
-    caches = paged_caches()
-    worker.register_kv_caches(caches)
+    path, sched, worker, caches = _lmdb_connectors(tmp_path)
     lock = _WriterLock(path)
     result: dict[str, Any] = {}
     try:
@@ -578,12 +584,7 @@ def test_a_step_does_not_wait_for_storage_and_the_write_uses_the_connectors_own_
 
 def test_saves_waiting_past_save_queue_bytes_hold_the_next_step(tmp_path):
     """Back-pressure: with room for one prompt, the next step's wait_for_save waits for the previous write."""
-    path = str(tmp_path / "store")
-    url = f"lmdb://{path}"
-    sched = make_connector(url, KVConnectorRole.SCHEDULER)
-    worker = make_connector(url, KVConnectorRole.WORKER, save_queue_bytes="1KiB")
-    caches = paged_caches()
-    worker.register_kv_caches(caches)
+    path, sched, worker, caches = _lmdb_connectors(tmp_path, save_queue_bytes="1KiB")
     lock = _WriterLock(path)
     result: dict[str, Any] = {}
     try:
@@ -627,6 +628,9 @@ def test_save_in_background_false_writes_before_the_step_ends(url):
     worker.register_kv_caches(caches)
     kv_a = _prefill_step(sched, worker, caches, "A", PROMPT_A, BLOCKS_A, 15)
     assert torch.equal(torch.from_numpy(sched.ns.get(PROMPT_A)), kv_a)  # no wait: written in wait_for_save
+    kv_c = _prefill_step(sched, worker, caches, "C", PROMPT_C, BLOCKS_B, 16)
+    assert torch.equal(torch.from_numpy(sched.ns.get(PROMPT_C)), kv_c)
+    assert worker._staging.allocated == 1 and worker._staging.lent_bytes == 0  # C reused A's staging buffer
     with pytest.raises(ValueError, match="true or false"):
         make_connector(url, KVConnectorRole.WORKER, save_in_background="sometimes")
     worker.shutdown()
@@ -637,12 +641,7 @@ def test_staging_buffers_are_reused_but_never_while_a_write_still_reads_one(tmp_
     """The host copy of a saved prompt goes back to the connector's staging pool once its write is over: the next
     save fills the same buffer (no new memory to fault in), and a save made while an earlier write still waits
     gets a buffer of its own, so both prompts are stored exactly."""
-    path = str(tmp_path / "store")
-    url = f"lmdb://{path}"
-    sched = make_connector(url, KVConnectorRole.SCHEDULER)
-    worker = make_connector(url, KVConnectorRole.WORKER)
-    caches = paged_caches()
-    worker.register_kv_caches(caches)
+    path, sched, worker, caches = _lmdb_connectors(tmp_path)
     pool = worker._staging
     lock = _WriterLock(path)
     try:
@@ -663,16 +662,3 @@ def test_staging_buffers_are_reused_but_never_while_a_write_still_reads_one(tmp_
     assert pool.kept_bytes == 0  # shutdown frees them
     sched.shutdown()
 
-
-def test_staging_buffers_are_reused_when_writing_in_the_step(url):
-    sched = make_connector(url, KVConnectorRole.SCHEDULER)
-    worker = make_connector(url, KVConnectorRole.WORKER, save_in_background="false")
-    caches = paged_caches()
-    worker.register_kv_caches(caches)
-    kv_a = _prefill_step(sched, worker, caches, "A", PROMPT_A, BLOCKS_A, 24)
-    kv_c = _prefill_step(sched, worker, caches, "C", PROMPT_C, BLOCKS_B, 25)
-    assert worker._staging.allocated == 1 and worker._staging.lent_bytes == 0
-    assert torch.equal(torch.from_numpy(sched.ns.get(PROMPT_A)), kv_a)
-    assert torch.equal(torch.from_numpy(sched.ns.get(PROMPT_C)), kv_c)
-    worker.shutdown()
-    sched.shutdown()
