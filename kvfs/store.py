@@ -1355,6 +1355,11 @@ class Store:
             raise InvalidInput("say what to evict: paths, all=True, to_size=... or older_than=...")
         if tier is not None and not 0 <= tier < len(self.tiers):
             raise InvalidInput(f"tier {tier} does not exist (this store has {len(self.tiers)})")
+        if not dry_run:
+            # copies still queued for the tiers below land first: else one landing after the eviction would be
+            # recorded again (an evicted chunk back in a lower tier), and evicting only an upper tier would
+            # find no lower copy yet
+            self._writeback.flush(take_errors=False)
         chosen: dict[str, ChunkRecord] = {}
         for p in paths:
             for r in self.records(p):

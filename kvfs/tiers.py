@@ -149,8 +149,9 @@ class WriteBack:
                 time.sleep(delay)
                 delay *= 2
 
-    def flush(self, timeout: float | None = None) -> list[tuple[str, int, BaseException]]:
-        """Wait for the queue to drain; return (and forget) the writes that failed."""
+    def flush(self, timeout: float | None = None, *, take_errors: bool = True) -> list[tuple[str, int, BaseException]]:
+        """Wait for the queue to drain; return (and forget) the writes that failed (with ``take_errors=False``:
+        none, and they stay for the next flush to report)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while self._queue or self._busy:
@@ -158,6 +159,8 @@ class WriteBack:
                 if remaining is not None and remaining <= 0:
                     raise TimeoutError(f"write-back still has {len(self._queue) + self._busy} chunks in flight")
                 self._cond.wait(remaining)
+            if not take_errors:
+                return []
             errors, self._errors = self._errors, []
             return errors
 

@@ -93,6 +93,33 @@ def test_flush_reports_writeback_failures_and_keeps_the_upper_copy(tmp_path):
         np.testing.assert_array_equal(ns.get(toks2), kv2)  # still served from the tier above
 
 
+@pytest.mark.s3
+def test_chunks_evicted_while_their_write_back_is_in_flight_stay_evicted(moto_server):
+    """evict(all=True) right after a put, with the copies to a slow S3 tier still queued: the eviction waits for
+    them, so the store ends empty (a copy landing after it would have put the chunk back in the S3 tier); evicting
+    only the top tier keeps the S3 copies."""
+    proxy = FaultyProxy(moto_server)
+    bucket = make_bucket(moto_server)
+    try:
+        proxy.delay = 0.2
+        with kvfs.open(f"memory://::s3://{bucket}/kv?endpoint_url={proxy.endpoint}") as store:
+            ns = store.namespace(SPEC)
+            toks, kv = _prompt(3, 70)
+            ns.put(toks, kv)
+            assert store._writeback.pending > 0, "write-back finished before the eviction: nothing in flight"
+            assert len(store.evict(all=True).evicted) == 3
+            store.flush()
+            assert store.records("") == [] and ns.lookup(toks) == 0
+            assert _in_tier(store, 1, ns, toks) == [False, False, False]
+            ns.put(toks, kv)
+            assert store._writeback.pending > 0
+            assert len(store.evict(all=True, tier=0).evicted) == 3  # only the memory tier
+            assert _in_tier(store, 1, ns, toks) == [True, True, True] and ns.lookup(toks) == len(toks)
+            np.testing.assert_array_equal(ns.get(toks), kv)  # from S3
+    finally:
+        proxy.close()
+
+
 # ------------------------------------------------------------------------------------ promotion
 @pytest.mark.parametrize("lower", ["file", "lmdb"])
 def test_lower_tier_hits_are_promoted(tmp_path, lower):
