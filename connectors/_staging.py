@@ -10,9 +10,10 @@ before), and torch hands large buffers straight back to the kernel when they
 are freed. :class:`StagingPool` keeps the buffers of finished saves and hands
 them out again: best fit among kept buffers at most twice the size asked for,
 otherwise a new one rounded up to a size class (a quarter octave), so that
-prompts of similar lengths share buffers. Kept plus lent bytes never exceed
-``limit`` (the oldest kept buffers go first); a request larger than the limit
-still gets a buffer, which is dropped when it comes back.
+prompts of similar lengths share buffers. A buffer is kept only while kept
+plus lent bytes stay within ``limit`` (the oldest kept buffers go first when
+room is needed); a request larger than the limit still gets a buffer, which
+is freed when it comes back.
 
 Buffers are page-locked (``pin=True``) when the paged cache is on a GPU, so
 that the copy out of it is a DMA, not a staged copy through pageable memory.
@@ -62,18 +63,18 @@ class StagingPool:
     def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """A CPU tensor of ``shape`` and ``dtype`` (contents undefined); give it back with :meth:`give`."""
         n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        cap = size_class(n)
         with self._lock:
             fits = [i for i, b in enumerate(self._free) if n <= b.numel() <= 2 * max(n, _MIN_CLASS)]
             base = self._free.pop(min(fits, key=lambda i: self._free[i].numel())) if fits else None
             if base is not None:
                 self._free_bytes -= base.numel()
             else:
-                cap = size_class(n)
                 # room for the new buffer: drop kept ones, oldest first
                 while self._free and self._free_bytes + self._lent_bytes + cap > self.limit:
                     self._free_bytes -= self._free.pop(0).numel()
         if base is None:
-            base = torch.empty(size_class(n), dtype=torch.uint8, pin_memory=self.pin)
+            base = torch.empty(cap, dtype=torch.uint8, pin_memory=self.pin)
             self.allocated += 1
         view = base[:n].view(dtype).view(shape)
         with self._lock:
