@@ -48,6 +48,7 @@ import uuid
 from typing import Any, Awaitable, Callable, Iterator, Mapping, Sequence
 
 from kvfs.errors import BackendUnavailable, InvalidURL, StoreError, oserror
+from kvfs.units import parse_bool
 
 from ._base import Backend, Buffer, ByteRange, ObjectInfo, check_key
 
@@ -202,11 +203,7 @@ def _coerce(name: str, value: str, default: Any) -> Any:
     """A URL query string converted to the type of the filesystem's default for that option."""
     v = value.strip()
     if isinstance(default, bool):
-        if v.lower() in _TRUE:
-            return True
-        if v.lower() in _FALSE:
-            return False
-        raise InvalidURL(f"option {name}={value!r} must be true or false")
+        return parse_bool(v, f"option {name}", InvalidURL)
     if isinstance(default, int) and not isinstance(default, bool):
         try:
             return int(v)

@@ -18,7 +18,7 @@ from typing import Iterator, Mapping, Sequence
 
 from kvfs import _lmdbenv
 from kvfs.errors import InvalidURL, NoSpace
-from kvfs.units import parse_size
+from kvfs.units import parse_bool, parse_size
 
 from ._base import Backend, Buffer, ByteRange, ObjectInfo, check_key
 
@@ -61,10 +61,6 @@ def _tune_malloc() -> None:
         pass
 
 
-def _truthy(v: object) -> bool:
-    return str(v).lower() in ("1", "true", "yes", "on")
-
-
 class LMDBBackend(Backend):
     scheme = "lmdb"
     supports_views = True
@@ -74,7 +70,7 @@ class LMDBBackend(Backend):
             raise InvalidURL("lmdb:// needs a directory: lmdb:///path/to/store")
         self.path = os.path.abspath(os.path.expanduser(location))
         self.url = f"lmdb://{self.path}"
-        self.readonly = _truthy(readonly)
+        self.readonly = parse_bool(readonly, "lmdb:// option readonly", InvalidURL)
         if not self.readonly:
             _tune_malloc()
         self._env = _lmdbenv.acquire(

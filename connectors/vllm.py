@@ -61,7 +61,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec, MLAAttentionSpec
 from ..errors import KVFSError
 from ..spec import KVSpec, canonical_dtype
 from ..store import open as open_store
-from ..units import parse_size
+from ..units import parse_bool, parse_size
 from ._staging import StagingPool
 from .paged import PagedCache, SlotIndex, slot_mapping
 
@@ -265,17 +265,6 @@ def kv_spec_for(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig", *, 
     )
 
 
-def _flag(value: Any) -> bool:
-    if isinstance(value, str):
-        v = value.strip().lower()
-        if v in ("1", "true", "yes", "on"):
-            return True
-        if v in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"KVFSConnector: expected true or false, got {value!r}")
-    return bool(value)
-
-
 # ---------------------------------------------------------------------------------------------- the connector
 class KVFSConnector(KVConnectorBase_V1):
     """vLLM V1 connector storing prefix KV in kvfs (see the module docstring)."""
@@ -312,7 +301,8 @@ class KVFSConnector(KVConnectorBase_V1):
         queue_bytes = parse_size(extra.get("save_queue_bytes", 2 << 30))
         # the host copies of saved prompts, recycled between steps (pinned once the caches are known on a GPU)
         self._staging = StagingPool(queue_bytes)
-        if role == KVConnectorRole.WORKER and self._saves_enabled and _flag(extra.get("save_in_background", True)):
+        background = parse_bool(extra.get("save_in_background", True), "KVFSConnector: save_in_background")
+        if role == KVConnectorRole.WORKER and self._saves_enabled and background:
             self._writer = _SaveWriter(self.ns, queue_bytes, release=self._staging.give)
         self._layer_index: dict[str, int] = {}
         self._staged: dict[str, _Staged] = {}

@@ -36,6 +36,23 @@ _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _DURATION_RE = re.compile(r"([0-9]+(?:\.[0-9]*)?)\s*([smhdw])")
 
 
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def parse_bool(value: str | bool | int, what: str, error: type[Exception] = InvalidInput) -> bool:
+    """``"true"``/``"yes"``/``"on"``/``"1"`` -> True, ``"false"``/``"no"``/``"off"``/``"0"`` -> False (any
+    case; real booleans and 0/1 as they are); anything else raises ``error`` naming ``what``."""
+    if isinstance(value, bool):
+        return value
+    v = str(value).strip().lower()
+    if v in _TRUE:
+        return True
+    if v in _FALSE:
+        return False
+    raise error(f"{what}={value!r}: use true or false")
+
+
 def parse_size(text: str | int) -> int:
     """``"8GiB"`` -> 8589934592. Decimal (``GB``) and binary (``GiB``) units; bare numbers are bytes."""
     if isinstance(text, bool):

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, quote
 
 from .errors import InvalidURL
-from .units import parse_size
+from .units import parse_bool, parse_size
 
 TIER_SEPARATOR = "::"
 STORE_OPTIONS = ("capacity", "watermark", "shared")
@@ -52,13 +52,7 @@ class TierURL:
     @property
     def shared(self) -> bool | None:
         v = self.store_options.get("shared")
-        if v is None:
-            return None
-        if v.lower() in ("1", "true", "yes", "on"):
-            return True
-        if v.lower() in ("0", "false", "no", "off"):
-            return False
-        raise InvalidURL(f"shared={v!r}: use true or false")
+        return None if v is None else parse_bool(v, "shared", InvalidURL)
 
     @property
     def identity(self) -> str:

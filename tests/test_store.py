@@ -277,9 +277,26 @@ def test_fsck_rebuilds_a_lost_catalog(tmp_path):
 def test_bad_urls_are_clear(tmp_path):
     for bad, match in [("nope", "not a store URL"), ("zzz://x", "unknown storage scheme"),
                        ("lmdb://", "needs a directory"), ("memory://?capacity=lots", "size"),
-                       ("memory://::", "empty tier"), ("memory://?capacity=1GiB&capacity=2GiB", "twice")]:
+                       ("memory://::", "empty tier"), ("memory://?capacity=1GiB&capacity=2GiB", "twice"),
+                       # a misspelt boolean is an error, not false (an lmdb store meant read-only was opened
+                       # writable)
+                       (f"lmdb://{tmp_path}/ro?readonly=ture", "readonly='ture': use true or false"),
+                       (f"lmdb://{tmp_path}/sh?shared=maybe", "shared='maybe': use true or false")]:
         with pytest.raises(InvalidURL, match=match):
             kvfs.open(bad)
+    assert not os.path.exists(tmp_path / "ro")  # refused before anything was created
+
+
+def test_booleans_are_parsed_strictly():
+    from kvfs.units import parse_bool
+
+    for v in ("1", "true", "Yes", " ON ", True, 1):
+        assert parse_bool(v, "x") is True
+    for v in ("0", "false", "No", "off", False, 0):
+        assert parse_bool(v, "x") is False
+    for v in ("", "ture", "2", None):
+        with pytest.raises(InvalidInput, match="use true or false"):
+            parse_bool(v, "x")
 
 
 def test_closed_store_refuses_work(tmp_path):
