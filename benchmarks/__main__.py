@@ -50,7 +50,7 @@ SUITE = [
           ["GPU data path: prefetch overlap (cpu)"]),
     Bench("ttft", "ttft.py", ["--contexts", "2048,8192", "--repeats", "1", "--warm-repeats", "3"], [],
           "Time to first token (connectors)"),
-    Bench("vllm_save", "vllm_save.py", ["--quick"], [], "vLLM connector saves"),
+    Bench("vllm_connector", "vllm_connector.py", ["--quick"], [], "vLLM connector steps"),
     Bench("fuse", "fuse_read.py", ["--gib", "0.25", "--repeat", "2"], [], "FUSE mount"),
     Bench("blend", "blend.py", ["--segments", "4", "--repeats", "2", "--prompts", "1"], [], "CacheBlend"),
     Bench("batch", "batch.py", ["--quick"], [], "Batch planning (BatchLLM)"),

@@ -58,11 +58,11 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.v1.kv_cache_interface import FullAttentionSpec, MLAAttentionSpec
 
-from ..errors import KVFSError
+from ..errors import InvalidInput, KVFSError
+from ..gpu.hostpool import StagingPool
 from ..spec import KVSpec, canonical_dtype
 from ..store import open as open_store
 from ..units import parse_bool, parse_size
-from ._staging import StagingPool
 from .paged import PagedCache, SlotIndex, slot_mapping
 
 if TYPE_CHECKING:
@@ -93,11 +93,13 @@ class LoadSpec:
 
 @dataclass
 class SaveSpec:
-    """Store the KV of ``token_ids`` (a whole prompt), found in the request's blocks."""
+    """Store the KV of ``token_ids`` (a whole prompt), found in the request's blocks, from token ``start`` on
+    (a chunk boundary: the chunks before it were stored when the scheduler looked)."""
 
     req_id: str
     token_ids: list[int]
     block_ids: list[int]
+    start: int = 0
 
 
 @dataclass
@@ -154,19 +156,20 @@ class _SaveWriter:
         self.limit = limit
         self._release = release  # called with each prompt's KV once its write is over
         self._cond = threading.Condition()
-        self._queue: list[tuple[str, list[int], torch.Tensor, int]] = []
+        self._queue: list[tuple[str, list[int], torch.Tensor, int, int]] = []  # (req, tokens, kv, start, bytes)
         self._bytes = 0  # queued plus being written
         self._thread: threading.Thread | None = None
         self._closed = False
 
-    def submit(self, req_id: str, token_ids: list[int], kv: torch.Tensor) -> None:
+    def submit(self, req_id: str, token_ids: list[int], kv: torch.Tensor, start: int = 0) -> None:
+        """Queue ``kv``, the KV of ``token_ids[start:]``, for writing."""
         n = kv.numel() * kv.element_size()
         with self._cond:
             if self._closed:
                 raise RuntimeError("the kvfs save writer is shut down")
             while self._bytes and self._bytes + n > self.limit:
                 self._cond.wait()
-            self._queue.append((req_id, token_ids, kv, n))
+            self._queue.append((req_id, token_ids, kv, start, n))
             self._bytes += n
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="kvfs-vllm-saves", daemon=True)
@@ -180,9 +183,9 @@ class _SaveWriter:
                     self._cond.wait()
                 if not self._queue:
                     return
-                req_id, token_ids, kv, n = self._queue[0]
+                req_id, token_ids, kv, start, n = self._queue[0]
             try:
-                self.ns.put(token_ids, kv)
+                self.ns.put(token_ids, kv, start=start)
             except OSError as e:  # a full or unreachable store must not fail inference
                 log.warning("kvfs: could not store the KV of request %s: %s", req_id, e)
             except Exception:  # noqa: BLE001 - nobody to raise to on this thread; the next prompt still goes
@@ -265,6 +268,13 @@ def kv_spec_for(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig", *, 
     )
 
 
+def _size_option(extra: dict[str, Any], name: str, default: int) -> int:
+    try:
+        return parse_size(extra.get(name, default))
+    except InvalidInput as e:
+        raise InvalidInput(f"KVFSConnector: kv_connector_extra_config {name}: {e}") from None
+
+
 # ---------------------------------------------------------------------------------------------- the connector
 class KVFSConnector(KVConnectorBase_V1):
     """vLLM V1 connector storing prefix KV in kvfs (see the module docstring)."""
@@ -296,9 +306,11 @@ class KVFSConnector(KVConnectorBase_V1):
         # worker side
         self._paged: PagedCache | None = None
         self._loading: list[_Loading] = []
-        self._prefetch_bytes = int(extra.get("prefetch_bytes", 256 << 20))
+        self._prefetch_bytes = _size_option(extra, "prefetch_bytes", 256 << 20)
+        # a CPU cache's loads read each layer into a host buffer first: kept for the next request's load
+        self._load_slots = StagingPool(self._prefetch_bytes)
         self._writer: _SaveWriter | None = None
-        queue_bytes = parse_size(extra.get("save_queue_bytes", 2 << 30))
+        queue_bytes = _size_option(extra, "save_queue_bytes", 2 << 30)
         # the host copies of saved prompts, recycled between steps (pinned once the caches are known on a GPU)
         self._staging = StagingPool(queue_bytes)
         background = parse_bool(extra.get("save_in_background", True), "KVFSConnector: save_in_background")
@@ -383,9 +395,12 @@ class KVFSConnector(KVConnectorBase_V1):
         p = len(t.token_ids)
         if not computed_before < p <= computed_before + scheduled:
             return
-        if self.ns.lookup(t.token_ids) == p:
+        held = self.ns.lookup(t.token_ids)
+        if held == p:
             return  # kvfs holds every chunk of this prompt already
-        meta.saves.append(SaveSpec(req_id, t.token_ids, t.block_ids[: -(-p // self._block_size)]))
+        # the stored leading chunks (a loaded prefix, earlier turns of a chat) are not copied out again
+        c = self.spec.chunk_tokens
+        meta.saves.append(SaveSpec(req_id, t.token_ids, t.block_ids[: -(-p // self._block_size)], held // c * c))
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._tracked.pop(request.request_id, None)
@@ -424,7 +439,9 @@ class KVFSConnector(KVConnectorBase_V1):
         for load in meta.loads:
             # bounded: a few layers in flight, never a second copy of the whole prefix on the device
             budget = max(self._prefetch_bytes, 2 * load.end * per_layer)
-            pf = self.ns.prefetch(load.token_ids[: load.end], device=self._paged.device, max_bytes=budget)
+            on_host = self._paged.device.type == "cpu"
+            pf = self.ns.prefetch(load.token_ids[: load.end], device=self._paged.device, max_bytes=budget,
+                                  slot_pool=self._load_slots if on_host else None)
             self._loading.append(_Loading(load, pf))
 
     def wait_for_layer_load(self, layer_name: str) -> None:
@@ -495,10 +512,10 @@ class KVFSConnector(KVConnectorBase_V1):
     def _stage(self, save: SaveSpec) -> "_Staged":
         entry = self._staged.get(save.req_id)
         if entry is None or entry.save is not save:
-            slots = self._slots(save.block_ids, 0, len(save.token_ids))
+            slots = self._slots(save.block_ids, save.start, len(save.token_ids))
             if entry is not None:  # a stale entry (not expected: wait_for_save clears them every step)
                 self._staging.give(entry.kv)
-            entry = _Staged(save, self._staging.take(self.spec.chunk_shape(len(save.token_ids)),
+            entry = _Staged(save, self._staging.take(self.spec.chunk_shape(len(save.token_ids) - save.start),
                                                      getattr(torch, self.spec.dtype)), slots)
             self._staged[save.req_id] = entry
         return entry
@@ -523,13 +540,13 @@ class KVFSConnector(KVConnectorBase_V1):
                 del self._staged[save.req_id]  # from here the writer (or the finally below) gives the copy back
                 if self._writer is not None:  # staged.kv is this prompt's own copy: written after the step
                     try:
-                        self._writer.submit(save.req_id, save.token_ids, staged.kv)
+                        self._writer.submit(save.req_id, save.token_ids, staged.kv, save.start)
                     except BaseException:
                         self._staging.give(staged.kv)
                         raise
                     continue
                 try:
-                    self.ns.put(save.token_ids, staged.kv)
+                    self.ns.put(save.token_ids, staged.kv, start=save.start)
                 except OSError as e:  # a full or unreachable store must not fail inference
                     log.warning("kvfs: could not store the KV of request %s: %s", save.req_id, e)
                 finally:
@@ -561,4 +578,5 @@ class KVFSConnector(KVConnectorBase_V1):
         if self._writer is not None:
             self._writer.close()
         self._staging.clear()
+        self._load_slots.clear()
         self.store.close()

@@ -7,6 +7,8 @@
 * :class:`LayerSaver` (``ns.saver(tokens)``): the other direction, layer by
   layer as the engine computes them, written at ``finish()``.
 * :class:`PinnedPool`: the bounded pool of page-locked staging buffers.
+* :class:`StagingPool`: host buffers of any size, recycled between requests
+  (a connector's staged saves, a CPU prefetch's layer buffers).
 
 Paths: CPU tensors share memory with the store's reads (no extra copy);
 CUDA with the file backend and kvikio reads straight into device memory;
@@ -15,6 +17,7 @@ See docs/gpu.md.
 """
 
 from .load import DeviceReader, load, load_layer
+from .hostpool import StagingPool
 from .pinned import PinnedBuffer, PinnedPool, default_pool
 from .prefetch import PrefetchCancelled, Prefetcher
 from .saver import ChunkBuilder, LayerSaver, SaveFailed
@@ -28,6 +31,7 @@ __all__ = [
     "PrefetchCancelled",
     "Prefetcher",
     "SaveFailed",
+    "StagingPool",
     "default_pool",
     "load",
     "load_layer",

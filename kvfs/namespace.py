@@ -109,16 +109,27 @@ class Namespace:
         return out, self.as_raw_kv(out, ntokens)
 
     # ---------------------------------------------------------------------------------- writes
-    def put(self, tokens: Any, kv: Any, *, positions: int | None = None) -> int:
+    def put(self, tokens: Any, kv: Any, *, positions: int | None = None, start: int = 0) -> int:
         """Store the KV of ``tokens``: whole chunks and the trailing partial one.
 
         Chunks already stored (in any tier) are not rewritten. Returns the
         number of chunks written.
+
+        ``start`` (a multiple of the chunk size): ``kv`` holds the KV of
+        ``tokens[start:]`` only, and the chunks before ``start`` are not
+        written (an engine that loaded a stored prefix and computed the rest
+        copies out only the rest). Keys still chain over every token.
         """
         toks = as_tokens(tokens)
-        raw = self.as_raw_kv(kv, len(toks))
-        keys = chunk_keys(self.spec.seed, self.path, toks, self.spec.chunk_tokens)
-        return self._put_keys(keys, toks, raw, positions)
+        c = self.spec.chunk_tokens
+        if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or not 0 <= start <= len(toks) \
+                or start % c:
+            raise InvalidInput(f"start={start!r} must be a multiple of the chunk size ({c} tokens) between 0 and "
+                               f"the {len(toks)} tokens given")
+        start = int(start)
+        raw = self.as_raw_kv(kv, len(toks) - start)
+        keys = chunk_keys(self.spec.seed, self.path, toks, c)[start // c:]
+        return self._put_keys(keys, toks, raw, positions, offset=start)
 
     def put_segment(self, tokens: Any, kv: Any, *, positions: int = 0, extra: dict[str, str] | None = None) -> int:
         """Store a position-independent segment (a document) computed at positions ``positions...``.
@@ -130,7 +141,8 @@ class Namespace:
         return self._put_keys(keys, toks, raw, positions, segment=True, extra=extra)
 
     def _put_keys(self, keys: list[ChunkKey], toks, raw, positions, segment: bool = False,
-                  extra: dict[str, str] | None = None) -> int:
+                  extra: dict[str, str] | None = None, offset: int = 0) -> int:
+        """Write the chunks of ``keys`` not stored yet; ``raw`` holds the KV of ``toks[offset:]``."""
         store = self.store
         store._check_writable()
         recs = store._records(keys)
@@ -151,7 +163,7 @@ class Namespace:
                     opts["positions"] = positions + k.start
                 if extra:
                     opts["extra"] = extra
-                yield (k, toks[k.start : k.end], raw[:, :, k.start : k.end], opts)
+                yield (k, toks[k.start : k.end], raw[:, :, k.start - offset : k.end - offset], opts)
 
         return store._put_encoded(self.spec, chunks(), segment=segment)
 

@@ -21,7 +21,7 @@ import kvfs
 from kvfs import KVSpec
 from kvfs.chunk import encode
 from kvfs.errors import InvalidInput
-from kvfs.gpu import ChunkBuilder, LayerSaver, PinnedPool, PrefetchCancelled, load, load_layer
+from kvfs.gpu import ChunkBuilder, LayerSaver, PinnedPool, PrefetchCancelled, StagingPool, load, load_layer
 from s3servers import moto_server, s3_bucket_url  # noqa: F401 - fixtures
 
 L, H, D, C = 4, 2, 16, 32  # layers, kv heads, head dim, chunk tokens
@@ -301,6 +301,46 @@ def test_bounded_prefetch_holds_at_most_max_bytes(monkeypatch):
                 assert torch.equal(k, kv[i, 0]) and torch.equal(v, kv[i, 1])
             assert peak <= 2 * layer_bytes
         assert pf.bytes_held == 0
+
+
+def test_bounded_prefetches_recycle_their_layer_buffers_through_a_slot_pool():
+    with kvfs.open("memory://slots") as store:
+        ns = store.namespace(SPEC)
+        kv, kv2 = _kv(6 * C, seed=7), _kv(5 * C, seed=8)
+        ns.put(_toks(6 * C), kv)
+        ns.put(_toks(5 * C, base=10_000), kv2)
+        layer_bytes = 6 * C * SPEC.bytes_per_token // L
+        slots = StagingPool(1 << 30)
+        # every layer released: both buffers go back to the pool at close, and the next prefetch (a shorter
+        # prompt, whose buffers are filled with other KV first) reuses them and still returns exact KV
+        for toks, want in ((_toks(6 * C), kv), (_toks(5 * C, base=10_000), kv2), (_toks(6 * C), kv)):
+            with ns.prefetch(toks, max_bytes=2 * layer_bytes, slot_pool=slots) as pf:
+                for i in range(L):
+                    k, v = pf.wait_layer(i, release_previous=True)
+                    assert torch.equal(k, want[i, 0]) and torch.equal(v, want[i, 1])
+                pf.release_layer(L - 1)
+            assert slots.allocated == 2 and slots.lent_bytes == 0 and slots.kept_bytes > 0
+        # a layer still held at close may be read through its view: its buffer leaves the pool for good
+        with ns.prefetch(_toks(6 * C), max_bytes=2 * layer_bytes, slot_pool=slots) as pf:
+            for i in range(L):
+                held = pf.wait_layer_kv(i, release_previous=True)
+        assert slots.lent_bytes == 0
+        kept = slots.kept_bytes
+        with ns.prefetch(_toks(5 * C, base=10_000), max_bytes=2 * layer_bytes, slot_pool=slots) as pf:
+            for i in range(L):
+                k, v = pf.wait_layer(i, release_previous=True)
+                assert held.data_ptr() not in (k.data_ptr(), v.data_ptr())
+        assert torch.equal(held[0], kv[L - 1, 0]) and torch.equal(held[1], kv[L - 1, 1])  # not overwritten
+        assert slots.allocated == 3 and kept <= slots.kept_bytes
+        # a cancelled prefetch gives back what its loader took
+        with ns.prefetch(_toks(6 * C), max_bytes=2 * layer_bytes, slot_pool=slots) as pf:
+            pf.wait_layer(0)
+            pf.cancel()
+        assert slots.lent_bytes == 0
+        with pytest.raises(InvalidInput, match="slot_pool"):
+            ns.prefetch(_toks(6 * C), slot_pool=slots)  # unbounded: its buffer is the caller's result
+        with pytest.raises(InvalidInput, match="slot_pool"):
+            ns.prefetch(_toks(6 * C), slot_pool=slots, out=torch.empty((L, 2, 6 * C, H, D), dtype=torch.bfloat16))
 
 
 def test_bounded_prefetch_that_is_never_released_is_an_error_not_a_hang():

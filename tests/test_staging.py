@@ -8,7 +8,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from kvfs.connectors._staging import StagingPool, size_class  # noqa: E402
+from kvfs.gpu.hostpool import StagingPool, size_class  # noqa: E402
 
 MiB = 1 << 20
 

@@ -86,6 +86,28 @@ def test_get_of_uncached_tokens_is_a_cache_miss(url):
             ns.get(prompt(10, seed=3))
 
 
+def test_put_from_a_chunk_boundary_writes_only_the_rest(url):
+    toks, kv = prompt(100), rand_kv(SPEC, 100)
+    with kvfs.open(url) as store:
+        ns = store.namespace(SPEC)
+        assert ns.put(toks[:64], kv[:, :, :64]) == 2
+        # the KV of tokens 64.. only; keys chain over all 100 tokens, so the prefix is found with it
+        assert ns.put(toks, kv[:, :, 64:].copy(), start=64) == 2
+        assert ns.get(toks).tobytes() == kv.tobytes()
+        # chunks before start are never written, even when they are missing: the prefix stops there
+        other, okv = prompt(100, seed=1), rand_kv(SPEC, 100, seed=1)
+        assert ns.put(other, okv[:, :, 32:], start=32) == 3
+        assert ns.lookup(other) == 0
+        assert ns.put(other, okv) == 1  # the first chunk completes it
+        assert ns.get(other).tobytes() == okv.tobytes()
+        assert ns.put(toks, kv[:, :, 96:], start=96) == 0  # the partial last chunk is stored already
+        for bad in (16, -32, 128, 32.0, True):
+            with pytest.raises(InvalidInput, match="start="):
+                ns.put(toks, kv[:, :, 32:], start=bad)
+        with pytest.raises(InvalidInput, match="shape"):
+            ns.put(toks, kv, start=32)  # kv must hold tokens 32.. only
+
+
 def test_put_refuses_wrong_shape_dtype_and_tokens(url):
     with kvfs.open(url) as store:
         ns = store.namespace(SPEC)

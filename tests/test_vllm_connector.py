@@ -202,6 +202,8 @@ def test_two_requests_sharing_a_prefix(url, layout):
     sched.update_state_after_alloc(b, blocks_of(BLOCKS_B), 48)
     meta = sched.build_connector_meta(step(b, BLOCKS_B, len(PROMPT_B) - 64, computed=64))
     assert [(m.start, m.end) for m in meta.loads] == [(16, 64)]
+    # B's save starts after the 4 chunks kvfs holds: only its last 36 tokens are copied out of the cache
+    assert [s.start for s in meta.saves] == [64]
     # the forward pass computes B's new tokens 64..100 (the loaded ones are read from the cache)
     kv_b_new = gen(2, len(LAYERS), 2, len(PROMPT_B) - 64, HEADS, HEAD)
     write_kv(caches, BLOCKS_B, kv_b_new, start=64)
@@ -225,6 +227,35 @@ def test_two_requests_sharing_a_prefix(url, layout):
         assert torch.equal(torch.from_numpy(ns.get(PROMPT_B)), want)
     worker.shutdown()
     sched.shutdown()
+
+
+def test_loads_on_a_cpu_cache_reuse_their_layer_buffers(url):
+    kv_a = store_a(url)
+    sched = make_connector(url, KVConnectorRole.SCHEDULER)
+    worker = make_connector(url, KVConnectorRole.WORKER, prefetch_bytes="4MiB")  # a size, as in the docs
+    caches = paged_caches()
+    worker.register_kv_caches(caches)
+    allocated = []
+    # three requests loading A's prefix one after the other, each into other blocks of the same cache
+    for n, (req_id, blocks) in enumerate((("L1", BLOCKS_B), ("L2", BLOCKS_A), ("L3", BLOCKS_B))):
+        for t in caches.values():
+            t.zero_()
+        prompt = PROMPT_A[: 64 + 16 * (n % 2)] + [9000 + n] * 8
+        r = request(req_id, prompt)
+        sched.on_new_request(r)
+        hit = sched.get_num_new_matched_tokens(r, 0)[0]
+        assert hit == len(prompt) - 8
+        sched.update_state_after_alloc(r, blocks_of(blocks), hit)
+        meta = sched.build_connector_meta(step(r, blocks, len(prompt) - hit, computed=hit))
+        assert run_worker_step(worker, caches, meta) == set()
+        assert torch.equal(read_kv(caches, blocks, 0, hit), kv_a[:, :, :hit])
+        allocated.append(worker._load_slots.allocated)
+    # one buffer per layer (prefetch_bytes holds all three), made by the first load and reused after
+    assert allocated == [len(LAYERS)] * 3 and worker._load_slots.lent_bytes == 0
+    worker.shutdown()
+    sched.shutdown()
+    with pytest.raises(kvfs.InvalidInput, match="prefetch_bytes"):
+        make_connector(url, KVConnectorRole.WORKER, prefetch_bytes="lots")
 
 
 def test_the_last_prompt_token_is_never_loaded(url):

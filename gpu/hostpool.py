@@ -1,8 +1,10 @@
-"""Host buffers for KV copied out of an engine's paged cache, kept for the next step.
+"""Host buffers for KV on its way between kvfs and an engine, kept for the next request.
 
 A connector that saves a prompt first copies its KV out of the paged cache
 into host memory (the engine reuses the blocks as soon as the step ends),
-then writes that copy to kvfs. A new buffer per prompt costs more than the
+then writes that copy to kvfs; a bounded :class:`~kvfs.gpu.Prefetcher` on the
+CPU reads each layer into a host buffer before the engine scatters it into
+its paged cache. A new buffer per prompt costs more than the
 copy: the first touch of freshly mapped memory runs at a third of the copy's
 speed (measured on the CPU install of vLLM: a 4096-token Llama-3-8B prompt,
 0.54 GB, gathered in 172-178 ms into a new buffer, 56-68 ms into one filled
@@ -93,6 +95,14 @@ class StagingPool:
                 return  # larger than what may be kept (it was lent anyway): freed
             self._free.append(base)
             self._free_bytes += base.numel()
+
+    def forget(self, tensor: torch.Tensor) -> None:
+        """Stop tracking a tensor from :meth:`take` that may still be in use: it is never handed out
+        again (freed once its last reference goes)."""
+        with self._lock:
+            base = self._lent.pop(tensor.data_ptr(), None)
+            if base is not None:
+                self._lent_bytes -= base.numel()
 
     def clear(self) -> None:
         """Free every kept buffer (lent ones are freed when they come back)."""

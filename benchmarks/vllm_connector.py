@@ -1,20 +1,30 @@
-"""How long a vLLM engine step waits for kvfs when it saves a prompt: writes in the step vs in the background.
+"""vLLM engine steps through kvfs: how long a step waits when it saves a prompt, and when it loads one.
 
-    python benchmarks/vllm_save.py [--tokens 4096] [--repeats 3] [--dir DIR] [--url URL]
+    python benchmarks/vllm_connector.py [--tokens 4096] [--repeats 5] [--dir DIR] [--url URL] [--quick]
 
 vLLM's own objects (``VllmConfig``, ``KVConnectorFactory``, ``KVCacheConfig``,
 paged caches from ``allocate_kv_cache``, ``Request``, ``SchedulerOutput``;
-the CPU install of ``shared/engines``) drive ``KVFSConnector`` as the model
+the CPU install of ``.ci/engines``) drive ``KVFSConnector`` as the model
 runner does around one forward pass: ``bind_connector_metadata``,
 ``start_load_kv``, per layer ``wait_for_layer_load`` + ``save_kv_layer``,
-then ``wait_for_save``. The prompt is new to the store (every chunk is
-written), Llama-3-8B-shaped KV (32 layers, 8 KV heads of 128, float16, blocks
-of 16 tokens); between samples the store is emptied and ``sync`` run, so
-every write lands in the page cache of a store of the same size. "Step" is the connector's part of the step (no model compute
-here); "until written" adds waiting for the background writer to finish.
+then ``wait_for_save``. Llama-3-8B-shaped KV (32 layers, 8 KV heads of 128,
+float16, blocks of 16 tokens), no model compute: "step" is the connector's
+part of the step.
 
-The baseline is the same connector with ``save_in_background: false`` (the
-write inside ``wait_for_save``), measured in the same run, interleaved.
+Saves: the prompt is new to the store (every chunk is written); between
+samples the store is emptied and ``sync`` run, so every write lands in the
+page cache of a store of the same size. "Until written" adds waiting for the
+background writer to finish. Baseline: the same connector with
+``save_in_background: false`` (the write inside ``wait_for_save``), measured
+in the same run, interleaved.
+
+Loads: a stored prompt plus one new token, scheduled again and again; the
+worker loads every block of the prompt (all but the last token) into the
+paged cache, layer by layer, reading and verifying each chunk (warm: the
+store's files are in the page cache). Baseline: copying the same bytes in
+memory (``torch`` ``copy_`` between two buffers already touched), same
+process, interleaved. Also the first load of a new worker, whose layer
+buffers are new memory (later loads reuse them).
 """
 
 from __future__ import annotations
@@ -50,9 +60,9 @@ def main() -> None:
         ap.error(f"--tokens must be at least {BLOCK} (one vLLM block) and --repeats at least 1")
     if args.quick:
         args.tokens, args.repeats = min(args.tokens, 2048), 2
-    cmd = (f"python benchmarks/vllm_save.py --tokens {args.tokens} --repeats {args.repeats}"
+    cmd = (f"python benchmarks/vllm_connector.py --tokens {args.tokens} --repeats {args.repeats}"
            + (" --quick" if args.quick else ""))
-    res = Results("vLLM connector saves", cmd)
+    res = Results("vLLM connector steps", cmd)
     try:
         import torch
         from vllm.config import CacheConfig, KVTransferConfig, VllmConfig
@@ -68,7 +78,7 @@ def main() -> None:
         from vllm.v1.request import Request
         from vllm.v1.worker.utils import allocate_kv_cache
     except ImportError as e:
-        res.add("vLLM connector saves", None, "", None, None, f"skipped: vLLM is not installed ({e.name})")
+        res.add("vLLM connector steps", None, "", None, None, f"skipped: vLLM is not installed ({e.name})")
         res.print()
         res.save()
         return
@@ -76,7 +86,7 @@ def main() -> None:
     hash_fn = get_hash_fn_by_name("sha256")
     init_none_hash(hash_fn)
     nblocks = -(-args.tokens // BLOCK)
-    num_blocks = nblocks + 8
+    num_blocks = 2 * nblocks + 8
     spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=HEADS, head_size=HEAD, dtype=torch.float16)
     page = spec.page_size_bytes
     kv_cfg = KVCacheConfig(
@@ -101,6 +111,7 @@ def main() -> None:
     for t in caches.values():  # the forward pass's KV: whatever the blocks hold, every byte distinct
         t.copy_(torch.randn(t.shape, generator=gen, dtype=torch.float32).to(torch.float16))
     block_ids = list(range(3, 3 + nblocks))
+    load_blocks = list(range(3 + nblocks, 3 + 2 * nblocks + 1))  # other blocks: a load must move the bytes
     sched = connector(KVConnectorRole.SCHEDULER, True)
     workers = {mode: connector(KVConnectorRole.WORKER, mode == "background") for mode in ("in step", "background")}
     for w in workers.values():
@@ -143,6 +154,35 @@ def main() -> None:
         os.sync()
         return t_step, t_written
 
+    def load_step(w, prompt: list[int]) -> float:
+        counter[0] += 1
+        req = Request(f"r{counter[0]}", prompt, SamplingParams(max_tokens=1), None,
+                      block_hasher=get_request_block_hasher(BLOCK, hash_fn))
+        sched.on_new_request(req)
+        hit, _ = sched.get_num_new_matched_tokens(req, 0)
+        assert hit == args.tokens, f"the stored prompt must be found whole ({hit} of {args.tokens} tokens)"
+        blocks = KVCacheBlocks(blocks=([KVCacheBlock(block_id=i) for i in load_blocks],))
+        sched.update_state_after_alloc(req, blocks, hit)
+        req.num_computed_tokens = hit
+        out = SchedulerOutput.make_empty()
+        out.scheduled_new_reqs = [NewRequestData.from_request(req, (load_blocks,))]
+        out.num_scheduled_tokens = {req.request_id: len(prompt) - hit}
+        out.total_num_scheduled_tokens = len(prompt) - hit
+        meta = sched.build_connector_meta(out)
+        assert len(meta.loads) == 1 and len(meta.saves) == 1
+        t0 = time.perf_counter()
+        w.bind_connector_metadata(meta)
+        w.start_load_kv(None)
+        for name in LAYERS:
+            w.wait_for_layer_load(name)
+            w.save_kv_layer(name, caches[name], None)
+        w.wait_for_save()
+        errors = w.get_block_ids_with_load_errors()
+        w.clear_connector_metadata()
+        t = time.perf_counter() - t0
+        assert not errors, f"load errors in blocks {sorted(errors)}"
+        return t
+
     try:
         first_step, _ = one("background")  # warm-up: the staging buffer's first touch, the store's first writes
         samples: dict[str, list[tuple[float, float]]] = {"in step": [], "background": []}
@@ -163,6 +203,54 @@ def main() -> None:
         res.add("first step of a new worker, written in the background", first_step * 1e3, "ms",
                 "later steps (written in the background)", bg_step / first_step,
                 "its staging buffer new: the gather faults the memory in; later saves reuse the buffer")
+
+        # --- loads: one stored prompt (its chunks whole: a multiple of the chunk size), loaded again and again
+        stored = [(7 * i + 11) % 128_000 for i in range(args.tokens)]
+        one_save = connector(KVConnectorRole.WORKER, True)
+        one_save.register_kv_caches(caches)
+        counter[0] += 1
+        req = Request(f"r{counter[0]}", stored, SamplingParams(max_tokens=1), None,
+                      block_hasher=get_request_block_hasher(BLOCK, hash_fn))
+        sched.on_new_request(req)
+        sched.get_num_new_matched_tokens(req, 0)
+        sched.update_state_after_alloc(req, KVCacheBlocks(blocks=([KVCacheBlock(block_id=i) for i in block_ids],)),
+                                       0)
+        out = SchedulerOutput.make_empty()
+        out.scheduled_new_reqs = [NewRequestData.from_request(req, (block_ids,))]
+        out.num_scheduled_tokens = {req.request_id: args.tokens}
+        out.total_num_scheduled_tokens = args.tokens
+        one_save.bind_connector_metadata(sched.build_connector_meta(out))
+        one_save.start_load_kv(None)
+        for name in LAYERS:
+            one_save.save_kv_layer(name, caches[name], None)
+        one_save.wait_for_save()
+        one_save.clear_connector_metadata()
+        assert one_save.wait_for_saves_written(600)
+        one_save.shutdown()
+        want = {name: caches[name][block_ids].clone() for name in LAYERS}
+        loader = connector(KVConnectorRole.WORKER, True)
+        loader.register_kv_caches(caches)
+        first_load = load_step(loader, stored + [100])  # each load a new last token: its chunk is saved
+        for name in LAYERS:  # the blocks loaded hold exactly what was saved
+            assert torch.equal(caches[name][load_blocks[: nblocks]], want[name]), "the load differs from the save"
+        src = torch.empty(kv_bytes, dtype=torch.uint8)
+        dst = torch.empty(kv_bytes, dtype=torch.uint8)
+        src.fill_(1)
+        dst.fill_(2)
+        loads, copies = [], []
+        for _ in range(args.repeats):
+            loads.append(load_step(loader, stored + [101 + len(loads)]))
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            copies.append(time.perf_counter() - t0)
+        loader.shutdown()
+        load_t, copy_t = min(loads), min(copies)
+        res.add(f"step loading a stored {args.tokens}-token prompt", load_t * 1e3, "ms",
+                "the same bytes copied in memory", copy_t / load_t,
+                f"{gb:.2f} GB of KV, {gb / load_t:.2f} GB/s: read, verified, scattered into the paged cache "
+                f"(memcpy {gb / copy_t:.2f} GB/s)")
+        res.add("first load of a new worker", first_load * 1e3, "ms", "later loads", load_t / first_load,
+                "its layer buffers new; later loads reuse them")
     finally:
         for w in workers.values():
             w.shutdown()
