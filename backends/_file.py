@@ -20,7 +20,7 @@ Options (URL query or keyword):
     ``false`` (default), ``true`` or ``auto``: read with ``O_DIRECT`` (no page
     cache) whenever the destination buffers, offsets and sizes are 4 KiB
     aligned, which chunk data is. Detected per filesystem at open; where the
-    filesystem refuses it (tmpfs, some overlayfs) reads stay buffered
+    filesystem refuses it (ramfs, tmpfs before Linux 6.6, some overlayfs) reads stay buffered
     (``true`` logs a warning, ``auto`` an info line).
 ``kvikio``
     ``auto`` (default): when kvikio is installed *and usable* (it needs the
@@ -328,7 +328,7 @@ class FileBackend(Backend):
                 log.warning("kvfs: cannot remove the stale temporary file %s: %s", e.path, err)
 
     def _probe_direct(self, loud: bool) -> bool:
-        """Whether this filesystem takes O_DIRECT reads (tmpfs refuses the open, others the read)."""
+        """Whether this filesystem takes O_DIRECT reads (ramfs and older tmpfs refuse the open, others the read)."""
         flag = getattr(os, "O_DIRECT", 0)
         why = "this platform has no O_DIRECT"
         if flag:

@@ -110,9 +110,10 @@ def open_store(url: str | None = None, *, read_only: bool = False, create: bool 
         from kvfs.url import parse_url
 
         local = _local_dirs(url)
-        # a store kept only in local directories, none of which exists, is a typo, not a store; a missing
-        # directory next to existing tiers is a tier being added, and is created
-        if local and len(local) == len(parse_url(url)) and not any(os.path.isdir(d) for _, d in local):
+        # a store kept only in local directories (and process memory, which holds nothing yet), none of which
+        # exists, is a typo, not a store; a missing directory next to existing tiers is a tier being added
+        kept = [t for t in parse_url(url) if t.scheme != "memory"]
+        if local and len(local) == len(kept) and not any(os.path.isdir(d) for _, d in local):
             scheme, directory = local[0]
             raise CommandError(
                 f"no kvfs store at {scheme}://{directory}: the directory does not exist "

@@ -72,6 +72,9 @@ def fsck(verify: bool, dry_run: bool, as_json: bool) -> None:
         for label, items in (("corrupt", report.corrupt), ("foreign", report.foreign)):
             for item in items:
                 warn(f"kvfs fsck: {label}: {item}" + ("" if dry_run else " (quarantined)"))
+        if report.newer:
+            warn(f"kvfs fsck: {len(report.newer)} chunk(s) in a newer chunk format than this kvfs reads were left "
+                 f"alone (a newer kvfs reads them; upgrade to use them here; first: {report.newer[0]})")
         if report.orphans:
             warn(f"kvfs fsck: {len(report.orphans)} object(s) that are not kvfs chunks were left alone "
                  f"(first: {report.orphans[0]})")

@@ -66,7 +66,8 @@ def mount(url: str, mountpoint: str, foreground: bool, read_write: bool, allow_o
 
 def _import_hint(e: BaseException) -> str:
     if isinstance(e, ImportError):
-        return f"{e}; FUSE mounts need pyfuse3 and trio: pip install 'kvfs[fuse]' (and apt-get install fuse3)"
+        return (f"{e}; FUSE mounts need pyfuse3 and trio: apt-get install fuse3 libfuse3-dev pkg-config gcc, "
+                "then pip install 'kvfs[fuse]' (pyfuse3 builds against libfuse 3)")
     return str(e)
 
 

@@ -88,8 +88,9 @@ def check_layer(header: "ChunkHeader", layer: int, *pieces) -> None:
     digests = header.layer_digests
     if digests is None and len(pieces) == 1 and (not isinstance(pieces[0], np.ndarray)
                                                  or pieces[0].flags.c_contiguous):
-        # one contiguous piece: the one-shot xxh3 call releases the GIL (streaming updates do not), so the
-        # layers a read splits over the thread pool are checked in parallel
+        # one contiguous piece: one call instead of a hasher object and its updates (xxhash releases the
+        # GIL on large buffers either way, so the layers a read splits over the thread pool are checked in
+        # parallel)
         if xxhash.xxh3_64_hexdigest(pieces[0]) != header.layer_checksums[layer]:
             raise IntegrityError(f"chunk {header.key[:16]}... layer {layer} checksum mismatch: corrupt")
         return

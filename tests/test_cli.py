@@ -349,6 +349,7 @@ def test_fsck_rebuilds_a_lost_catalog(tmp_path):
         (["--url", "not-a-url", "ls"], 2, ["bad store URL", "not-a-url"]),
         (["--url", "nosuchscheme://x", "ls"], 2, ["unknown storage scheme", "nosuchscheme"]),
         (["--url", "lmdb:///nonexistent/kvfs-store", "ls"], 1, ["no kvfs store", "/nonexistent/kvfs-store"]),
+        (["--url", "memory://::file:///nonexistent/kvfs-files", "ls"], 1, ["no kvfs store", "/nonexistent/kvfs-files"]),
         (["--url", "lmdb:///tmp?bogus_option=1", "ls"], 2, ["bogus_option"]),
         (["ls", "no-such-model"], 1, ["no such", "no-such-model"]),
         (["stat", "m/ns/ab/" + "ab" * 32 + ".safetensors"], 1, ["no such"]),

@@ -148,3 +148,12 @@ def test_chunks_of_a_newer_format_are_misses_but_never_deleted(tmp_path, caplog)
         assert report.newer and not report.corrupt
         assert bytes(backend.get(key.path)) == newer
         assert "newer format" in caplog.text
+    # `kvfs fsck` says so (not an error: exit 0), and leaves the chunk where it is
+    from click.testing import CliRunner
+
+    from kvfs.cli import main
+
+    r = CliRunner().invoke(main, ["--url", f"file://{tmp_path}/s", "fsck", "--verify"], prog_name="kvfs")
+    assert r.exit_code == 0, r.output
+    assert "1 chunk(s) in a newer chunk format" in r.stderr and key.path in r.stderr
+    assert bytes(backend.get(key.path)) == newer
