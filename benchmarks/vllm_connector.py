@@ -119,57 +119,23 @@ def main() -> None:
     kv_bytes = args.tokens * len(LAYERS) * 2 * HEADS * HEAD * 2
     counter = [0]
 
-    def one(mode: str) -> tuple[float, float]:
-        counter[0] += 1
-        prompt = [(counter[0] * 1_000_003 + i * 7919) % 128_000 for i in range(args.tokens)]  # new to the store
-        req = Request(f"r{counter[0]}", prompt, SamplingParams(max_tokens=1), None,
-                      block_hasher=get_request_block_hasher(BLOCK, hash_fn))
-        sched.on_new_request(req)
-        sched.get_num_new_matched_tokens(req, 0)
-        sched.update_state_after_alloc(req, KVCacheBlocks(blocks=([KVCacheBlock(block_id=i) for i in block_ids],)),
-                                       0)
-        out = SchedulerOutput.make_empty()
-        out.scheduled_new_reqs = [NewRequestData.from_request(req, (block_ids,))]
-        out.num_scheduled_tokens = {req.request_id: args.tokens}
-        out.total_num_scheduled_tokens = args.tokens
-        meta = sched.build_connector_meta(out)
-        assert len(meta.saves) == 1, "the prompt must be new to the store"
-        w = workers[mode]
-        t0 = time.perf_counter()
-        w.bind_connector_metadata(meta)
-        w.start_load_kv(None)
-        for name in LAYERS:
-            w.wait_for_layer_load(name)
-            w.save_kv_layer(name, caches[name], None)
-        w.wait_for_save()
-        w.get_block_ids_with_load_errors()
-        w.clear_connector_metadata()
-        t_step = time.perf_counter() - t0
-        assert w.wait_for_saves_written(600)
-        t_written = time.perf_counter() - t0
-        assert sched.ns.lookup(prompt) == args.tokens
-        # drop the prompt and let the disk catch up, so that every sample writes into a store of the same
-        # size with no backlog of dirty pages (else later samples measure the disk's writeback throttling)
-        sched.store.evict(all=True)
-        os.sync()
-        return t_step, t_written
-
-    def load_step(w, prompt: list[int]) -> float:
+    def schedule(prompt: list[int], blocks: list[int]):
+        """A new request through the scheduler connector: its connector metadata and the tokens it found."""
         counter[0] += 1
         req = Request(f"r{counter[0]}", prompt, SamplingParams(max_tokens=1), None,
                       block_hasher=get_request_block_hasher(BLOCK, hash_fn))
         sched.on_new_request(req)
         hit, _ = sched.get_num_new_matched_tokens(req, 0)
-        assert hit == args.tokens, f"the stored prompt must be found whole ({hit} of {args.tokens} tokens)"
-        blocks = KVCacheBlocks(blocks=([KVCacheBlock(block_id=i) for i in load_blocks],))
-        sched.update_state_after_alloc(req, blocks, hit)
+        sched.update_state_after_alloc(req, KVCacheBlocks(blocks=([KVCacheBlock(block_id=i) for i in blocks],)), hit)
         req.num_computed_tokens = hit
         out = SchedulerOutput.make_empty()
-        out.scheduled_new_reqs = [NewRequestData.from_request(req, (load_blocks,))]
+        out.scheduled_new_reqs = [NewRequestData.from_request(req, (blocks,))]
         out.num_scheduled_tokens = {req.request_id: len(prompt) - hit}
         out.total_num_scheduled_tokens = len(prompt) - hit
-        meta = sched.build_connector_meta(out)
-        assert len(meta.loads) == 1 and len(meta.saves) == 1
+        return sched.build_connector_meta(out), hit
+
+    def step(w, meta) -> float:
+        """The model runner's calls around one forward pass; returns how long they took."""
         t0 = time.perf_counter()
         w.bind_connector_metadata(meta)
         w.start_load_kv(None)
@@ -182,6 +148,28 @@ def main() -> None:
         t = time.perf_counter() - t0
         assert not errors, f"load errors in blocks {sorted(errors)}"
         return t
+
+    def one(mode: str) -> tuple[float, float]:
+        prompt = [((counter[0] + 1) * 1_000_003 + i * 7919) % 128_000 for i in range(args.tokens)]  # new to the store
+        meta, _ = schedule(prompt, block_ids)
+        assert len(meta.saves) == 1, "the prompt must be new to the store"
+        w = workers[mode]
+        t0 = time.perf_counter()
+        t_step = step(w, meta)
+        assert w.wait_for_saves_written(600)
+        t_written = time.perf_counter() - t0
+        assert sched.ns.lookup(prompt) == args.tokens
+        # drop the prompt and let the disk catch up, so that every sample writes into a store of the same
+        # size with no backlog of dirty pages (else later samples measure the disk's writeback throttling)
+        sched.store.evict(all=True)
+        os.sync()
+        return t_step, t_written
+
+    def load_step(w, prompt: list[int]) -> float:
+        meta, hit = schedule(prompt, load_blocks)
+        assert hit == args.tokens, f"the stored prompt must be found whole ({hit} of {args.tokens} tokens)"
+        assert len(meta.loads) == 1 and len(meta.saves) == 1
+        return step(w, meta)
 
     try:
         first_step, _ = one("background")  # warm-up: the staging buffer's first touch, the store's first writes
@@ -208,23 +196,7 @@ def main() -> None:
         stored = [(7 * i + 11) % 128_000 for i in range(args.tokens)]
         one_save = connector(KVConnectorRole.WORKER, True)
         one_save.register_kv_caches(caches)
-        counter[0] += 1
-        req = Request(f"r{counter[0]}", stored, SamplingParams(max_tokens=1), None,
-                      block_hasher=get_request_block_hasher(BLOCK, hash_fn))
-        sched.on_new_request(req)
-        sched.get_num_new_matched_tokens(req, 0)
-        sched.update_state_after_alloc(req, KVCacheBlocks(blocks=([KVCacheBlock(block_id=i) for i in block_ids],)),
-                                       0)
-        out = SchedulerOutput.make_empty()
-        out.scheduled_new_reqs = [NewRequestData.from_request(req, (block_ids,))]
-        out.num_scheduled_tokens = {req.request_id: args.tokens}
-        out.total_num_scheduled_tokens = args.tokens
-        one_save.bind_connector_metadata(sched.build_connector_meta(out))
-        one_save.start_load_kv(None)
-        for name in LAYERS:
-            one_save.save_kv_layer(name, caches[name], None)
-        one_save.wait_for_save()
-        one_save.clear_connector_metadata()
+        step(one_save, schedule(stored, block_ids)[0])
         assert one_save.wait_for_saves_written(600)
         one_save.shutdown()
         want = {name: caches[name][block_ids].clone() for name in LAYERS}
