@@ -134,8 +134,9 @@ class _Staged:
     """Worker-side: a prompt being saved this step, gathered layer by layer into CPU memory."""
 
     save: SaveSpec
-    kv: torch.Tensor  # [layers, planes, tokens, heads, dim]
+    kv: torch.Tensor  # [layers, planes, tokens - start, heads, dim]
     slots: SlotIndex
+    start: int  # the first token gathered (a chunk boundary)
     done: set[int] = field(default_factory=set)
 
 
@@ -473,24 +474,31 @@ class KVFSConnector(KVConnectorBase_V1):
     def _finish_loads(self) -> None:
         """Complete this step's loads (layers the forward pass did not wait for) and record what failed."""
         loading, self._loading = self._loading, []
-        for ld in loading:
-            try:
-                for i in range(self.spec.num_layers):
-                    self._load_layer(ld, i)
-                valid = min(ld.valid, ld.prefetch.valid_tokens)
-            finally:
+        try:
+            for ld in loading:
+                self._finish_load(ld)
+        finally:
+            for ld in loading:  # an exception out of one load must not leave the others' prefetches running
                 ld.prefetch.close()
-            load = ld.load
-            if valid >= load.end:
-                continue
-            # a chunk missing (evicted since the lookup) or failing its checks: vLLM recomputes from there
-            s = max(valid, load.start)
-            bad = {int(b) for b in load.block_ids[s // self._block_size: -(-load.end // self._block_size)]}
-            log.warning("kvfs: request %s: %d tokens of cached KV could not be loaded; vLLM recomputes blocks %s",
-                        load.req_id, load.end - s, sorted(bad))
-            with self._lock:
-                self._load_errors.update(bad)
-                self._failed_reqs.add(load.req_id)
+
+    def _finish_load(self, ld: "_Loading") -> None:
+        try:
+            for i in range(self.spec.num_layers):
+                self._load_layer(ld, i)
+            valid = min(ld.valid, ld.prefetch.valid_tokens)
+        finally:
+            ld.prefetch.close()
+        load = ld.load
+        if valid >= load.end:
+            return
+        # a chunk missing (evicted since the lookup) or failing its checks: vLLM recomputes from there
+        s = max(valid, load.start)
+        bad = {int(b) for b in load.block_ids[s // self._block_size: -(-load.end // self._block_size)]}
+        log.warning("kvfs: request %s: %d tokens of cached KV could not be loaded; vLLM recomputes blocks %s",
+                    load.req_id, load.end - s, sorted(bad))
+        with self._lock:
+            self._load_errors.update(bad)
+            self._failed_reqs.add(load.req_id)
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: "AttentionMetadata",
                       **kwargs: Any) -> None:
@@ -512,11 +520,16 @@ class KVFSConnector(KVConnectorBase_V1):
     def _stage(self, save: SaveSpec) -> "_Staged":
         entry = self._staged.get(save.req_id)
         if entry is None or entry.save is not save:
-            slots = self._slots(save.block_ids, save.start, len(save.token_ids))
+            start = save.start
+            if start and self.ns.lookup(save.token_ids[:start]) < start:
+                # this rank's store lacks part of the prefix the scheduler found (rank 0's, under tensor
+                # parallelism; or evicted since): copy and save the whole prompt
+                start = 0
+            slots = self._slots(save.block_ids, start, len(save.token_ids))
             if entry is not None:  # a stale entry (not expected: wait_for_save clears them every step)
                 self._staging.give(entry.kv)
-            entry = _Staged(save, self._staging.take(self.spec.chunk_shape(len(save.token_ids) - save.start),
-                                                     getattr(torch, self.spec.dtype)), slots)
+            entry = _Staged(save, self._staging.take(self.spec.chunk_shape(len(save.token_ids) - start),
+                                                     getattr(torch, self.spec.dtype)), slots, start)
             self._staged[save.req_id] = entry
         return entry
 
@@ -540,13 +553,13 @@ class KVFSConnector(KVConnectorBase_V1):
                 del self._staged[save.req_id]  # from here the writer (or the finally below) gives the copy back
                 if self._writer is not None:  # staged.kv is this prompt's own copy: written after the step
                     try:
-                        self._writer.submit(save.req_id, save.token_ids, staged.kv, save.start)
+                        self._writer.submit(save.req_id, save.token_ids, staged.kv, staged.start)
                     except BaseException:
                         self._staging.give(staged.kv)
                         raise
                     continue
                 try:
-                    self.ns.put(save.token_ids, staged.kv, start=save.start)
+                    self.ns.put(save.token_ids, staged.kv, start=staged.start)
                 except OSError as e:  # a full or unreachable store must not fail inference
                     log.warning("kvfs: could not store the KV of request %s: %s", save.req_id, e)
                 finally:

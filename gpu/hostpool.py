@@ -24,6 +24,7 @@ that the copy out of it is a DMA, not a staged copy through pageable memory.
 from __future__ import annotations
 
 import math
+import mmap
 import threading
 
 import torch
@@ -75,11 +76,16 @@ class StagingPool:
                 # room for the new buffer: drop kept ones, oldest first
                 while self._free and self._free_bytes + self._lent_bytes + cap > self.limit:
                     self._free_bytes -= self._free.pop(0).numel()
-        if base is None:
-            base = torch.empty(cap, dtype=torch.uint8, pin_memory=self.pin)
-            self.allocated += 1
+        fresh = base is None
+        if fresh:
+            # pinned memory is page aligned; pageable buffers are anonymous maps, page aligned too, so that
+            # reads into them may bypass the page cache (file:// ?direct=)
+            base = (torch.empty(cap, dtype=torch.uint8, pin_memory=True) if self.pin
+                    else torch.frombuffer(mmap.mmap(-1, cap, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS),
+                                          dtype=torch.uint8))
         view = base[:n].view(dtype).view(shape)
         with self._lock:
+            self.allocated += fresh
             self._lent[view.data_ptr()] = base
             self._lent_bytes += base.numel()
         return view

@@ -40,9 +40,12 @@ released is an error, not a hang. :meth:`cancel` stops the loader;
 when ``max_bytes`` holds every layer), and :meth:`close`
 gives back the ones the consumer released, so that the next prefetch fills
 memory already touched (a freshly mapped 32 MiB buffer costs about five times
-the copy into a warm one on the 2-core test VM). A layer the consumer waited
-for and did not release may still be read through its view: its buffer is
-dropped from the pool, never handed out again.
+the copy into a warm one on the 2-core test VM). A layer loaded and not
+released may still be read through a view the consumer took: its buffer is
+dropped from the pool, never handed out again. Pool buffers come in size
+classes and a kept buffer up to twice a layer's size is reused for it (see
+:mod:`kvfs.gpu.hostpool`), so a prefetch may hold more than ``max_bytes``, at
+most twice as much.
 """
 
 from __future__ import annotations

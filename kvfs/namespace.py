@@ -116,9 +116,12 @@ class Namespace:
         number of chunks written.
 
         ``start`` (a multiple of the chunk size): ``kv`` holds the KV of
-        ``tokens[start:]`` only, and the chunks before ``start`` are not
-        written (an engine that loaded a stored prefix and computed the rest
-        copies out only the rest). Keys still chain over every token.
+        ``tokens[start:]`` only (an engine that loaded a stored prefix and
+        computed the rest copies out only the rest). The chunks before
+        ``start`` must be stored: they become the most recently used, like
+        every chunk a put finds stored, and if one of them is not (evicted
+        since the caller looked), nothing is written and 0 returned, since
+        the chunks after it could not be found behind the gap.
         """
         toks = as_tokens(tokens)
         c = self.spec.chunk_tokens
@@ -128,7 +131,7 @@ class Namespace:
                                f"the {len(toks)} tokens given")
         start = int(start)
         raw = self.as_raw_kv(kv, len(toks) - start)
-        keys = chunk_keys(self.spec.seed, self.path, toks, c)[start // c:]
+        keys = chunk_keys(self.spec.seed, self.path, toks, c)
         return self._put_keys(keys, toks, raw, positions, offset=start)
 
     def put_segment(self, tokens: Any, kv: Any, *, positions: int = 0, extra: dict[str, str] | None = None) -> int:
@@ -142,7 +145,8 @@ class Namespace:
 
     def _put_keys(self, keys: list[ChunkKey], toks, raw, positions, segment: bool = False,
                   extra: dict[str, str] | None = None, offset: int = 0) -> int:
-        """Write the chunks of ``keys`` not stored yet; ``raw`` holds the KV of ``toks[offset:]``."""
+        """Write the chunks of ``keys`` not stored yet; ``raw`` holds the KV of ``toks[offset:]`` (the chunks
+        before ``offset`` are only checked to be stored)."""
         store = self.store
         store._check_writable()
         recs = store._records(keys)
@@ -150,6 +154,8 @@ class Namespace:
         if todo:
             found = store._exists_anywhere([keys[i] for i in todo], lambda k: toks[k.start : k.end])
             todo = [i for i, f in zip(todo, found) if not f]
+        if todo and keys[todo[0]].start < offset:
+            return 0  # a chunk before offset is gone: what follows it would be unreachable
         if len(todo) < len(keys):
             # chunks already stored become the most recently used, so that making room for the rest
             # of this very put cannot evict them (which would cut the prefix just stored)

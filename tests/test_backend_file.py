@@ -254,7 +254,8 @@ def test_usage_and_flush(tmp_path):
     b.put("a/b", b"x" * 10_000)
     used, avail = b.usage()
     st = os.statvfs(tmp_path)
-    assert avail == st.f_bavail * st.f_frsize and used > 0
+    # the filesystem's free space, give or take what other processes wrote or freed in between (seen in a run)
+    assert abs(avail - st.f_bavail * st.f_frsize) <= 256 << 20 and used > 0
     b.flush()  # syncfs: must not raise
     FileBackend(str(tmp_path / "n"), fsync="never").flush()
 

@@ -311,7 +311,7 @@ def test_bounded_prefetches_recycle_their_layer_buffers_through_a_slot_pool():
         ns.put(_toks(5 * C, base=10_000), kv2)
         layer_bytes = 6 * C * SPEC.bytes_per_token // L
         slots = StagingPool(1 << 30)
-        # every layer released: both buffers go back to the pool at close, and the next prefetch (a shorter
+        # every layer released: the buffers go back to the pool at close, and the next prefetch (a shorter
         # prompt, whose buffers are filled with other KV first) reuses them and still returns exact KV
         for toks, want in ((_toks(6 * C), kv), (_toks(5 * C, base=10_000), kv2), (_toks(6 * C), kv)):
             with ns.prefetch(toks, max_bytes=2 * layer_bytes, slot_pool=slots) as pf:
@@ -319,19 +319,21 @@ def test_bounded_prefetches_recycle_their_layer_buffers_through_a_slot_pool():
                     k, v = pf.wait_layer(i, release_previous=True)
                     assert torch.equal(k, want[i, 0]) and torch.equal(v, want[i, 1])
                 pf.release_layer(L - 1)
-            assert slots.allocated == 2 and slots.lent_bytes == 0 and slots.kept_bytes > 0
+            assert slots.lent_bytes == 0 and slots.kept_bytes > 0
+        # three prefetches of one or two buffers each (two unless the consumer releases a layer before the
+        # loader wants the next buffer), from at most two buffers in all
+        assert 1 <= slots.allocated <= 2
         # a layer still held at close may be read through its view: its buffer leaves the pool for good
         with ns.prefetch(_toks(6 * C), max_bytes=2 * layer_bytes, slot_pool=slots) as pf:
             for i in range(L):
                 held = pf.wait_layer_kv(i, release_previous=True)
         assert slots.lent_bytes == 0
-        kept = slots.kept_bytes
+        assert all(b.data_ptr() != held.data_ptr() for b in slots._free)
         with ns.prefetch(_toks(5 * C, base=10_000), max_bytes=2 * layer_bytes, slot_pool=slots) as pf:
             for i in range(L):
                 k, v = pf.wait_layer(i, release_previous=True)
                 assert held.data_ptr() not in (k.data_ptr(), v.data_ptr())
         assert torch.equal(held[0], kv[L - 1, 0]) and torch.equal(held[1], kv[L - 1, 1])  # not overwritten
-        assert slots.allocated == 3 and kept <= slots.kept_bytes
         # a cancelled prefetch gives back what its loader took
         with ns.prefetch(_toks(6 * C), max_bytes=2 * layer_bytes, slot_pool=slots) as pf:
             pf.wait_layer(0)

@@ -94,11 +94,12 @@ def test_put_from_a_chunk_boundary_writes_only_the_rest(url):
         # the KV of tokens 64.. only; keys chain over all 100 tokens, so the prefix is found with it
         assert ns.put(toks, kv[:, :, 64:].copy(), start=64) == 2
         assert ns.get(toks).tobytes() == kv.tobytes()
-        # chunks before start are never written, even when they are missing: the prefix stops there
+        # a chunk before start that is not stored (evicted since the caller looked): nothing is written, as
+        # nothing after it could be found
         other, okv = prompt(100, seed=1), rand_kv(SPEC, 100, seed=1)
-        assert ns.put(other, okv[:, :, 32:], start=32) == 3
-        assert ns.lookup(other) == 0
-        assert ns.put(other, okv) == 1  # the first chunk completes it
+        assert ns.put(other, okv[:, :, 32:], start=32) == 0
+        assert ns.lookup(other) == 0 and sum(e.kind == "chunk" for e in store.ls(ns.path, recursive=True)) == 4
+        assert ns.put(other, okv) == 4
         assert ns.get(other).tobytes() == okv.tobytes()
         assert ns.put(toks, kv[:, :, 96:], start=96) == 0  # the partial last chunk is stored already
         for bad in (16, -32, 128, 32.0, True):
@@ -106,6 +107,23 @@ def test_put_from_a_chunk_boundary_writes_only_the_rest(url):
                 ns.put(toks, kv[:, :, 32:], start=bad)
         with pytest.raises(InvalidInput, match="shape"):
             ns.put(toks, kv, start=32)  # kv must hold tokens 32.. only
+
+
+def test_put_from_a_chunk_boundary_keeps_the_stored_prefix_over_older_chunks(tmp_path):
+    with kvfs.open(f"lmdb://{tmp_path}/probe") as probe:
+        probe.namespace(SPEC).put(prompt(32), rand_kv(SPEC, 32))
+        size = probe.du()["bytes"]
+    with kvfs.open(f"lmdb://{tmp_path}/s?capacity={int(size * 4.5)}&watermark=1.0") as store:
+        ns = store.namespace(SPEC)
+        system, skv = prompt(64, seed=5), rand_kv(SPEC, 64, seed=5)
+        ns.put(system, skv)  # the oldest chunks of a full store
+        ns.put(prompt(64, seed=6), rand_kv(SPEC, 64, seed=6))
+        turn = system + prompt(64, seed=7)
+        tkv = rand_kv(SPEC, 128, seed=7)
+        tkv[:, :, :64] = skv
+        # making room for the two new chunks evicts the other prompt, not the prefix they extend
+        assert ns.put(turn, tkv[:, :, 64:], start=64) == 2
+        assert ns.lookup(turn) == 128 and ns.get(turn).tobytes() == tkv.tobytes()
 
 
 def test_put_refuses_wrong_shape_dtype_and_tokens(url):

@@ -236,8 +236,8 @@ def test_loads_on_a_cpu_cache_reuse_their_layer_buffers(url):
     caches = paged_caches()
     worker.register_kv_caches(caches)
     allocated = []
-    # three requests loading A's prefix one after the other, each into other blocks of the same cache
-    for n, (req_id, blocks) in enumerate((("L1", BLOCKS_B), ("L2", BLOCKS_A), ("L3", BLOCKS_B))):
+    # four requests loading A's prefix one after the other, each into other blocks of the same cache
+    for n, (req_id, blocks) in enumerate((("L1", BLOCKS_B), ("L2", BLOCKS_A), ("L3", BLOCKS_B), ("L4", BLOCKS_A))):
         for t in caches.values():
             t.zero_()
         prompt = PROMPT_A[: 64 + 16 * (n % 2)] + [9000 + n] * 8
@@ -250,12 +250,40 @@ def test_loads_on_a_cpu_cache_reuse_their_layer_buffers(url):
         assert run_worker_step(worker, caches, meta) == set()
         assert torch.equal(read_kv(caches, blocks, 0, hit), kv_a[:, :, :hit])
         allocated.append(worker._load_slots.allocated)
-    # one buffer per layer (prefetch_bytes holds all three), made by the first load and reused after
-    assert allocated == [len(LAYERS)] * 3 and worker._load_slots.lent_bytes == 0
+    # each load holds up to one buffer per layer (prefetch_bytes holds all three; fewer when the scatter
+    # releases a layer before the loader wants the next buffer): four loads, at most three buffers in all
+    assert 1 <= allocated[0] and allocated[-1] <= len(LAYERS) and worker._load_slots.lent_bytes == 0
     worker.shutdown()
     sched.shutdown()
     with pytest.raises(kvfs.InvalidInput, match="prefetch_bytes"):
         make_connector(url, KVConnectorRole.WORKER, prefetch_bytes="lots")
+
+
+def test_a_save_copies_the_whole_prompt_when_the_workers_store_lost_the_prefix(url):
+    kv_a = store_a(url)
+    sched = make_connector(url, KVConnectorRole.SCHEDULER)
+    worker = make_connector(url, KVConnectorRole.WORKER)
+    caches = paged_caches()
+    worker.register_kv_caches(caches)
+    b = request("B", PROMPT_B)
+    sched.on_new_request(b)
+    # vLLM's own prefix cache holds B's first 64 tokens: nothing to load, and the save starts after them
+    assert sched.get_num_new_matched_tokens(b, 64) == (0, False)
+    sched.update_state_after_alloc(b, blocks_of(BLOCKS_B), 0)
+    meta = sched.build_connector_meta(step(b, BLOCKS_B, len(PROMPT_B) - 64, computed=64))
+    assert not meta.loads and [s.start for s in meta.saves] == [64]
+    kv_b = torch.cat([kv_a[:, :, :64], gen(3, len(LAYERS), 2, len(PROMPT_B) - 64, HEADS, HEAD)], dim=2)
+    write_kv(caches, BLOCKS_B, kv_b)
+    with kvfs.open(url) as store:  # evicted between the scheduler's lookup and the worker's step (or, under
+        store.evict(all=True, force=True)  # tensor parallelism, never in this rank's store)
+    assert run_worker_step(worker, caches, meta) == set()
+    assert worker.wait_for_saves_written(30)
+    with kvfs.open(url) as store:  # the worker saw the gap and saved all of B, not chunks behind a gap
+        ns = store.namespace(sched.spec)
+        assert ns.lookup(PROMPT_B) == len(PROMPT_B)
+        assert torch.equal(torch.from_numpy(ns.get(PROMPT_B)), kv_b)
+    worker.shutdown()
+    sched.shutdown()
 
 
 def test_the_last_prompt_token_is_never_loaded(url):
