@@ -10,7 +10,9 @@
 For one prompt, :meth:`CachedLM.prefill` looks up the longest stored prefix
 of the prompt *without its last token* (that token must be computed: its
 logits are the first output) and starts loading its KV layer by layer in the
-background (:meth:`kvfs.Namespace.prefetch`, onto the model's device), runs
+background (:meth:`kvfs.Namespace.prefetch`, onto the model's device; for a
+model on the CPU the whole prefix is loaded first by default, see
+:class:`CachedLM`), runs
 the model on the remaining tokens only, each attention layer taking its
 layer of the prefix from the prefetch as it reaches it (a ``DynamicCache``
 whose layers fill themselves), and stores the prompt's new chunks
@@ -184,13 +186,16 @@ class CachedLM:
     ``store`` is an open :class:`kvfs.Store` (left open), a store URL or
     ``None`` for the default store (opened here and closed by :meth:`close`).
     ``load``/``save`` switch reuse and storing (``load=False`` is the full
-    prefill baseline). ``layerwise=False`` loads the whole prefix before the
-    model runs instead of overlapping the load with the compute.
+    prefill baseline). ``layerwise``: overlap the load with the compute, layer
+    by layer (``True``), or load the whole prefix before the model runs
+    (``False``); ``None`` (default) overlaps when the model is on a GPU and
+    loads first on the CPU, where the loader's threads and the model's share
+    the cores (loading first measured 20-35% faster there).
     """
 
     def __init__(self, model: Any, store: Store | str | None = None, *, spec: KVSpec | None = None,
                  model_name: str | None = None, chunk_tokens: int = 256, load: bool = True,
-                 save: bool = True, layerwise: bool = True) -> None:
+                 save: bool = True, layerwise: bool | None = None) -> None:
         self.model = model
         self.spec = spec or kv_spec(model, model_name=model_name, chunk_tokens=chunk_tokens)
         self._own_store = not isinstance(store, Store)
@@ -198,9 +203,9 @@ class CachedLM:
         self.ns: Namespace = self.store.namespace(self.spec)
         self.load = load
         self.save = save
-        self.layerwise = layerwise
         self._torch_dtype = getattr(torch, self.spec.dtype)
         self.device = next(model.parameters()).device
+        self.layerwise = self.device.type != "cpu" if layerwise is None else bool(layerwise)
 
     def close(self) -> None:
         if self._own_store:

@@ -97,6 +97,16 @@ def test_logits_match_a_full_forward(model, url, layerwise):
     torch.testing.assert_close(warm.logits, full, atol=1e-5, rtol=0)
 
 
+def test_a_model_on_the_cpu_loads_its_prefix_first_by_default(model, url):
+    with CachedLM(model, url, chunk_tokens=CHUNK) as lm:
+        assert lm.device.type == "cpu" and lm.layerwise is False
+        lm.generate(CONTEXT + QUESTIONS[0], max_new_tokens=1)
+        warm = lm.prefill(CONTEXT + QUESTIONS[0])
+    # loaded whole before the forward: plain cache layers, no layer waiting on a prefetch
+    assert warm.reused == len(CONTEXT + QUESTIONS[0]) - 1
+    assert all(type(layer).__name__ == "DynamicLayer" for layer in warm.cache.layers)
+
+
 def test_stored_kv_is_what_the_model_computed(model, url):
     prompt = CONTEXT + QUESTIONS[1]
     with torch.inference_mode():
