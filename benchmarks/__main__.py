@@ -61,12 +61,14 @@ SUITE = [
 _TARGET = re.compile(r"target\s*(>=|≥|<=|≤|<|>)\s*([0-9.]+)\s*(ms|s|×|x|%)?", re.I)
 
 
-def run(bench: Bench, quick: bool) -> tuple[bool, float]:
+def run(bench: Bench, quick: bool, docs: bool = True) -> tuple[bool, float]:
     script = os.path.join(HERE, bench.script)
     if not os.path.exists(script):
         print(f"[benchmarks] {bench.name}: {bench.script} is missing, skipped", flush=True)
         return False, 0.0
     args = bench.quick if quick else bench.full
+    if not docs:  # a script that writes its own docs section (lmcache_compare.py) must not either
+        args = [x for x in args if x != "--write-docs"]
     cmd = [sys.executable, script, *args]
     print(f"\n[benchmarks] {bench.name}: {' '.join(['python', 'benchmarks/' + bench.script, *args])}", flush=True)
     os.makedirs(RESULTS, exist_ok=True)
@@ -277,7 +279,7 @@ def main() -> None:
         for b in SUITE:
             if (only and b.name not in only) or b.name in skip:
                 continue
-            ok, _ = run(b, a.quick)
+            ok, _ = run(b, a.quick, docs=not a.no_docs)
             if not ok:
                 failed.append(b.name)
     if not a.no_docs:
