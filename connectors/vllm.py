@@ -432,10 +432,13 @@ class KVFSConnector(KVConnectorBase_V1):
         return self._paged.index(slot_mapping(block_ids, self._block_size, start, end, device=self._paged.device))
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
-        """Start loading each request's prefix in the background, layer by layer, onto the cache's device."""
+        """Start loading each request's prefix in the background, layer by layer, onto the cache's device;
+        take the host buffers of this step's saves (before the forward pass, not between its layers)."""
         meta = self._connector_metadata
-        if not isinstance(meta, KVFSConnectorMetadata) or not meta.loads:
+        if not isinstance(meta, KVFSConnectorMetadata):
             return
+        for save in meta.saves:
+            self._stage(save)
         per_layer = self.spec.bytes_per_token // self.spec.num_layers
         for load in meta.loads:
             # bounded: a few layers in flight, never a second copy of the whole prefix on the device
