@@ -73,9 +73,8 @@ class LMDBBackend(Backend):
         self.readonly = parse_bool(readonly, "lmdb:// option readonly", InvalidURL)
         if not self.readonly:
             _tune_malloc()
-        self._env = _lmdbenv.acquire(
-            self.path, parse_size(map_size) if map_size is not None else None, readonly=self.readonly
-        )
+        size = parse_size(map_size, "lmdb:// option map_size", InvalidURL) if map_size is not None else None
+        self._env = _lmdbenv.acquire(self.path, size, readonly=self.readonly)
         self._db = self._env.db(DATA_DB)
         self._closed = False
 

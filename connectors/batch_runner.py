@@ -166,7 +166,7 @@ class BatchRunner:
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise InvalidInput(f"workers must be an integer >= 1, got {workers!r}")
         self.lm = lm
-        self.kv_budget = parse_size(kv_budget) if isinstance(kv_budget, str) else int(kv_budget)
+        self.kv_budget = parse_size(kv_budget, "kv_budget")
         if self.kv_budget <= 0:
             raise InvalidInput(f"kv_budget must be positive, got {kv_budget!r}")
         self.workers = workers

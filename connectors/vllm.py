@@ -58,7 +58,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.v1.kv_cache_interface import FullAttentionSpec, MLAAttentionSpec
 
-from ..errors import InvalidInput, KVFSError
+from ..errors import KVFSError
 from ..gpu.hostpool import StagingPool
 from ..spec import KVSpec, canonical_dtype
 from ..store import open as open_store
@@ -269,12 +269,6 @@ def kv_spec_for(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig", *, 
     )
 
 
-def _size_option(extra: dict[str, Any], name: str, default: int) -> int:
-    try:
-        return parse_size(extra.get(name, default))
-    except InvalidInput as e:
-        raise InvalidInput(f"KVFSConnector: kv_connector_extra_config {name}: {e}") from None
-
 
 # ---------------------------------------------------------------------------------------------- the connector
 class KVFSConnector(KVConnectorBase_V1):
@@ -307,11 +301,11 @@ class KVFSConnector(KVConnectorBase_V1):
         # worker side
         self._paged: PagedCache | None = None
         self._loading: list[_Loading] = []
-        self._prefetch_bytes = _size_option(extra, "prefetch_bytes", 256 << 20)
+        self._prefetch_bytes = parse_size(extra.get("prefetch_bytes", 256 << 20), "KVFSConnector: prefetch_bytes")
         # a CPU cache's loads read each layer into a host buffer first: kept for the next request's load
         self._load_slots = StagingPool(self._prefetch_bytes)
         self._writer: _SaveWriter | None = None
-        queue_bytes = _size_option(extra, "save_queue_bytes", 2 << 30)
+        queue_bytes = parse_size(extra.get("save_queue_bytes", 2 << 30), "KVFSConnector: save_queue_bytes")
         # the host copies of saved prompts, recycled between steps (pinned once the caches are known on a GPU)
         self._staging = StagingPool(queue_bytes)
         background = parse_bool(extra.get("save_in_background", True), "KVFSConnector: save_in_background")

@@ -60,6 +60,7 @@ from kvfs.keys import as_tokens
 
 from ._device import as_device, empty, torch_dtype
 from .load import DeviceReader, _rows_contiguous, _valid_prefix
+from .hostpool import StagingPool
 from .pinned import PinnedPool
 
 _PENDING, _READY, _RELEASED = 0, 2, 3
@@ -74,7 +75,7 @@ class Prefetcher:
 
     def __init__(self, ns: Any, tokens: Any, *, device: Any = "cpu", max_bytes: int | None = None,
                  out: torch.Tensor | None = None, pool: PinnedPool | None = None, direct: str | bool = "auto",
-                 start: bool = True, slot_pool: Any = None) -> None:
+                 start: bool = True, slot_pool: StagingPool | None = None) -> None:
         self.ns = ns
         self.spec = spec = ns.spec
         self.device = as_device(device if out is None else out.device)

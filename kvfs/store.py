@@ -311,7 +311,7 @@ class Store:
             self.tiers[-1].identity = ident
         #: the catalog bits of the tiers this store can read
         self.mask = sum(t.bit for t in self.tiers)
-        self._writeback = WriteBack(self._writeback_one, parse_size(writeback_bytes))
+        self._writeback = WriteBack(self._writeback_one, parse_size(writeback_bytes, "writeback_bytes"))
 
     # ---------------------------------------------------------------------------------- life
     def __enter__(self) -> "Store":
@@ -1373,7 +1373,7 @@ class Store:
                 if r.last_access < cutoff:
                     chosen[r.key] = r
         if to_size is not None:
-            limit = parse_size(to_size)
+            limit = parse_size(to_size, "to_size")
             recs = sorted(self.catalog.scan(), key=lambda r: r.last_access)
             total = sum(r.size for r in recs)
             for r in recs:

@@ -53,19 +53,20 @@ def parse_bool(value: str | bool | int, what: str, error: type[Exception] = Inva
     raise error(f"{what}={value!r}: use true or false")
 
 
-def parse_size(text: str | int) -> int:
-    """``"8GiB"`` -> 8589934592. Decimal (``GB``) and binary (``GiB``) units; bare numbers are bytes."""
+def parse_size(text: str | int, what: str | None = None, error: type[Exception] = InvalidInput) -> int:
+    """``"8GiB"`` -> 8589934592. Decimal (``GB``) and binary (``GiB``) units; bare numbers are bytes.
+
+    Anything else raises ``error``, its message starting with ``what`` (the option's name) when given."""
+    at = f"{what}: " if what else ""
     if isinstance(text, bool):
-        raise InvalidInput(f"not a size: {text!r}")
+        raise error(f"{at}not a size: {text!r}")
     if isinstance(text, int):
         if text < 0:
-            raise InvalidInput(f"a size cannot be negative: {text}")
+            raise error(f"{at}a size cannot be negative: {text}")
         return text
     m = _SIZE_RE.match(str(text))
     if not m or m.group(2).lower() not in _SIZE_UNITS:
-        raise InvalidInput(
-            f"not a size: {text!r} (use a number with an optional unit, e.g. 512MiB, 8GiB, 2TB)"
-        )
+        raise error(f"{at}not a size: {text!r} (use a number with an optional unit, e.g. 512MiB, 8GiB, 2TB)")
     return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
 
 

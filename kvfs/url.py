@@ -36,7 +36,7 @@ class TierURL:
     @property
     def capacity(self) -> int | None:
         v = self.store_options.get("capacity")
-        return None if v in (None, "", "0") else parse_size(v)
+        return None if v in (None, "", "0") else parse_size(v, "capacity", InvalidURL)
 
     @property
     def watermark(self) -> float:

@@ -316,7 +316,8 @@ def test_fsck_rebuilds_a_lost_catalog(tmp_path):
 
 def test_bad_urls_are_clear(tmp_path):
     for bad, match in [("nope", "not a store URL"), ("zzz://x", "unknown storage scheme"),
-                       ("lmdb://", "needs a directory"), ("memory://?capacity=lots", "size"),
+                       ("lmdb://", "needs a directory"), ("memory://?capacity=lots", "capacity: not a size"),
+                       (f"lmdb://{tmp_path}/ms?map_size=big", "map_size: not a size: 'big'"),
                        ("memory://::", "empty tier"), ("memory://?capacity=1GiB&capacity=2GiB", "twice"),
                        # a misspelt boolean is an error, not false (an lmdb store meant read-only was opened
                        # writable)
@@ -325,6 +326,7 @@ def test_bad_urls_are_clear(tmp_path):
         with pytest.raises(InvalidURL, match=match):
             kvfs.open(bad)
     assert not os.path.exists(tmp_path / "ro")  # refused before anything was created
+    assert not os.path.exists(tmp_path / "ms")
 
 
 def test_booleans_are_parsed_strictly():
