@@ -90,9 +90,22 @@ def _check_full_attention(text_config: Any) -> None:
 
 # ---------------------------------------------------------------------------------------------- conversion
 def cache_from_kv(kv: torch.Tensor) -> DynamicCache:
-    """A ``DynamicCache`` (batch 1) holding ``kv`` ``[layers, 2, tokens, kv_heads, head_dim]``."""
-    return DynamicCache([(kv[i, 0].transpose(0, 1).unsqueeze(0), kv[i, 1].transpose(0, 1).unsqueeze(0))
-                         for i in range(kv.shape[0])])
+    """A ``DynamicCache`` (batch 1) holding ``kv`` ``[layers, 2, tokens, kv_heads, head_dim]``.
+
+    The cache's layers are views of ``kv`` (``[1, kv_heads, tokens, head_dim]``), not copies:
+    ``DynamicCache(pairs)`` would concatenate every layer into new memory, a second copy of the whole
+    prefix before the model's first update concatenates it again.
+    """
+    cache = DynamicCache()
+    layers = []
+    for i in range(kv.shape[0]):
+        k, v = kv[i, 0].transpose(0, 1).unsqueeze(0), kv[i, 1].transpose(0, 1).unsqueeze(0)
+        layer = DynamicLayer()
+        layer.lazy_initialization(k, v)
+        layer.keys, layer.values = k, v
+        layers.append(layer)
+    cache.layers = layers
+    return cache
 
 
 def kv_from_cache(cache: DynamicCache, ntokens: int | None = None) -> torch.Tensor:

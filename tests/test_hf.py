@@ -107,6 +107,25 @@ def test_a_model_on_the_cpu_loads_its_prefix_first_by_default(model, url):
     assert all(type(layer).__name__ == "DynamicLayer" for layer in warm.cache.layers)
 
 
+
+def test_a_loaded_prefix_is_viewed_not_copied_again(model, tmp_path):
+    """load_prefix reads the prefix once into one buffer; its cache layers view that buffer (DynamicCache(pairs)
+    would concatenate each layer into new memory first), and the forward on top still matches a full one."""
+    prompt = CONTEXT + QUESTIONS[0]
+    with CachedLM(model, f"lmdb://{tmp_path}/kv", chunk_tokens=CHUNK) as lm:
+        lm.generate(prompt, 1)
+        n, cache = lm.load_prefix(prompt[:-1])
+        assert n == len(prompt) - 1  # the prompt minus its last token, the partial last chunk included
+        storages = {t.untyped_storage().data_ptr() for layer in cache.layers for t in (layer.keys, layer.values)}
+        assert len(storages) == 1
+        assert cache.get_seq_length() == n
+        torch.testing.assert_close(kv_from_cache(cache), torch.from_numpy(lm.ns.get(prompt[:n])), atol=0, rtol=0)
+        with torch.inference_mode():
+            out = model(torch.tensor([prompt[n:]]), past_key_values=cache, use_cache=True)
+            ref = model(torch.tensor([prompt]), use_cache=True)
+    torch.testing.assert_close(out.logits[0, -1], ref.logits[0, -1], atol=1e-4, rtol=1e-4)
+    assert out.past_key_values.get_seq_length() == len(prompt)
+
 def test_stored_kv_is_what_the_model_computed(model, url):
     prompt = CONTEXT + QUESTIONS[1]
     with torch.inference_mode():
