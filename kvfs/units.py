@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 from .errors import InvalidInput
@@ -85,6 +86,8 @@ def format_size(n: int | float) -> str:
 def parse_duration(text: str | float | int) -> float:
     """``"7d"`` -> 604800.0; ``"1h30m"`` works; a bare number is seconds."""
     if isinstance(text, (int, float)) and not isinstance(text, bool):
+        if not math.isfinite(text):
+            raise InvalidInput(f"not a duration: {text!r} (give a finite number of seconds)")
         if text < 0:
             raise InvalidInput(f"a duration cannot be negative: {text}")
         return float(text)
@@ -94,6 +97,8 @@ def parse_duration(text: str | float | int) -> float:
     except ValueError:
         pass
     else:
+        if not math.isfinite(value):  # "nan" and "inf" parse as floats; as an age they would match nothing
+            raise InvalidInput(f"not a duration: {text!r} (use e.g. 90s, 30m, 12h, 7d, 2w or 1h30m)")
         if value < 0:
             raise InvalidInput(f"a duration cannot be negative: {text!r}")
         return value

@@ -355,6 +355,7 @@ def test_fsck_rebuilds_a_lost_catalog(tmp_path):
         (["stat", "m/ns/ab/" + "ab" * 32 + ".safetensors"], 1, ["no such"]),
         (["evict", "--to-size", "12parsecs"], 2, ["--to-size", "not a size", "12parsecs"]),
         (["evict", "--older-than", "soon"], 2, ["--older-than", "not a duration", "soon"]),
+        (["evict", "--older-than", "nan"], 2, ["--older-than", "not a duration", "nan"]),
         (["evict"], 2, ["say what to evict"]),
         (["pin"], 2, ["give chunk or directory paths"]),
         (["pin", "--tokens-file", "/nonexistent.json", "--namespace", "a/b"], 2, ["cannot read"]),
