@@ -88,6 +88,20 @@ def _local_dirs(url: str) -> list[tuple[str, str]]:
     return [(t.scheme, os.path.expanduser(t.location)) for t in parse_url(url) if t.scheme in ("lmdb", "file")]
 
 
+def refuse_missing_store(url: str, command: str, hint: str) -> None:
+    """A store kept only in local directories (and process memory, which holds nothing yet), none of which
+    exists, is a typo, not a store: a :class:`CommandError`. A missing directory next to existing tiers is a
+    tier being added."""
+    from kvfs.url import parse_url
+
+    local = _local_dirs(url)
+    kept = [t for t in parse_url(url) if t.scheme != "memory"]
+    if local and len(local) == len(kept) and not any(os.path.isdir(d) for _, d in local):
+        scheme, directory = local[0]
+        raise CommandError(f"no kvfs store at {scheme}://{directory}: the directory does not exist ({hint})",
+                           EXIT_FAILED, command)
+
+
 def open_store(url: str | None = None, *, read_only: bool = False, create: bool = False,
                signing_key: bytes | None = None, unsigned: bool = False):
     """Open a store for the running command; it is closed (and flushed) when the command ends.
@@ -107,20 +121,7 @@ def open_store(url: str | None = None, *, read_only: bool = False, create: bool 
         explicit = bool(os.environ.get("KVFS_URL", "").strip())
         url = default_url()
     if explicit and not create:
-        from kvfs.url import parse_url
-
-        local = _local_dirs(url)
-        # a store kept only in local directories (and process memory, which holds nothing yet), none of which
-        # exists, is a typo, not a store; a missing directory next to existing tiers is a tier being added
-        kept = [t for t in parse_url(url) if t.scheme != "memory"]
-        if local and len(local) == len(kept) and not any(os.path.isdir(d) for _, d in local):
-            scheme, directory = local[0]
-            raise CommandError(
-                f"no kvfs store at {scheme}://{directory}: the directory does not exist "
-                "(check --url or $KVFS_URL)",
-                EXIT_FAILED,
-                ctx.command_path,
-            )
+        refuse_missing_store(url, ctx.command_path, "check --url or $KVFS_URL")
     from kvfs.store import Store
 
     try:

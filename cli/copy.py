@@ -115,5 +115,11 @@ def cp(src_url: str, dst_url: str, path: str, source_key_file: str | None, sourc
         for f in failed:
             warn(f"kvfs cp: not copied: {f['path']}: {f['error']}")
     if failed:
+        hint = "see above; `kvfs verify` on the source tells more"
+        if not source_unsigned and any("is not signed" in f["error"] for f in failed):
+            hint = ("the source's chunks are not signed: give --source-unsigned to publish a trusted unsigned "
+                    "cache into a signed store, or --source-key-file with the key they were signed with")
+        elif any("wrong signature" in f["error"] for f in failed):
+            hint = "the source's chunks are signed with another key: give it with --source-key-file"
         raise CommandError(f"{len(failed)} chunk(s) failed their checks in the source and were not copied "
-                           "(see above; `kvfs verify` on the source tells more)", 1, "kvfs cp")
+                           f"({hint})", 1, "kvfs cp")

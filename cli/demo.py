@@ -92,8 +92,13 @@ def demo(context_tokens: int, questions: int, new_tokens: int, size: str, seed: 
     warm = [r.ttft_s for r in outputs if r.prefill.reused]
     if warm:
         med = sorted(warm)[len(warm) // 2]
-        click.echo(f"Warm requests: median TTFT {med * 1e3:.0f} ms, {base.ttft_s / med:.0f}x faster than "
-                   f"the full prefill ({base.ttft_s:.2f} s).")
+        ratio = base.ttft_s / med
+        if ratio >= 1:
+            versus = f"{ratio:.0f}x faster than" if ratio >= 10 else f"{ratio:.1f}x faster than"
+        else:  # a context this short costs less to compute than to look up and load
+            versus = f"{1 / ratio:.1f}x slower than"
+        click.echo(f"Warm requests: median TTFT {med * 1e3:.0f} ms, {versus} the full prefill "
+                   f"({_fmt_s(base.ttft_s).strip()}).")
     click.echo("\nWhat kvfs stored:")
     _print_listing(store, lm.spec)
     if not same:  # never expected: kvfs hands back exactly the KV the model computed

@@ -28,6 +28,15 @@ namespace_option = click.option(
     help="The namespace the --tokens-file prompt is keyed in (a path from `kvfs ls MODEL`).")
 
 
+def _no_root(paths, command: str) -> None:
+    """An empty path (an unset shell variable: ``kvfs evict "$P"``) or ``/`` would select the whole store."""
+    for p in paths:
+        if not p.strip().strip("/"):
+            hint = ("to evict every chunk use --all" if command == "evict"
+                    else "give a model, namespace or chunk path (see `kvfs ls`)")
+            raise click.UsageError(f"path {p!r} is the whole store; {hint}")
+
+
 def _targets(store, paths: tuple[str, ...], tokens_file: str | None, ns_path: str | None,
              command: str) -> tuple[list[str], str]:
     """The paths a command acts on, and a note on the prompt's coverage when --tokens-file was given."""
@@ -46,6 +55,7 @@ def _targets(store, paths: tuple[str, ...], tokens_file: str | None, ns_path: st
         note = f" (the prompt's stored chunks cover {covered} of its {total} tokens)"
     if not out:
         raise click.UsageError("give chunk or directory paths, or --tokens-file with --namespace")
+    _no_root(paths, command)
     for p in paths:
         store.stat(p)  # a path that is not there is an error
     return out, note
@@ -102,6 +112,7 @@ def evict(paths: tuple[str, ...], all_: bool, to_size: int | None, older_than: f
     """
     if not (paths or all_ or to_size is not None or older_than is not None):
         raise click.UsageError("say what to evict: PATH..., --all, --to-size SIZE or --older-than DURATION")
+    _no_root(paths, "evict")
     store = open_store(read_only=dry_run)
     for p in paths:
         store.stat(p)

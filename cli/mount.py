@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-import sys
+import os
 
 import click
 
@@ -33,9 +33,18 @@ def mount(url: str, mountpoint: str, foreground: bool, read_write: bool, allow_o
     unpins. Runs in the background and returns once the mount answers; stop
     it with `kvfs umount MOUNTPOINT`.
     """
-    from kvfs.errors import KVFSError
+    from kvfs.errors import InvalidURL, KVFSError
     from kvfs.fuse import mount as start
 
+    from ._common import CommandError, refuse_missing_store
+
+    if not read_write and os.path.isdir(mountpoint):
+        # a read-only mount of a store that does not exist would show a new, empty store: a mistyped URL.
+        # (A --read-write mount may start an empty store to copy chunk files into.)
+        try:
+            refuse_missing_store(url, "kvfs mount", "check the URL; --read-write mounts a new, empty store")
+        except InvalidURL as e:
+            raise click.UsageError(str(e)) from None
     if foreground:
         from kvfs.fuse import serve
 
@@ -52,7 +61,7 @@ def mount(url: str, mountpoint: str, foreground: bool, read_write: bool, allow_o
             serve(url, mountpoint, read_write=read_write, allow_other=allow_other, debug=debug,
                   io_timeout=io_timeout, on_ready=ready)
         except (OSError, KVFSError, ImportError) as e:
-            raise click.ClickException(_import_hint(e)) from None
+            raise CommandError(_import_hint(e), 1, "kvfs mount") from None
         finally:
             remove_pid_file(mountpoint)
         return
@@ -60,7 +69,7 @@ def mount(url: str, mountpoint: str, foreground: bool, read_write: bool, allow_o
         pid, log = start(url, mountpoint, read_write=read_write, allow_other=allow_other, debug=debug,
                          log_file=log_file, io_timeout=io_timeout)
     except (OSError, KVFSError) as e:
-        raise click.ClickException(str(e)) from None
+        raise CommandError(str(e), 1, "kvfs mount") from None
     click.echo(f"kvfs: mounted at {mountpoint} (server pid {pid}, log {log})", err=True)
 
 
@@ -81,8 +90,9 @@ def umount(mountpoint: str, timeout: float, lazy: bool) -> None:
     from kvfs.errors import KVFSError
     from kvfs.fuse import unmount
 
+    from ._common import CommandError
+
     try:
         unmount(mountpoint, timeout=timeout, lazy=lazy)
     except (OSError, KVFSError) as e:
-        click.echo(f"Error: {e}", err=True)
-        sys.exit(1)
+        raise CommandError(str(e), 1, "kvfs umount") from None

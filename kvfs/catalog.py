@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import binascii
 import json
+import logging
 import shutil
 import struct
 import tempfile
@@ -33,6 +34,8 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from . import _lmdbenv
+
+log = logging.getLogger("kvfs")
 
 _REC = struct.Struct("<QIIddQIIB32s")
 _U64 = struct.Struct("<Q")
@@ -142,6 +145,42 @@ class Catalog:
                 raise OverflowError(f"the catalog at {self.directory} has seen {MAX_TIERS} tiers; run fsck --reset")
             txn.put(k, str(free).encode(), db=self._meta)
             return free
+
+    def home_slot(self, identity: str) -> int:
+        """The bit of the tier this catalog lives in (its directory is inside that tier's storage).
+
+        Kept under ``home`` rather than by path alone, so that a store moved, copied or reached
+        through another path (``mv``, ``cp -r``, a symlink, another mount point in a container) still
+        finds its own chunks: the catalog moved with them. ``tier/<identity>`` follows the path the
+        store was opened by, so that no other tier can take the same bit through the old path.
+        """
+        k = _enc(f"tier/{identity}")
+        with self.env.read() as txn:
+            home = txn.get(b"home", db=self._meta)
+            current = txn.get(k, db=self._meta)
+        if home is not None and current is not None and int(current) == int(home):
+            return int(home)
+        if home is None:
+            slot = self.tier_slot(identity)  # a catalog made before homes: its slot by path, as before
+        with self.env.write() as txn:
+            home = txn.get(b"home", db=self._meta)
+            if home is None:
+                txn.put(b"home", str(slot).encode(), db=self._meta)
+                return slot
+            slot = int(home)
+            for key, val in list(txn.cursor(db=self._meta)):
+                if bytes(key).startswith(b"tier/") and int(val) == slot and bytes(key) != k:
+                    txn.delete(bytes(key), db=self._meta)  # the path the store was reached by before
+            other = txn.get(k, db=self._meta)
+            if other is not None and int(other) != slot:
+                # this path named another tier of this catalog before: its bit stays reserved (its records
+                # still carry it) under a name no tier URL can have, so that no new tier takes it
+                txn.put(_enc(f"tier/orphaned:{int(other)}:{identity}"), bytes(other), db=self._meta)
+                log.warning("kvfs: the catalog at %s listed another tier at %s; the store itself is there now "
+                            "(that tier's records are unreachable; kvfs fsck rebuilds the catalog)",
+                            self.directory, identity)
+            txn.put(k, str(slot).encode(), db=self._meta)
+            return slot
 
     def volatile_slots(self) -> list[tuple[str, int]]:
         """Slots of process-local tiers (identities ``...#<pid>.<id>``): ``(identity, slot)``."""
@@ -326,6 +365,8 @@ class Catalog:
                     continue
                 rec = ChunkRecord.unpack(key, v)
                 pins = 0 if reset else max(0, rec.pins + delta)
+                if pins == rec.pins:
+                    continue  # unpinning a chunk with no pins changes nothing, and is not counted
                 new = replace(rec, pins=pins)
                 txn.put(k, new.pack(), db=self._chunks)
                 changed.append(new)

@@ -8,7 +8,7 @@ namespaces, 2-hex shards, and chunks as read-only safetensors files::
     fs.ls("")                                   # models
     data = fs.cat("llama-3.1-8b/bf16-.../9f/9f3a....safetensors")   # == store.cat(path), verified
     with fsspec.open("kvfs://llama-3.1-8b/.../9f/9f3a....safetensors", url="lmdb:///var/cache/kvfs") as f:
-        header = f.read(4096)                    # ranged reads
+        header = f.read(4096)                    # ranged reads, each layer they touch verified
     fs.rm(path)                                  # evicts; a pinned chunk raises PermissionError
     fs.close()                                   # closes (and flushes) the store
 
@@ -39,7 +39,7 @@ from urllib.parse import quote
 
 from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
 
-from .errors import InvalidInput, PinnedError, ReadOnlyStore
+from .errors import ChunkFormatError, InvalidInput, PinnedError, ReadOnlyStore, StoreError
 
 _READ_ONLY_HINT = (
     "kvfs:// is read-only apart from rm (eviction): write KV with kvfs.Namespace.put, "
@@ -174,24 +174,32 @@ class KVFileSystem(AbstractFileSystem):
         if info["kind"] == "chunk":
             return path.rsplit("/", 1)[-1].removesuffix(".safetensors")
         if info["kind"] == "manifest":
-            return hashlib.sha256(self.store.cat(path)).hexdigest()
+            return hashlib.sha256(self._cat(path)).hexdigest()
         return super().ukey(path)
 
     def checksum(self, path: str) -> int:
         return int(self.ukey(path)[:16], 16)
 
     # ---------------------------------------------------------------------------------- reading
+    def _cat(self, path: str) -> bytes:
+        """``store.cat``, a chunk that failed its checks raised as what a filesystem gives for a bad file (EIO)."""
+        try:
+            return self.store.cat(path)
+        except ChunkFormatError as e:
+            raise StoreError(errno.EIO, str(e)) from e
+
     def cat_file(self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any) -> bytes:
-        """A chunk's bytes; whole-file reads are verified (as ``store.cat``), ranges are read as stored."""
+        """A chunk's bytes, verified: a whole file as ``store.cat``, a range layer by layer (every layer it
+        touches checked against its checksum, the header against the path, as the FUSE mount does)."""
         path = self._strip_protocol(path)
         if not start and end is None or path.endswith("/" + _MANIFEST):
-            data = self.store.cat(path)
+            data = self._cat(path)
             return data if not start and end is None else data[start:end]
         size = self.info(path)["size"]
         start, end = _clamp(start, end, size)
         if end <= start:
             return b""
-        return self.store.read_range(path, start, end - start)
+        return _VerifiedRanges(self.store, path).read(start, end)
 
     def _open(
         self,
@@ -211,7 +219,7 @@ class KVFileSystem(AbstractFileSystem):
         if info["type"] == "directory":
             raise IsADirectoryError(errno.EISDIR, f"{path!r} is a directory, not a chunk")
         if verify or info["kind"] == "manifest":
-            return io.BytesIO(self.store.cat(path))
+            return io.BytesIO(self._cat(path))
         return KVFile(self, path, mode, block_size, autocommit, cache_options=cache_options, size=info["size"],
                       **kwargs)
 
@@ -258,13 +266,92 @@ class KVFileSystem(AbstractFileSystem):
 
 
 class KVFile(AbstractBufferedFile):
-    """A chunk opened for reading: each cache miss is one ranged read from the first tier holding it."""
+    """A chunk opened for reading: its header checked at the first read, then each cache miss one ranged
+    read of the layers it overlaps, each layer checked against its checksum before a byte of it is served."""
+
+    _ranges: "_VerifiedRanges | None" = None
 
     def _fetch_range(self, start: int, end: int) -> bytes:
         start, end = _clamp(start, end, self.size)
         if end <= start:
             return b""
-        return self.fs.store.read_range(self.path, start, end - start)
+        if self._ranges is None:
+            self._ranges = _VerifiedRanges(self.fs.store, self.path)
+        return self._ranges.read(start, end)
+
+
+class _VerifiedRanges:
+    """Verified ranged reads of one chunk file, as the FUSE mount serves them (kvfs.fuse._reader).
+
+    The header is read from the first tier holding the chunk and checked
+    against the path (namespace, key, token ids hashed back to the key, the
+    signature in a signed store, the file's size); a range is then read from
+    that tier whole layers at a time, each layer checked against its
+    checksum (and signed digest). A chunk that fails is quarantined (unless
+    the store is read-only) and the read raises ``OSError(EIO)``: bytes that
+    failed a check are never returned.
+    """
+
+    def __init__(self, store: Any, path: str) -> None:
+        from .fuse._reader import candidate_tiers, check_header, read_header
+
+        self.store, self.path = store, path
+        for tier in candidate_tiers(store, path):
+            try:
+                got = read_header(tier.backend, path)
+                if got is None:
+                    continue
+                header, raw = got
+                check_header(store, path, header)
+                info = tier.backend.stat(path)
+                if info is not None and info.size != header.file_size:
+                    raise ChunkFormatError(f"{path} is {info.size} bytes but its header describes "
+                                           f"{header.file_size}: truncated or padded")
+            except ChunkFormatError as e:
+                self._failed(e)
+            self.tier, self.header, self.raw = tier, header, raw
+            return
+        raise FileNotFoundError(errno.ENOENT, f"no such chunk: {path}")
+
+    def read(self, start: int, end: int) -> bytes:
+        from .chunk import check_layer
+        from .fuse._reader import readinto
+
+        h = self.header
+        end = min(end, h.file_size)
+        parts: list = []
+        if start < h.data_offset:
+            parts.append(self.raw[start : min(end, h.data_offset)])
+            start = h.data_offset
+        if start < end:
+            lb = h.layer_bytes
+            first, last = (start - h.data_offset) // lb, (end - 1 - h.data_offset) // lb + 1
+            base = h.data_offset + first * lb
+            buf = bytearray((last - first) * lb)
+            try:
+                n = readinto(self.tier.backend, self.path, base, buf)
+            except OSError as e:
+                raise StoreError(e.errno or errno.EIO, f"reading {self.path}: {e}") from e
+            if n is None:
+                raise FileNotFoundError(errno.ENOENT, f"{self.path} was evicted while open")
+            mv = memoryview(buf)
+            try:
+                if n < len(buf):
+                    raise ChunkFormatError(f"{self.path} is truncated: {n} of {len(buf)} bytes at {base}")
+                for i in range(last - first):
+                    check_layer(h, first + i, mv[i * lb : (i + 1) * lb])
+            except ChunkFormatError as e:
+                self._failed(e)
+            parts.append(mv[start - base : end - base])
+        return b"".join(parts)
+
+    def _failed(self, e: ChunkFormatError):
+        if not self.store.read_only:
+            try:  # every copy checked whole; the bad ones quarantined (as the FUSE mount does)
+                self.store.verify_chunks(self.path, quarantine=True)
+            except Exception:  # noqa: BLE001 - best effort: the read fails either way
+                pass
+        raise StoreError(errno.EIO, f"{self.path} failed its checks: {e}") from e
 
 
 def _clamp(start: int | None, end: int | None, size: int) -> tuple[int, int]:

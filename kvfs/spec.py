@@ -72,11 +72,19 @@ def numpy_dtype(name: str):
     return np.dtype(getattr(ml_dtypes, name))
 
 
+MODEL_DIR_MAX = 200  # bytes of a model's directory name (a path component: at most 255 on filesystems)
+
+
 def model_dir(model: str) -> str:
     """The directory name of a model: ``meta-llama/Llama-3.1-8B`` -> ``meta-llama--Llama-3.1-8B``."""
     name = _MODEL_DIR_OK.sub("_", model.strip().replace("/", "--"))
     if name in ("", ".", ".."):
         raise InvalidInput(f"model name {model!r} does not make a usable directory name")
+    if len(name.encode()) > MODEL_DIR_MAX:
+        # a file name (a path component) holds at most 255 bytes on every filesystem and object store kvfs
+        # writes to; refused here, before anything is registered under it
+        raise InvalidInput(f"model name {model[:40]!r}... makes a {len(name.encode())}-byte directory name; "
+                           f"at most {MODEL_DIR_MAX} bytes (use a shorter model name)")
     return name
 
 
@@ -120,6 +128,7 @@ class KVSpec:
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model.strip():
             raise InvalidInput("KVSpec.model must be a non-empty string (e.g. 'meta-llama/Llama-3.1-8B')")
+        model_dir(self.model)  # a name that makes no usable directory is refused now, not at the first put
         if not isinstance(self.revision, str):
             raise InvalidInput(f"KVSpec.revision must be a string, got {self.revision!r}")
         object.__setattr__(self, "dtype", canonical_dtype(self.dtype))

@@ -289,7 +289,8 @@ class Store:
         try:
             for t in tier_urls:
                 backends.append(backend_class(t.scheme).from_url(t))
-            cat_dir = catalog or next((d for b in backends if (d := b.catalog_dir())), None)
+            home = None if catalog else next((i for i, b in enumerate(backends) if b.catalog_dir()), None)
+            cat_dir = catalog or (backends[home].catalog_dir() if home is not None else None)
             if cat_dir is None and any(t.scheme != "memory" for t in tier_urls):
                 ident = "::".join(t.identity for t in tier_urls if t.scheme != "memory")
                 cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -307,7 +308,9 @@ class Store:
             if getattr(b, "volatile", False):
                 # process-local storage: its catalog bit must mean nothing to other processes
                 ident += f"#{os.getpid()}." + (t.location or uuid.uuid4().hex[:12])
-            self.tiers.append(Tier(i, t, b, self.catalog.tier_slot(ident), t.capacity, t.watermark, shared))
+            # the tier holding the catalog keeps its bit wherever it is reached from (moved, copied, symlinked)
+            slot = self.catalog.home_slot(ident) if i == home else self.catalog.tier_slot(ident)
+            self.tiers.append(Tier(i, t, b, slot, t.capacity, t.watermark, shared))
             self.tiers[-1].identity = ident
         #: the catalog bits of the tiers this store can read
         self.mask = sum(t.bit for t in self.tiers)
@@ -1195,7 +1198,12 @@ class Store:
         raise NotFound(path)
 
     def cat(self, path: str) -> bytes:
-        """The bytes of a chunk file (verified) or of a namespace's ``manifest.json``."""
+        """The bytes of a chunk file (verified) or of a namespace's ``manifest.json``.
+
+        :class:`NotFound` if no tier holds it; if every copy fails its checks, the
+        :class:`ChunkFormatError` (``IntegrityError``...) of the first, naming the tier (the bad copies
+        are quarantined unless the store is read-only).
+        """
         self._check_open()
         parts = self._split(path)
         if len(parts) == 3 and parts[2] == MANIFEST_NAME:
@@ -1213,6 +1221,7 @@ class Store:
             # without the manifest a chunk cannot be checked: an error, not a reason to delete it
             raise NotFound(path, f"namespace {nsp} has no manifest in this store; `kvfs fsck` rebuilds the catalog")
         rec = self.catalog.get(key_of_path(path))
+        failure: ChunkFormatError | None = None
         for t in self.tiers:
             if rec is not None and not rec.tiers & t.bit and not t.shared:
                 continue
@@ -1228,8 +1237,15 @@ class Store:
                 self.validate_chunk(data, path, spec)
             except ChunkFormatError as e:
                 self._quarantine(t, path, e)
+                if failure is None:
+                    # what the caller is told when no tier has a good copy: the reason, not "no such chunk"
+                    kept = self.read_only or isinstance(e, UnsupportedVersion)
+                    failure = type(e)(f"{path} in {t.url.redacted()} failed its checks: {e}"
+                                      + ("" if kept else " (quarantined)"))
                 continue
             return data
+        if failure is not None:
+            raise failure
         raise NotFound(path)
 
     def validate_chunk(self, data, path: str, spec: KVSpec | None = None, *,
@@ -1353,6 +1369,9 @@ class Store:
         paths = [paths] if isinstance(paths, str) else list(paths)
         if not (paths or all or to_size is not None or older_than is not None):
             raise InvalidInput("say what to evict: paths, all=True, to_size=... or older_than=...")
+        for p in paths:
+            if not p.strip().strip("/"):  # "" or "/": an unset variable, not a request to empty the store
+                raise InvalidInput(f"path {p!r} is the whole store; to evict every chunk pass all=True")
         if tier is not None and not 0 <= tier < len(self.tiers):
             raise InvalidInput(f"tier {tier} does not exist (this store has {len(self.tiers)})")
         if not dry_run:
@@ -1385,7 +1404,10 @@ class Store:
                 total -= r.size
         result = EvictResult(dry_run=dry_run)
         victims = []
+        tiers = self.tiers if tier is None else [self.tiers[tier]]
         for r in chosen.values():
+            if not any(r.tiers & t.bit or t.shared for t in tiers):
+                continue  # not in the tier(s) evicted from: nothing to remove, nothing to report
             if r.pins and not force:
                 result.refused.append(r.path)
             else:
@@ -1394,7 +1416,6 @@ class Store:
                 result.freed_bytes += r.size
         if dry_run or not victims:
             return result
-        tiers = self.tiers if tier is None else [self.tiers[tier]]
         for t in tiers:
             held = [r for r in victims if r.tiers & t.bit or t.shared]
             if held:

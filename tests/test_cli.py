@@ -327,6 +327,105 @@ def test_verify_reports_and_quarantines_a_corrupt_copy(tmp_path):
     assert f"{len(filled['paths']) - 1} ok, 0 failed" in r.stdout
 
 
+def test_a_corrupt_chunk_is_named_as_failing_its_checks_not_as_missing(tmp_path):
+    url = f"file://{tmp_path}/files"
+    filled = fill(url)
+    victim = filled["p1"][1]
+    with open(f"{tmp_path}/files/{victim}", "r+b") as f:
+        f.seek(6000)
+        b = f.read(1)
+        f.seek(6000)
+        f.write(bytes([b[0] ^ 0xFF]))
+    st = json.loads(invoke("stat", "--json", "--verify", victim, url=url, code=1).stdout)
+    assert "failed its checks" in st["checksum"] and "checksum mismatch" in st["checksum"], st["checksum"]
+    assert "no such" not in st["checksum"]
+    doc = json.loads(run("cp", "--json", url, f"lmdb://{tmp_path}/copy", check=1).stdout)
+    assert [f["path"] for f in doc["failed"]] == [victim]
+    assert "failed its checks" in doc["failed"][0]["error"] and "no such" not in doc["failed"][0]["error"]
+
+
+def test_cp_from_an_unsigned_store_into_a_signed_one_says_how(store_url, filled, tmp_path):
+    key = tmp_path / "key"
+    key.write_text("a deployment key")
+    p = run("cp", store_url, f"lmdb://{tmp_path}/signed", env={"KVFS_SIGNING_KEY_FILE": str(key)}, check=1)
+    assert "--source-unsigned" in one_error_line(p.stderr.splitlines()[-1])
+    run("cp", "--source-unsigned", store_url, f"lmdb://{tmp_path}/signed", env={"KVFS_SIGNING_KEY_FILE": str(key)})
+
+
+@pytest.mark.parametrize("path", ["", "/", " "])
+def test_an_empty_path_never_selects_the_whole_store(store_url, filled, path):
+    for cmd in ("evict", "pin", "unpin"):
+        p = run(cmd, path, url=store_url, check=2)
+        assert "whole store" in one_error_line(p.stderr)
+    with pytest.raises(kvfs.InvalidInput, match="all=True"):
+        with kvfs.open(store_url) as store:
+            store.evict([path])
+    assert chunk_paths(store_url) == set(filled["paths"])
+    doc = json.loads(invoke("ls", "-R", "--json", url=store_url).stdout)
+    assert not any(e.get("pinned") for e in doc["entries"])
+
+
+def test_unpin_counts_only_chunks_it_unpinned(store_url, filled):
+    one = filled["p1"][0]
+    assert "pinned 1 chunk(s)" in invoke("pin", one, url=store_url).stdout
+    assert f"unpinned 1 chunk(s)" in invoke("unpin", filled["ns"], url=store_url).stdout
+    assert "unpinned 0 chunk(s)" in invoke("unpin", filled["ns"], url=store_url).stdout
+
+
+@pytest.mark.parametrize("scheme", ["lmdb", "file"])
+def test_a_moved_or_symlinked_store_still_serves_and_evicts_its_chunks(tmp_path, scheme):
+    """The catalog lives inside the store; which tier it belongs to must not depend on the path it was opened by
+    (mv, cp -r, a symlink, another mount point in a container)."""
+    old, new, link = tmp_path / "old", tmp_path / "new", tmp_path / "link"
+    filled = fill(f"{scheme}://{old}")
+    with kvfs.open(f"{scheme}://{old}") as store:
+        expected = store.namespace(SPEC).get(P2).tobytes()
+    os.rename(old, new)
+    os.symlink(new, link)
+    for where in (new, link):
+        with kvfs.open(f"{scheme}://{where}") as store:
+            ns = store.namespace(SPEC)
+            assert ns.lookup(P1) == len(P1)
+            assert ns.get(P2).tobytes() == expected
+    doc = json.loads(invoke("verify", "--json", url=f"{scheme}://{new}").stdout)
+    assert doc["failed"] == 0 and len(doc["results"]) == len(filled["paths"])
+    r = invoke("evict", filled["p1"][0], url=f"{scheme}://{link}")
+    assert "evicted 1 chunk(s)" in r.stdout
+    with kvfs.open(f"{scheme}://{new}") as store:
+        assert store.namespace(SPEC).lookup(P1) == 0
+        assert filled["p1"][0] not in {r.path for r in store.records("")}
+
+
+def test_evict_reports_only_chunks_it_removed(tmp_path):
+    url = f"lmdb://{tmp_path}/hot::lmdb://{tmp_path}/cold"
+    filled = fill(url)
+    with kvfs.open(url) as store:
+        store.flush()
+    assert f"evicted {len(filled['paths'])} chunk(s) from tier 0" in invoke("evict", "--all", "--tier", "0",
+                                                                             url=url).stdout
+    # nothing is in tier 0 any more: a second eviction from it removes, and reports, nothing
+    doc = json.loads(invoke("evict", "--all", "--tier", "0", "--json", url=url).stdout)
+    assert doc["evicted"] == [] and doc["freed_bytes"] == 0
+    assert len(json.loads(invoke("evict", "--all", "--json", url=url).stdout)["evicted"]) == len(filled["paths"])
+    assert json.loads(invoke("evict", "--all", "--json", url=url).stdout)["evicted"] == []
+
+
+def test_mount_refuses_a_mistyped_store_directory(tmp_path):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        p = run("mount", f"lmdb://{tmp_path}/no-such-store", str(mnt), check=None)
+    finally:
+        if os.path.ismount(mnt):  # the bug this guards against: a new, empty store mounted
+            run("umount", str(mnt), check=None)
+    assert p.returncode == 1
+    line = one_error_line(p.stderr)
+    assert line.startswith("kvfs mount:") and "does not exist" in line
+    assert not os.path.exists(f"{tmp_path}/no-such-store")
+    p = run("umount", str(mnt), check=1)
+    assert one_error_line(p.stderr).startswith("kvfs umount:")
+
+
 def test_fsck_rebuilds_a_lost_catalog(tmp_path):
     url = f"file://{tmp_path}/files"
     filled = fill(url)

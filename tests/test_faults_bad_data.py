@@ -15,7 +15,7 @@ import pytest
 import fault_report
 import kvfs
 from kvfs import chunk
-from kvfs.errors import CacheMiss, NotFound
+from kvfs.errors import CacheMiss, ChunkFormatError, NotFound
 from kvfs.keys import as_tokens
 
 SPEC = kvfs.KVSpec("bad/tiny", num_layers=3, num_kv_heads=2, head_dim=8, dtype="bfloat16", chunk_tokens=16)
@@ -101,8 +101,9 @@ def test_every_bad_chunk_is_a_miss_and_is_quarantined(tmp_path, scheme, caplog):
             # a second copy of the same bad bytes, found by fsck and by cat
             backend.put(key.path, bad)
             store._headers.clear()
-            with pytest.raises(NotFound):
+            with pytest.raises(ChunkFormatError, match="failed its checks"):  # the reason, not "no such chunk"
                 store.cat(key.path)
+            assert not backend.exists_many([key.path])[0], f"{name}: cat did not quarantine the bad chunk"
             backend.put(key.path, bad)
             report = store.fsck(verify=True)
             assert report.corrupt or report.foreign or report.orphans, name

@@ -92,6 +92,55 @@ def test_fsspec_open_gives_bytes_safetensors_opens(url, filled):
     np.testing.assert_array_equal(tensors["kv"], kv_of(70)[:, :, 16:32])
 
 
+def _flip(path: str, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x01]))
+
+
+@pytest.mark.parametrize("how", ["open", "range", "cat"])
+def test_a_corrupt_chunk_is_never_read_through_fsspec(tmp_path, how):
+    """Every way of reading a chunk through fsspec checks it: ranged reads layer by layer, as the FUSE mount."""
+    url = f"file://{tmp_path}/files"
+    filled = fill(url)
+    victim = filled["p1"][1]
+    with kvfs.open(url) as store:
+        good = store.cat(victim)
+    from kvfs.chunk import parse_header
+
+    header = parse_header(good)
+    lb = header.layer_bytes
+    _flip(f"{tmp_path}/files/{victim}", header.data_offset + lb + 7)  # layer 1
+    with fsspec.filesystem("kvfs", url=url) as fs:
+        # bytes before the bad layer are verified too, and served
+        assert fs.cat_file(victim, 0, header.data_offset + lb) == good[: header.data_offset + lb]
+        with pytest.raises(OSError) as e:
+            if how == "open":
+                with fs.open(victim, "rb") as f:
+                    f.read()
+            elif how == "range":
+                fs.cat_file(victim, header.data_offset + lb, header.data_offset + lb + 16)
+            else:
+                fs.cat(victim)
+        assert e.value.errno == errno.EIO and "failed its checks" in str(e.value)
+        assert not fs.exists(victim)  # quarantined, as any read that finds it corrupt does
+
+
+def test_fsspec_ranged_reads_need_a_valid_signature_in_a_signed_store(tmp_path, monkeypatch):
+    url = f"lmdb://{tmp_path}/store"
+    filled = fill(url)  # written without a key: unsigned chunks
+    monkeypatch.setenv("KVFS_SIGNING_KEY", "the deployment key")
+    with fsspec.filesystem("kvfs", url=url, read_only=True) as fs:
+        with pytest.raises(OSError) as e:
+            with fs.open(filled["p1"][0], "rb") as f:
+                f.read()
+        assert e.value.errno == errno.EIO and "not signed" in str(e.value)
+        with pytest.raises(OSError):
+            fs.cat_file(filled["p1"][0], 0, 64)
+
+
 def test_rm_evicts_and_pinned_chunks_are_refused(url, fs, filled):
     a, b = filled["p1"][3], filled["p1"][4]
     fs.rm(b)

@@ -556,6 +556,9 @@ def test_mount_errors_are_reported_and_leave_nothing_running(tmp_path, reaper):
     res = kvfs_cmd("mount", "--log", log, "nosuchscheme://x", mnt, check=False)
     assert res.returncode != 0 and "nosuchscheme" in res.stderr
     assert mounted_fstype(mnt) is None
+    res = kvfs_cmd("mount", "--log", log, f"lmdb://{tmp_path}/typo", mnt, check=False)
+    assert res.returncode == 1 and "does not exist" in res.stderr and mounted_fstype(mnt) is None
+    os.makedirs(f"{tmp_path}/s")
     with Mounted(f"lmdb://{tmp_path}/s", mnt, adopted=reaper):
         res = kvfs_cmd("mount", "--log", log, f"lmdb://{tmp_path}/s", mnt, check=False)
         assert res.returncode != 0 and "already" in res.stderr
@@ -585,6 +588,7 @@ def test_mount_options_suit_a_cache(mounted, tmp_path, reaper):
         if not allowed:
             pytest.skip("--allow-other needs root or user_allow_other in /etc/fuse.conf")
     mnt = str(tmp_path / "mnt")
+    os.makedirs(tmp_path / "store")  # an empty store: a read-only mount refuses a directory that does not exist
     with Mounted(f"lmdb://{tmp_path}/store", mnt, "--allow-other", adopted=reaper):
         assert "allow_other" in mount_options(mnt)[1]
 

@@ -426,3 +426,10 @@ def test_a_put_larger_than_a_tier_fills_it_instead_of_skipping_it(tmp_path):
         mem = store.tiers[0]
         assert 0 < store.catalog.used(mem.slot) <= 3 * one
         assert ns.get(toks).tobytes() == kv.tobytes()
+
+
+def test_a_model_name_too_long_for_a_directory_is_refused_before_anything_is_registered(tmp_path):
+    with pytest.raises(kvfs.InvalidInput, match="at most 200 bytes"):
+        kvfs.KVSpec("org/" + "m" * 300, num_layers=2, num_kv_heads=2, head_dim=8)
+    with kvfs.open(f"lmdb://{tmp_path}/s") as store:
+        assert store.ls("") == []
