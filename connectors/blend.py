@@ -468,10 +468,12 @@ class BlendedLM:
         if header is None:
             return None
         meta = header.metadata
-        if meta.get("keys", KEYS_METADATA) != KEYS_METADATA or meta.get("rope", self._extra["rope"]) != \
-                self._extra["rope"]:
+        # required, not assumed: a segment stored without them (ns.put_segment by hand) may hold keys rotated
+        # some other way, or not at all
+        if meta.get("keys") != KEYS_METADATA or meta.get("rope") != self._extra["rope"]:
             self.store._warn_once(f"blend-rope:{self.ns.path}", f"kvfs: segment chunk {item.key.path} was stored "
-                                  f"with other RoPE settings ({meta.get('keys')}, {meta.get('rope')}); recomputing it")
+                                  f"with other RoPE settings, or none (keys={meta.get('keys')}, rope={meta.get('rope')}); "
+                                  "recomputing it")
             return None
         return header.positions - item.key.start
 

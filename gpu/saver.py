@@ -119,6 +119,9 @@ class LayerSaver:
     """Accumulates the KV of ``tokens`` layer by layer and writes its chunks at :meth:`finish`."""
 
     def __init__(self, ns: Any, tokens: Any, *, positions: int | None = None) -> None:
+        from kvfs.namespace import _prefix_positions
+
+        _prefix_positions(positions)
         store = ns.store
         store._check_writable()
         self.ns = ns

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import CacheMiss, InvalidInput
+from .errors import CacheMiss, ChunkFormatError, InvalidInput, NotFound
 from .keys import ChunkKey, as_tokens, chain, chunk_keys, common_prefix_length, segment_keys
 from .spec import KVSpec, canonical_dtype
 from .store import ReadItem, Store
@@ -44,6 +44,14 @@ class PlanItem:
     def whole(self) -> bool:
         """The chunk is used whole (its key matched exactly)."""
         return self.take == self.key.num_tokens
+
+
+def _prefix_positions(positions: Any) -> None:
+    """A prefix's KV is computed at positions 0..n-1: its keys do not include positions, so KV computed
+    anywhere else must not be stored under them."""
+    if positions not in (None, 0):
+        raise InvalidInput(f"positions={positions!r}: a prefix's KV is the KV computed at positions 0..n-1 (its "
+                           "chunk keys do not include positions); store KV computed elsewhere with put_segment")
 
 
 class Namespace:
@@ -130,14 +138,17 @@ class Namespace:
             raise InvalidInput(f"start={start!r} must be a multiple of the chunk size ({c} tokens) between 0 and "
                                f"the {len(toks)} tokens given")
         start = int(start)
+        _prefix_positions(positions)
         raw = self.as_raw_kv(kv, len(toks) - start)
         keys = chunk_keys(self.spec.seed, self.path, toks, c)
-        return self._put_keys(keys, toks, raw, positions, offset=start)
+        return self._put_keys(keys, toks, raw, None, offset=start)
 
     def put_segment(self, tokens: Any, kv: Any, *, positions: int = 0, extra: dict[str, str] | None = None) -> int:
         """Store a position-independent segment (a document) computed at positions ``positions...``.
 
-        ``extra``: more chunk metadata (string values; e.g. how the keys were rotated, for CacheBlend)."""
+        ``extra``: more chunk metadata (string values; e.g. how the keys were rotated, for CacheBlend).
+        A segment's chunks are one computation: if chunks of it are stored from a computation at other
+        positions, every chunk is written again from this one (else a read would stitch two together)."""
         toks = as_tokens(tokens)
         raw = self.as_raw_kv(kv, len(toks))
         keys = segment_keys(self.spec.seed, self.path, toks, self.spec.chunk_tokens)
@@ -154,6 +165,10 @@ class Namespace:
         if todo:
             found = store._exists_anywhere([keys[i] for i in todo], lambda k: toks[k.start : k.end])
             todo = [i for i, f in zip(todo, found) if not f]
+        if segment and 0 < len(todo) < len(keys):
+            base = self._segment_base([k for i, k in enumerate(keys) if i not in set(todo)])
+            if base != positions:
+                todo = list(range(len(keys)))  # the stored part is of another computation: replace it all
         if todo and keys[todo[0]].start < offset:
             return 0  # a chunk before offset is gone: what follows it would be unreachable
         if len(todo) < len(keys):
@@ -262,7 +277,8 @@ class Namespace:
         return self.store._read(self.spec, items)
 
     def get_segment(self, tokens: Any, *, out: Any = None) -> tuple[Any, int]:
-        """A segment's KV and the first position it was computed at; CacheMiss if not stored whole."""
+        """A segment's KV and the first position it was computed at; CacheMiss if not stored whole, or if
+        its chunks come from computations at different positions."""
         toks = as_tokens(tokens)
         keys = segment_keys(self.spec.seed, self.path, toks, self.spec.chunk_tokens)
         result, raw = self._out(len(toks), out)
@@ -271,10 +287,28 @@ class Namespace:
         ok = self.store._read(self.spec, items)
         if not all(ok):
             raise CacheMiss(f"segment of {len(toks)} tokens is not stored whole in {self.path}")
-        header = self.store._headers.get(keys[0].path)
-        if header is None:  # evicted from the header cache since the read: the header says, not a guess
-            header = self.store._read_header(keys[0].path)
-        return result, header.positions
+        base = self._segment_base(keys)
+        if base is None:
+            self.store._warn_once(f"mixed:{keys[0].path}",
+                                  f"kvfs: the chunks of segment {keys[0].hex[:16]}... in {self.path} were computed "
+                                  "at different positions (stored by different runs); treated as a miss")
+            raise CacheMiss(f"segment of {len(toks)} tokens in {self.path} is stored from computations at "
+                            "different positions")
+        return result, base
+
+    def _segment_base(self, keys: list[ChunkKey]) -> int | None:
+        """The first position the segment chunks ``keys`` were computed at, from their headers (cached by the
+        read just done, else read); None if they disagree."""
+        bases = set()
+        for k in keys:
+            header = self.store._headers.get(k.path)
+            if header is None:  # evicted from the header cache since the read: the header says, not a guess
+                try:
+                    header = self.store._read_header(k.path)
+                except (NotFound, ChunkFormatError):
+                    return None  # gone or unreadable since: not a segment to trust (or to keep, for a put)
+            bases.add(header.positions - header.start)
+        return bases.pop() if len(bases) == 1 else None
 
     def has_segment(self, tokens: Any) -> bool:
         keys = self.segment_keys(tokens)

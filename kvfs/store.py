@@ -590,6 +590,17 @@ class Store:
 
     def _check_header(self, spec: KVSpec, item: ReadItem, header: ChunkHeader) -> None:
         check_expected(header, spec, key=item.key.hex, path=item.path)
+        key = item.key
+        kind = "segment" if key.segment else "prefix"
+        if header.kind != kind or header.start != key.start or header.parent != key.parent_hex:
+            # the chunk must be the one at this place of this chain: a chunk found through the children
+            # index (a partial one) is otherwise bound to its key by its own header only
+            raise IntegrityError(f"{item.path} is the {header.kind} chunk at token {header.start} after "
+                                 f"{header.parent[:16] or 'the start'}, not the {kind} chunk at {key.start} "
+                                 f"after {key.parent_hex[:16] or 'the start'} asked for")
+        if kind == "prefix" and header.positions != header.start:
+            raise IntegrityError(f"{item.path} was computed at positions from {header.positions}, not at its "
+                                 f"place in the prefix ({header.start})")
         if self.signer is not None:
             # the signature covers the metadata and its per-layer BLAKE2b digests: each layer read is
             # then authenticated by check_layer, whole chunks and layer-wise loads alike
@@ -729,6 +740,17 @@ class Store:
         header = self._headers.get(item.path)
         if header is None:
             return
+        unread = [i for i in range(header.shape[0]) if i not in item.layers]
+        if unread and self.verify:
+            # the read checked only the layers it asked for: the tiers above get only a chunk checked whole
+            mv = memoryview(data)[header.data_offset :]
+            lb = header.layer_bytes
+            try:
+                for i in unread:
+                    check_layer(header, i, mv[i * lb : (i + 1) * lb])
+            except ChunkFormatError as e:
+                self._quarantine(self.tiers[from_tier], item.path, e)
+                return
         rec = self._record_for(item.key, header, len(data))
         try:
             self._write_new([(rec, header.tokens if header.kind == "prefix" else None, item.path, data)],

@@ -349,12 +349,15 @@ def test_a_corrupt_segment_chunk_is_recomputed_not_used(sparse, tmp_path, caplog
         torch.testing.assert_close(again.logits, want[1.0], atol=1e-5, rtol=0)
 
 
-def test_segments_stored_with_other_rope_settings_are_not_reused(sparse, caplog):
+@pytest.mark.parametrize("stored_with", ["other rope", "no rope metadata"])
+def test_segments_stored_with_other_rope_settings_are_not_reused(sparse, caplog, stored_with):
     prefix, segs, query = rag_prompt(sparse, 9)
     with kvfs.open("memory://") as store, BlendedLM(sparse, store, chunk_tokens=CHUNK) as lm:
         want = lm.prefill(prefix, segs, query, ratio=0).logits
     with kvfs.open("memory://") as store, BlendedLM(sparse, store, chunk_tokens=CHUNK) as lm:
         other = dict(lm._extra, rope='{"factor":8.0,"rope_theta":500000.0,"rope_type":"linear"}')
+        if stored_with == "no rope metadata":  # ns.put_segment by hand: how its keys were rotated is unknown
+            other = None
         lm.ns.put_segment(segs[0], lm.compute_segment(segs[0]), positions=1, extra=other)
         with caplog.at_level("WARNING", logger="kvfs"):
             got = lm.prefill(prefix, segs, query, ratio=0)

@@ -433,3 +433,80 @@ def test_a_model_name_too_long_for_a_directory_is_refused_before_anything_is_reg
         kvfs.KVSpec("org/" + "m" * 300, num_layers=2, num_kv_heads=2, head_dim=8)
     with kvfs.open(f"lmdb://{tmp_path}/s") as store:
         assert store.ls("") == []
+
+
+def test_a_segment_is_never_stitched_from_two_computations(url):
+    """Segment keys do not include positions: a segment stored again at other positions after part of it was
+    evicted is written whole again, and a read of chunks from two computations is a miss, never a mix."""
+    toks = prompt(64, seed=7)
+    kv0, kv500 = rand_kv(SPEC, 64, seed=1), rand_kv(SPEC, 64, seed=2)
+    with kvfs.open(url) as store:
+        ns = store.namespace(SPEC)
+        ns.put_segment(toks, kv0, positions=0)
+        second = ns.segment_keys(toks)[1]
+        store.evict([second.path])
+        assert ns.put_segment(toks, kv500, positions=500) == 2  # both chunks: one computation
+        got, pos = ns.get_segment(toks)
+        assert pos == 500 and got.tobytes() == kv500.tobytes()
+        # a mixed segment behind kvfs's back (two writers racing, a copy from another store): a miss
+        first = ns.segment_keys(toks)[0]
+        store.evict([first.path])
+        other = kvfs.open("memory://")
+        o = other.namespace(SPEC)
+        o.put_segment(toks, kv0, positions=0)
+        store.import_chunk(first.path, other.cat(first.path), manifest=SPEC.manifest_bytes())
+        other.close()
+        with pytest.raises(CacheMiss, match="different positions"):
+            ns.get_segment(toks)
+
+
+def test_a_prefix_is_only_stored_as_computed_from_position_zero(url):
+    with kvfs.open(url) as store:
+        ns = store.namespace(SPEC)
+        with pytest.raises(InvalidInput, match="put_segment"):
+            ns.put(prompt(40), rand_kv(SPEC, 40), positions=1000)
+        assert ns.put(prompt(40), rand_kv(SPEC, 40), positions=0) == 2
+        assert ns.lookup(prompt(40)) == 40
+
+
+def test_a_partial_chunk_must_extend_the_prefix_it_is_read_after(tmp_path):
+    """A partly used chunk is found through the catalog's children index; its own header must name the prefix
+    it is read after as its parent (a wrong index entry is a miss, not KV computed after another prefix)."""
+    from kvfs.catalog import _child_key
+
+    with kvfs.open(f"file://{tmp_path}/s") as store:
+        ns = store.namespace(SPEC)
+        p1, p2, x = prompt(32, seed=1), prompt(32, seed=2), prompt(5, seed=3)
+        ns.put(p1 + x, rand_kv(SPEC, 37, seed=1))
+        ns.put(p2, rand_kv(SPEC, 32, seed=2))
+        kx, kp2 = ns.keys(p1 + x)[1], ns.keys(p2)[0]
+        with store.catalog.env.write() as txn:  # one wrong children entry: "x's chunk extends p2"
+            txn.put(_child_key(f"{kx.namespace}/{kx.hex}", kp2.hex, x[0]), np.asarray(x, "<u4").tobytes(),
+                    db=store.catalog._children)
+        with pytest.raises(CacheMiss):
+            ns.get(p2 + x[:3])
+        n, got = ns.get_prefix(p2 + x[:3])
+        assert n == 32
+
+
+def test_a_chunk_is_promoted_only_once_every_layer_is_checked(tmp_path):
+    url = f"memory://::file://{tmp_path}/cold"
+    toks, kv = prompt(32), rand_kv(SPEC, 32)
+    with kvfs.open(url) as store:
+        ns = store.namespace(SPEC)
+        ns.put(toks, kv)
+        store.flush()
+        key = ns.keys(toks)[0]
+        store.evict([key.path], tier=0)
+        path = f"{tmp_path}/cold/{key.path}"
+        raw = bytearray(open(path, "rb").read())
+        from kvfs.chunk import parse_header
+
+        lo, _ = parse_header(raw).layer_range(3)
+        raw[lo + 5] ^= 0xFF  # layer 3 only
+        open(path, "wb").write(raw)
+        dest = np.empty(SPEC.chunk_shape(32), np.uint16)
+        assert ns.read(ns.plan(toks), dest[0:2], layers=range(0, 2)) == [True]  # layers 0-1 are intact
+        assert store.tiers[0].backend.get(key.path) is None  # the corrupt layer 3 went nowhere
+        with pytest.raises(CacheMiss):
+            ns.get(toks)
