@@ -90,6 +90,10 @@ class LazyGroup(click.Group):
             raise one_line_usage(e, ctx) from None
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, BrokenPipeError):
             raise  # click reports these itself (a closed pipe, as in `kvfs ls | head`, quietly)
+        except KeyboardInterrupt:
+            sub = ctx.invoked_subcommand
+            click.echo(f"kvfs {sub}: interrupted" if sub else "kvfs: interrupted", err=True)
+            raise click.exceptions.Exit(130) from None  # 128 + SIGINT, as shells report it
         except Exception as e:  # noqa: BLE001 - the CLI's one error boundary
             if _debug(ctx):
                 raise

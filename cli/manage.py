@@ -196,10 +196,13 @@ def prefetch(paths: tuple[str, ...], tokens_file: str | None, ns_path: str | Non
         counts = store.prefetch(targets, progress=update)
     top = store.tiers[0].url.redacted()
     if as_json:
-        echo_json({**counts, "tier": top})
+        echo_json({**counts, "tier": top, **({"note": note.strip(" ()")} if note else {})})
     else:
         click.echo(f"fetched {counts['fetched']} chunk(s) ({size(counts['bytes'])}) into {top}; "
                    f"{counts['already']} already there{note}")
+        if counts["evicted"]:
+            warn(f"kvfs prefetch: {counts['evicted']} of the chunks fetched were evicted again to make room "
+                 f"for the others: {top} is smaller than what was asked for (raise its capacity or prefetch less)")
     if counts["failed"]:
         raise CommandError(f"{counts['failed']} chunk(s) could not be read from any lower tier "
                            "(missing or failing their checks; see the warnings above)", 1, "kvfs prefetch")

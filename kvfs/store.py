@@ -449,7 +449,14 @@ class Store:
         self.catalog.register_namespace(spec.path, manifest)
         backend = self.tiers[tier_index].backend
         mpath = f"{spec.path}/{MANIFEST_NAME}"
-        if not backend.exists_many([mpath])[0]:
+        existing = backend.get(mpath)
+        if existing is None:
+            backend.put(mpath, manifest)
+        elif bytes(existing) != manifest and not _describes(bytes(existing), manifest):
+            # the namespace's directory name is a hash of its manifest: a manifest there that says otherwise
+            # is damaged or planted, and would make every chunk in it unreadable once the catalog is rebuilt
+            log.warning("kvfs: %s in %s did not describe namespace %s (damaged or foreign); rewritten",
+                        mpath, self.tiers[tier_index].url.redacted(), spec.path)
             backend.put(mpath, manifest)
         self._manifests_written.add(key)
 
@@ -1417,13 +1424,18 @@ class Store:
             limit = parse_size(to_size, "to_size")
             recs = sorted(self.catalog.scan(), key=lambda r: r.last_access)
             total = sum(r.size for r in recs)
+            passed = []
             for r in recs:
                 if total <= limit:
                     break
                 if r.pins and not force:
+                    passed.append(r)
                     continue
                 chosen[r.key] = r
                 total -= r.size
+            if total > limit:  # the pinned chunks are what keeps the store above the size: refused, and said
+                for r in passed:
+                    chosen[r.key] = r
         result = EvictResult(dry_run=dry_run)
         victims = []
         tiers = self.tiers if tier is None else [self.tiers[tier]]
@@ -1638,7 +1650,9 @@ class Store:
     def prefetch(self, paths: Iterable[str] = ("",), *, progress=None) -> dict[str, int]:
         """Bring chunks at or under ``paths`` into the fastest tier (verified on the way).
 
-        Returns counts: ``{"fetched", "already", "failed", "bytes"}``.
+        Returns counts: ``{"fetched", "already", "failed", "bytes", "evicted"}``; ``evicted``: chunks
+        fetched, then evicted again to make room for later ones (the fastest tier is smaller than the
+        selection).
         """
         self._check_writable()
         paths = [paths] if isinstance(paths, str) else list(paths)
@@ -1646,8 +1660,9 @@ class Store:
         for p in paths:
             for r in self.records(p):
                 recs[r.key] = r
-        counts = {"fetched": 0, "already": 0, "failed": 0, "bytes": 0}
+        counts = {"fetched": 0, "already": 0, "failed": 0, "bytes": 0, "evicted": 0}
         top = self.tiers[0]
+        fetched: list[str] = []
         for r in recs.values():
             if r.tiers & top.bit:
                 counts["already"] += 1
@@ -1679,12 +1694,16 @@ class Store:
                                 tiers=list(range(t.index)))
                 counts["fetched"] += 1
                 counts["bytes"] += len(data)
+                fetched.append(r.key)
                 done = True
                 break
             if not done:
                 counts["failed"] += 1
             if progress is not None:
                 progress(r.size)
+        if fetched:
+            counts["evicted"] = sum(1 for rec in self.catalog.get_many(fetched)
+                                    if rec is None or not rec.tiers & top.bit)
         return counts
 
     def read_range(self, path: str, offset: int, size: int) -> bytes:
@@ -1703,6 +1722,14 @@ class Store:
             if data is not None:
                 return bytes(data)
         raise NotFound(path)
+
+
+def _describes(raw: bytes, manifest: bytes) -> bool:
+    """Whether the manifest bytes ``raw`` (any JSON formatting) describe the same namespace as ``manifest``."""
+    try:
+        return KVSpec.from_manifest(raw).manifest_bytes() == manifest
+    except InvalidInput:
+        return False
 
 
 class _HeaderCache(dict):

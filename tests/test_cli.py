@@ -216,6 +216,20 @@ def test_evict_older_than_to_size_and_paths(store_url, filled):
     assert chunk_paths(store_url) == set()
 
 
+def test_evict_to_a_size_pinned_chunks_keep_it_above_is_a_refusal(store_url, filled):
+    invoke("pin", filled["ns"], url=store_url)
+    p = run("evict", "--to-size", "0", url=store_url, check=1)
+    assert "refused to evict" in one_error_line(p.stderr)
+    invoke("unpin", filled["ns"], url=store_url)
+    one = filled["p1"][0]
+    invoke("pin", one, url=store_url)
+    with kvfs.open(store_url) as store:
+        pinned_size = store.records(one)[0].size
+    # room enough for the pinned chunk: the others go, nothing is refused
+    doc = json.loads(invoke("evict", "--to-size", str(pinned_size), "--json", url=store_url).stdout)
+    assert doc["refused"] == [] and len(doc["evicted"]) == len(filled["paths"]) - 1
+
+
 def test_evict_skips_chunks_someone_else_evicted_after_the_plan(store_url, filled):
     from kvfs.cli.manage import _evict_batch
 
@@ -270,6 +284,25 @@ def test_prefetch_brings_chunks_into_the_fastest_tier(tmp_path):
     assert hot == set(filled["p1"])
     doc = json.loads(invoke("prefetch", "--json", filled["ns"], url=url).stdout)
     assert doc["fetched"] == len(filled["paths"]) - 5 and doc["already"] == 5 and doc["failed"] == 0
+
+
+def test_prefetch_into_a_tier_too_small_says_what_did_not_stay(tmp_path):
+    big = f"lmdb://{tmp_path}/hot::lmdb://{tmp_path}/cold"
+    filled = fill(big)
+    with kvfs.open(big) as store:
+        store.flush()
+        total = sum(r.size for r in store.records(filled["ns"]))
+    invoke("evict", "--all", "--tier", "0", url=big)
+    small = f"lmdb://{tmp_path}/hot?capacity={total // 2}::lmdb://{tmp_path}/cold"
+    doc = json.loads(run("prefetch", "--json", filled["ns"], url=small).stdout)
+    with kvfs.open(small) as store:
+        in_top = sum(1 for r in store.records(filled["ns"]) if r.tiers & store.tiers[0].bit)
+    assert doc["fetched"] == len(filled["paths"]) and doc["already"] == 0
+    assert doc["evicted"] > 0 and in_top == doc["fetched"] - doc["evicted"]
+    invoke("evict", "--all", "--tier", "0", url=big)
+    p = run("prefetch", filled["ns"], url=small)
+    assert f"fetched {len(filled['paths'])} chunk(s)" in p.stdout
+    assert f"{doc['evicted']} of the chunks fetched were evicted again" in p.stderr
 
 
 @pytest.mark.parametrize("dst_scheme", ["file", "lmdb"])
@@ -426,6 +459,20 @@ def test_mount_refuses_a_mistyped_store_directory(tmp_path):
     assert one_error_line(p.stderr).startswith("kvfs umount:")
 
 
+def test_cp_replaces_a_damaged_manifest_in_the_destination(store_url, filled, tmp_path):
+    dst = tmp_path / "files"
+    bad = json.loads(SPEC.manifest_bytes())
+    bad["num_layers"] = SPEC.num_layers + 2  # not what the namespace's name (a hash of its manifest) says
+    (dst / filled["ns"]).mkdir(parents=True)
+    (dst / filled["ns"] / "manifest.json").write_text(json.dumps(bad))
+    run("cp", store_url, f"file://{dst}")
+    assert (dst / filled["ns"] / "manifest.json").read_bytes() == SPEC.manifest_bytes()
+    shutil.rmtree(dst / ".kvfs" / "catalog")  # a catalog rebuilt from the files finds every chunk usable
+    run("fsck", url=f"file://{dst}")
+    with kvfs.open(f"file://{dst}") as store:
+        assert store.namespace(SPEC).lookup(P2) == len(P2)
+
+
 def test_fsck_rebuilds_a_lost_catalog(tmp_path):
     url = f"file://{tmp_path}/files"
     filled = fill(url)
@@ -487,6 +534,29 @@ def test_bad_tokens_files(store_url, filled, tmp_path):
     assert r.exit_code == 2 and "namespace path" in r.stderr
     r = CliRunner().invoke(main, ["--url", store_url, "pin", "--tokens-file", str(bad), "--namespace", "m/nope"])
     assert r.exit_code == 1 and "not in this store" in one_error_line(r.stderr)
+
+
+def test_ctrl_c_exits_130_with_one_line(store_url, filled):
+    """A command interrupted (here blocked reading its tokens from stdin) exits as shells expect (128 + SIGINT)."""
+    import signal
+    import time
+
+    env = dict(os.environ, KVFS_URL=store_url)
+    p = subprocess.Popen(kvfs_cmd() + ["pin", "--tokens-file", "-", "--namespace", filled["ns"]], env=env,
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # started, and waiting on stdin (not still importing: SIGINT kills then)
+        try:
+            with open(f"/proc/{p.pid}/wchan") as f:
+                if "pipe_read" in f.read():
+                    break
+        except OSError:
+            break
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130, (out, err)
+    assert one_error_line(err) == "kvfs pin: interrupted"
 
 
 def test_debug_shows_the_traceback(store_url, filled):
