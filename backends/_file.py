@@ -271,8 +271,8 @@ class FileBackend(Backend):
             except OSError as e:
                 raise self._error(e, "creating the store directory", self.root) from e
             if os.statvfs(self.root).f_flag & getattr(os, "ST_RDONLY", 1):
-                raise ReadOnlyStore(f"file:// store {self.root} is on a read-only filesystem: open it with "
-                                    "?readonly=true (and kvfs.open(..., read_only=True))")
+                raise ReadOnlyStore(f"file:// store {self.root} is on a read-only filesystem: it can only be read "
+                                    "(kvfs.open(url, read_only=True); kvfs ls, stat, du, verify, cp from it)")
             if not os.access(self.root, os.W_OK | os.X_OK):
                 raise PermissionDenied(errno.EACCES, f"cannot write to the file:// store directory {self.root}: "
                                                      "check its owner and mode, choose another directory, or open "

@@ -23,7 +23,7 @@ from typing import Iterator
 
 import lmdb
 
-from .errors import NoSpace, PermissionDenied, StoreError, oserror
+from .errors import NoSpace, PermissionDenied, ReadOnlyStore, StoreError, oserror
 from .units import format_size
 
 DEFAULT_MAP_SIZE = 1 << 40
@@ -156,6 +156,12 @@ def _nearly_full(path: str) -> bool:
     return free < max(16 << 20, st.f_blocks * st.f_frsize // 100)
 
 
+def writable_dir(path: str) -> bool:
+    """Whether this process may create files in the existing directory ``path`` (False on a read-only
+    filesystem, for root too)."""
+    return os.access(path, os.W_OK | os.X_OK)
+
+
 def acquire(path: str, map_size: int | None = None, *, readonly: bool = False) -> Env:
     """Open (or share) the environment at directory ``path``, creating it if needed."""
     real = os.path.realpath(path)
@@ -176,6 +182,9 @@ def _open(path: str, map_size: int | None, readonly: bool) -> Env:
     try:
         if not readonly:
             os.makedirs(path, exist_ok=True)
+            if os.statvfs(path).f_flag & getattr(os, "ST_RDONLY", 1):
+                raise ReadOnlyStore(f"the LMDB store at {path} is on a read-only filesystem: it can only be read "
+                                    "(kvfs.open(url, read_only=True); kvfs ls, stat, du, verify, cp from it)")
         elif not os.path.isdir(path):
             raise FileNotFoundError(errno.ENOENT, f"no LMDB store at {path}")
         e = lmdb.open(
@@ -188,10 +197,14 @@ def _open(path: str, map_size: int | None, readonly: bool) -> Env:
             meminit=False,
             sync=False,
             metasync=False,
-            lock=True,
+            # a read-only filesystem (a read-only volume, a snapshot) cannot take the lock file, and no process
+            # can write there either: readers need no lock
+            lock=not (readonly and not writable_dir(path)),
             max_readers=1024,
             readonly=readonly,
         )
+    except ReadOnlyStore:
+        raise
     except PermissionError as err:
         raise PermissionDenied(errno.EACCES, f"permission denied opening {path}: {err.strerror}") from err
     except lmdb.Error as err:

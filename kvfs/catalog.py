@@ -113,13 +113,19 @@ def _child_key(rec_key: str, parent: str, first_token: int) -> bytes:
 class Catalog:
     """The per-store index. ``directory=None`` keeps it in a private temporary directory."""
 
-    def __init__(self, directory: str | None, map_size: int | None = None) -> None:
+    def __init__(self, directory: str | None, map_size: int | None = None, *, readonly: bool = False) -> None:
         self._tmp = None
         if directory is None:
             self._tmp = tempfile.mkdtemp(prefix="kvfs-catalog-")
             directory = self._tmp
+            readonly = False
         self.directory = directory
-        self.env = _lmdbenv.acquire(directory, map_size)
+        #: opened read-only (a store on a read-only filesystem): lookups work, the bookkeeping of reads
+        #: (access times, sizes, stale records) is skipped, and tiers it has not seen get a bit for this
+        #: process only
+        self.readonly = readonly
+        self._ephemeral: dict[str, int] = {}
+        self.env = _lmdbenv.acquire(directory, map_size, readonly=readonly)
         self._chunks = self.env.db(DB_CHUNKS)
         self._children = self.env.db(DB_CHILDREN)
         self._ns = self.env.db(DB_NS)
@@ -133,8 +139,18 @@ class Catalog:
         k = _enc(f"tier/{identity}")
         with self.env.read() as txn:
             v = txn.get(k, db=self._meta)
+            if v is None and self.readonly:
+                used = {int(val) for key, val in txn.cursor(db=self._meta) if bytes(key).startswith(b"tier/")}
         if v is not None:
             return int(v)
+        if self.readonly:  # a tier this catalog never saw: a bit no record carries, for this process only
+            if identity not in self._ephemeral:
+                used |= set(self._ephemeral.values())
+                free = next((i for i in range(MAX_TIERS) if i not in used), None)
+                if free is None:
+                    raise OverflowError(f"the catalog at {self.directory} has seen {MAX_TIERS} tiers")
+                self._ephemeral[identity] = free
+            return self._ephemeral[identity]
         with self.env.write() as txn:
             v = txn.get(k, db=self._meta)
             if v is not None:
@@ -158,8 +174,10 @@ class Catalog:
         with self.env.read() as txn:
             home = txn.get(b"home", db=self._meta)
             current = txn.get(k, db=self._meta)
-        if home is not None and current is not None and int(current) == int(home):
+        if home is not None and (self.readonly or current is not None and int(current) == int(home)):
             return int(home)
+        if self.readonly:
+            return self.tier_slot(identity)
         if home is None:
             slot = self.tier_slot(identity)  # a catalog made before homes: its slot by path, as before
         with self.env.write() as txn:
@@ -184,6 +202,8 @@ class Catalog:
 
     def volatile_slots(self) -> list[tuple[str, int]]:
         """Slots of process-local tiers (identities ``...#<pid>.<id>``): ``(identity, slot)``."""
+        if self.readonly:
+            return []  # nothing can be cleaned up in a catalog this process cannot write
         with self.env.read() as txn:
             return [(_dec(k)[5:], int(v)) for k, v in txn.cursor(db=self._meta)
                     if bytes(k).startswith(b"tier/") and b"#" in bytes(k)]
@@ -277,6 +297,8 @@ class Catalog:
 
     def remove_from(self, keys: Sequence[str], slot: int) -> list[ChunkRecord]:
         """Clear tier ``slot`` of these chunks; a chunk held nowhere any more leaves the catalog."""
+        if self.readonly:
+            return []  # bookkeeping of reads (a stale record) is skipped in a read-only catalog
         bit = 1 << slot
         removed = []
         with self.env.write() as txn:
@@ -332,6 +354,8 @@ class Catalog:
 
     def touch(self, keys: Sequence[str], now: float | None = None) -> None:
         """A read hit: bump last access and the hit count."""
+        if self.readonly:
+            return
         now = time.time() if now is None else now
         with self.env.write() as txn:
             for key in keys:
@@ -342,6 +366,8 @@ class Catalog:
                     txn.put(k, replace(rec, last_access=now, hits=rec.hits + 1).pack(), db=self._chunks)
 
     def set_size(self, key: str, size: int) -> None:
+        if self.readonly:
+            return
         with self.env.write() as txn:
             v = txn.get(_enc(key), db=self._chunks)
             if v is None:
@@ -408,7 +434,7 @@ class Catalog:
     def register_namespace(self, ns_path: str, manifest: bytes) -> bool:
         k = _enc(ns_path)
         with self.env.read() as txn:
-            if txn.get(k, db=self._ns) is not None:
+            if txn.get(k, db=self._ns) is not None or self.readonly:
                 return False
         with self.env.write() as txn:
             if txn.get(k, db=self._ns) is not None:

@@ -27,6 +27,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 
 from . import _buffers, _pool
+from ._lmdbenv import writable_dir
 from ._proc import process_alive
 from .catalog import Catalog, ChunkRecord, key_of_path
 from .chunk import (
@@ -288,14 +289,19 @@ class Store:
         backends = []
         try:
             for t in tier_urls:
-                backends.append(backend_class(t.scheme).from_url(t))
+                opts = {}
+                if read_only and t.scheme in ("lmdb", "file") and "readonly" not in t.backend_options:
+                    d = os.path.abspath(os.path.expanduser(t.location))
+                    if os.path.isdir(d) and not writable_dir(d):
+                        opts["readonly"] = "true"  # a read-only filesystem (a read-only volume, a snapshot)
+                backends.append(backend_class(t.scheme).from_url(t, **opts))
             home = None if catalog else next((i for i, b in enumerate(backends) if b.catalog_dir()), None)
             cat_dir = catalog or (backends[home].catalog_dir() if home is not None else None)
             if cat_dir is None and any(t.scheme != "memory" for t in tier_urls):
                 ident = "::".join(t.identity for t in tier_urls if t.scheme != "memory")
                 cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
                 cat_dir = os.path.join(cache, "kvfs", "catalogs", hashlib.blake2b(ident.encode(), digest_size=8).hexdigest())
-            self.catalog = Catalog(cat_dir)
+            self.catalog = _open_catalog(cat_dir, read_only)
         except BaseException:
             for b in backends:
                 b.close()
@@ -1722,6 +1728,24 @@ class Store:
             if data is not None:
                 return bytes(data)
         raise NotFound(path)
+
+
+def _open_catalog(cat_dir: str | None, read_only: bool) -> Catalog:
+    """The store's catalog; for a read-only store whose catalog directory cannot be written (a read-only
+    filesystem), opened read-only, or a temporary one if it does not exist (lookups then find chunks in the
+    tiers themselves)."""
+    if not read_only or cat_dir is None:
+        return Catalog(cat_dir)
+    if os.path.isdir(cat_dir):
+        return Catalog(cat_dir, readonly=not writable_dir(cat_dir))
+    parent = os.path.dirname(os.path.abspath(cat_dir))
+    while parent and not os.path.isdir(parent):
+        parent = os.path.dirname(parent) if os.path.dirname(parent) != parent else ""
+    if parent and not writable_dir(parent):
+        log.warning("kvfs: the store has no catalog at %s and this read-only filesystem cannot take one; using a "
+                    "temporary catalog (lookups ask the storage itself)", cat_dir)
+        return Catalog(None)
+    return Catalog(cat_dir)
 
 
 def _describes(raw: bytes, manifest: bytes) -> bool:

@@ -510,3 +510,46 @@ def test_a_chunk_is_promoted_only_once_every_layer_is_checked(tmp_path):
         assert store.tiers[0].backend.get(key.path) is None  # the corrupt layer 3 went nowhere
         with pytest.raises(CacheMiss):
             ns.get(toks)
+
+
+RO_SCRIPT = """
+import sys, numpy as np, kvfs
+spec = kvfs.KVSpec("test/llama-tiny", num_layers=4, num_kv_heads=2, head_dim=16, dtype="bfloat16", chunk_tokens=32)
+url, toks = sys.argv[1], list(range(100))
+with kvfs.open(url, read_only=True) as st:
+    ns = st.namespace(spec)
+    assert ns.lookup(toks) == 100, ns.lookup(toks)
+    assert st.verify_chunks("") and all(r["ok"] for r in st.verify_chunks(""))
+    print(ns.get(toks).view(np.uint16).sum())
+try:
+    kvfs.open(url)
+except kvfs.errors.ReadOnlyStore as e:
+    print("refused:", e)
+"""
+
+
+@pytest.mark.parametrize("scheme", ["lmdb", "file"])
+def test_a_store_on_a_read_only_filesystem_is_read(tmp_path, scheme):
+    """A read-only bind mount (as a container's read-only volume): read_only=True reads it, a writable open
+    is refused with a clear error. Needs a private mount namespace (root); skipped where there is none."""
+    import shutil
+
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare")
+    src, ro = tmp_path / "src", tmp_path / "ro"
+    src.mkdir()
+    ro.mkdir()
+    kv = rand_kv(SPEC, 100)
+    with kvfs.open(f"{scheme}://{src}/s") as store:
+        store.namespace(SPEC).put(list(range(100)), kv)
+    script = tmp_path / "ro.py"
+    script.write_text(RO_SCRIPT)
+    cmd = (f"mount --bind {src} {ro} && mount -o remount,bind,ro {ro} || exit 99; "
+           f"exec {sys.executable} {script} {scheme}://{ro}/s")
+    p = subprocess.run(["unshare", "-m", "sh", "-c", cmd], capture_output=True, text=True, timeout=120)
+    if p.returncode == 99 or "Operation not permitted" in p.stderr:
+        pytest.skip(f"cannot make a read-only mount here: {p.stderr.strip()[:200]}")
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert lines[0] == str(kv.view(np.uint16).sum())
+    assert lines[1].startswith("refused:") and "read-only filesystem" in lines[1]
