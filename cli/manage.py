@@ -29,11 +29,13 @@ namespace_option = click.option(
 
 
 def _no_root(paths, command: str) -> None:
-    """An empty path (an unset shell variable: ``kvfs evict "$P"``) or ``/`` would select the whole store."""
+    """An empty path (an unset shell variable: ``kvfs evict "$P"``) would select the whole store; for
+    ``evict``, ``/`` too (removing everything takes ``--all``). ``pin /``, ``unpin --reset /`` and
+    ``prefetch /`` say what they mean."""
     for p in paths:
-        if not p.strip().strip("/"):
+        if not p.strip() or (command == "evict" and not p.strip().strip("/")):
             hint = ("to evict every chunk use --all" if command == "evict"
-                    else "give a model, namespace or chunk path (see `kvfs ls`)")
+                    else "give a model, namespace or chunk path (see `kvfs ls`), or / for every chunk")
             raise click.UsageError(f"path {p!r} is the whole store; {hint}")
 
 
@@ -201,8 +203,9 @@ def prefetch(paths: tuple[str, ...], tokens_file: str | None, ns_path: str | Non
         click.echo(f"fetched {counts['fetched']} chunk(s) ({size(counts['bytes'])}) into {top}; "
                    f"{counts['already']} already there{note}")
         if counts["evicted"]:
-            warn(f"kvfs prefetch: {counts['evicted']} of the chunks fetched were evicted again to make room "
-                 f"for the others: {top} is smaller than what was asked for (raise its capacity or prefetch less)")
+            warn(f"kvfs prefetch: {counts['evicted']} of the chunks fetched are not in {top} now: evicted again "
+                 "to make room for the others, or kept in a tier below it when it is full of pinned chunks "
+                 "(raise its capacity or prefetch less)")
     if counts["failed"]:
         raise CommandError(f"{counts['failed']} chunk(s) could not be read from any lower tier "
                            "(missing or failing their checks; see the warnings above)", 1, "kvfs prefetch")

@@ -123,7 +123,7 @@ class LayerReader:
             return
         self.failed[i] = True
         if corrupt and self._tier[i] is not None:
-            self.store._quarantine(self._tier[i], self.plan[i].key.path, reason)
+            self.store._quarantine(self._tier[i], self.plan[i].key.path, reason, self._header[i])
 
     # ------------------------------------------------------------------------------------------ reads
     def read(self, layers: range, dests: Sequence[np.ndarray | None]) -> list[bool]:
@@ -240,7 +240,7 @@ class LayerReader:
                 continue
             self.failed[i] = True
             if status == "corrupt":
-                store._quarantine(tier, items[j].path, payload)
+                store._quarantine(tier, items[j].path, payload, headers[j])
             elif status == "missing":
                 store._warn_once(f"gone:{items[j].path}", f"kvfs: chunk {items[j].path} disappeared from "
                                                           f"{tier.url.redacted()} during a layer-wise read; a miss")

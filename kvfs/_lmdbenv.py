@@ -156,10 +156,13 @@ def _nearly_full(path: str) -> bool:
     return free < max(16 << 20, st.f_blocks * st.f_frsize // 100)
 
 
-def writable_dir(path: str) -> bool:
-    """Whether this process may create files in the existing directory ``path`` (False on a read-only
-    filesystem, for root too)."""
-    return os.access(path, os.W_OK | os.X_OK)
+def read_only_fs(path: str) -> bool:
+    """Whether the existing directory ``path`` is on a read-only filesystem (mounted read-only: no process
+    can write there, unlike a directory this user may not write to)."""
+    try:
+        return bool(os.statvfs(path).f_flag & getattr(os, "ST_RDONLY", 1))
+    except OSError:
+        return False
 
 
 def acquire(path: str, map_size: int | None = None, *, readonly: bool = False) -> Env:
@@ -182,7 +185,7 @@ def _open(path: str, map_size: int | None, readonly: bool) -> Env:
     try:
         if not readonly:
             os.makedirs(path, exist_ok=True)
-            if os.statvfs(path).f_flag & getattr(os, "ST_RDONLY", 1):
+            if read_only_fs(path):
                 raise ReadOnlyStore(f"the LMDB store at {path} is on a read-only filesystem: it can only be read "
                                     "(kvfs.open(url, read_only=True); kvfs ls, stat, du, verify, cp from it)")
         elif not os.path.isdir(path):
@@ -199,7 +202,7 @@ def _open(path: str, map_size: int | None, readonly: bool) -> Env:
             metasync=False,
             # a read-only filesystem (a read-only volume, a snapshot) cannot take the lock file, and no process
             # can write there either: readers need no lock
-            lock=not (readonly and not writable_dir(path)),
+            lock=not (readonly and read_only_fs(path)),
             max_readers=1024,
             readonly=readonly,
         )

@@ -126,11 +126,15 @@ class Catalog:
         self.readonly = readonly
         self._ephemeral: dict[str, int] = {}
         self.env = _lmdbenv.acquire(directory, map_size, readonly=readonly)
-        self._chunks = self.env.db(DB_CHUNKS)
-        self._children = self.env.db(DB_CHILDREN)
-        self._ns = self.env.db(DB_NS)
-        self._meta = self.env.db(DB_META)
-        self._quarantine = self.env.db(DB_QUARANTINE)
+        try:
+            self._chunks = self.env.db(DB_CHUNKS)
+            self._children = self.env.db(DB_CHILDREN)
+            self._ns = self.env.db(DB_NS)
+            self._meta = self.env.db(DB_META)
+            self._quarantine = self.env.db(DB_QUARANTINE)
+        except BaseException:  # a read-only environment without these databases (never a catalog)
+            _lmdbenv.release(self.env)
+            raise
         self._closed = False
 
     # -- tiers ----------------------------------------------------------------------------
@@ -178,8 +182,18 @@ class Catalog:
             return int(home)
         if self.readonly:
             return self.tier_slot(identity)
+        if home is None and current is None:
+            with self.env.read() as txn:
+                # (process-local memory tiers, "...#<pid>...", may be listed before: they hold no catalog)
+                fresh = not any(bytes(key).startswith(b"tier/") and b"#" not in bytes(key)
+                                for key, _ in txn.cursor(db=self._meta))
+            if not fresh:
+                # a catalog made before homes, reached by a path it does not know: which of its tiers it
+                # lives in cannot be told, so it is not guessed (a new bit, as before homes); once opened
+                # by its own path again, that path's bit becomes the home
+                return self.tier_slot(identity)
         if home is None:
-            slot = self.tier_slot(identity)  # a catalog made before homes: its slot by path, as before
+            slot = self.tier_slot(identity)
         with self.env.write() as txn:
             home = txn.get(b"home", db=self._meta)
             if home is None:
@@ -272,6 +286,10 @@ class Catalog:
         ``tokens`` (the chunk's token ids) feed the children index; give them
         for chunks this node writes or reads.
         """
+        if self.readonly:
+            # a read-only store's lookups find chunks the catalog does not know in the tiers themselves
+            # (Store._probe), every time: nothing is recorded
+            return [False for _ in records]
         bit = 1 << slot
         out = []
         with self.env.write() as txn:

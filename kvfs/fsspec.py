@@ -244,7 +244,11 @@ class KVFileSystem(AbstractFileSystem):
             targets.append(p)
         if not targets:
             return
-        result = self.store.evict(targets, force=force)
+        root = [t for t in targets if not t.strip("/")]
+        if root:  # rm("", recursive=True): the whole store, asked for in so many words
+            result = self.store.evict(all=True, force=force)
+        else:
+            result = self.store.evict(targets, force=force)
         if result.refused:
             err = PinnedError(result.refused[0])
             if len(result.refused) > 1:

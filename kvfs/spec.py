@@ -72,7 +72,7 @@ def numpy_dtype(name: str):
     return np.dtype(getattr(ml_dtypes, name))
 
 
-MODEL_DIR_MAX = 200  # bytes of a model's directory name (a path component: at most 255 on filesystems)
+MODEL_DIR_MAX = 255  # bytes of a model's directory name: a path component (NAME_MAX on Linux filesystems)
 
 
 def model_dir(model: str) -> str:

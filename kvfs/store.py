@@ -27,7 +27,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 
 from . import _buffers, _pool
-from ._lmdbenv import writable_dir
+from ._lmdbenv import read_only_fs
 from ._proc import process_alive
 from .catalog import Catalog, ChunkRecord, key_of_path
 from .chunk import (
@@ -43,6 +43,7 @@ from .chunk import (
 from .chunk import resign as resign_chunk
 from .errors import (
     ChunkFormatError,
+    KVFSError,
     ForeignChunk,
     IntegrityError,
     UnsupportedVersion,
@@ -292,7 +293,7 @@ class Store:
                 opts = {}
                 if read_only and t.scheme in ("lmdb", "file") and "readonly" not in t.backend_options:
                     d = os.path.abspath(os.path.expanduser(t.location))
-                    if os.path.isdir(d) and not writable_dir(d):
+                    if os.path.isdir(d) and read_only_fs(d):
                         opts["readonly"] = "true"  # a read-only filesystem (a read-only volume, a snapshot)
                 backends.append(backend_class(t.scheme).from_url(t, **opts))
             home = None if catalog else next((i for i, b in enumerate(backends) if b.catalog_dir()), None)
@@ -559,7 +560,8 @@ class Store:
                     if payload is not None:
                         promotions.append((i, tier.index, payload))
                 elif status == "corrupt":
-                    self._quarantine(tier, items[i].path, payload)
+                    # a failed layer checksum was checked against the header cached from an earlier read
+                    self._quarantine(tier, items[i].path, payload, self._headers.get(items[i].path))
                 elif status == "missing" and recs[i] is not None and recs[i].tiers & tier.bit:
                     stale.append(items[i].ckey)
             if stale:
@@ -891,6 +893,9 @@ class Store:
         self._check_writable()
         if not entries:
             return
+        if tiers is None:  # new bytes (a put, an import), not a copy of a chunk read here (a promotion)
+            for _, _, path, _ in entries:
+                self._headers.pop(path, None)  # a chunk written again (a segment replaced whole): a new header
         targets = list(range(len(self.tiers))) if tiers is None else list(tiers)
         if not targets:
             return
@@ -1021,13 +1026,24 @@ class Store:
             self._warned.add(key)
             log.warning(message)
 
-    def _quarantine(self, tier: Tier, path: str, reason: str | BaseException) -> None:
+    def _quarantine(self, tier: Tier, path: str, reason: str | BaseException,
+                    header: ChunkHeader | None = None) -> None:
         """A chunk failed its checks: drop it from the tier and the catalog, and say so once.
 
         A chunk in a newer format is only a miss: a newer kvfs wrote it, and it is kept for it.
-        A read-only store reports and deletes nothing.
+        A read-only store reports and deletes nothing. ``header``: the header the failed check used,
+        when it was not parsed from the bytes that failed (a cached one): if the chunk now there has
+        another header, it was replaced since (evicted and stored again, by this process or another,
+        with other bytes: recomputed KV need not be bit-identical), and the new chunk is left alone:
+        the read is only a miss.
         """
+        used = header
         self._headers.pop(path, None)
+        if used is not None and not isinstance(reason, UnsupportedVersion):
+            now = self._header_in(tier, path)
+            if now is not None and now.metadata.get("meta_checksum") != used.metadata.get("meta_checksum"):
+                log.debug("kvfs: chunk %s in %s was replaced while read; a miss", path, tier.url.redacted())
+                return
         if isinstance(reason, UnsupportedVersion):
             self._warn_once(f"v:{path}", f"kvfs: chunk {path} in {tier.url.redacted()} is in a newer format "
                                          f"({reason}); treated as a miss and left in place")
@@ -1213,6 +1229,23 @@ class Store:
                 out["checksum"] = f"failed: {e}"
         return out
 
+    def _header_in(self, tier: Tier, path: str) -> ChunkHeader | None:
+        """The header of the chunk at ``path`` in ``tier`` as it is now; None if gone or not parseable."""
+        try:
+            buf = bytearray(HEADER_PROBE)
+            got = _readinto_ranges(tier.backend, path, [(0, buf)])
+            if got is None:
+                return None
+            hlen = header_length(memoryview(buf)[: min(8, got[0])])
+            if hlen > got[0]:
+                buf = bytearray(hlen)
+                got = _readinto_ranges(tier.backend, path, [(0, buf)])
+                if got is None or got[0] < hlen:
+                    return None
+            return parse_header(memoryview(buf)[:hlen])
+        except (OSError, ChunkFormatError):
+            return None
+
     def _read_header(self, path: str) -> ChunkHeader:
         rec = self.catalog.get(key_of_path(path))
         for t in self.tiers:
@@ -1298,6 +1331,9 @@ class Store:
             raise ChunkFormatError(f"{path!r}: namespace {parts[0]}/{parts[1]} is unknown (no manifest)")
         check_expected(header, spec, key=hexd, path=path)
         self._check_key_chain(spec, header, path)
+        if header.kind == "prefix" and header.positions != header.start:
+            raise IntegrityError(f"{path} was computed at positions from {header.positions}, not at its place in "
+                                 f"the prefix ({header.start})")
         mv = memoryview(data)
         verify_data(header, mv[header.data_offset :])
         out = np.empty(header.shape, dtype=_RAW[spec.itemsize])
@@ -1405,6 +1441,8 @@ class Store:
         if not (paths or all or to_size is not None or older_than is not None):
             raise InvalidInput("say what to evict: paths, all=True, to_size=... or older_than=...")
         for p in paths:
+            if not isinstance(p, str):
+                raise InvalidInput(f"paths are strings (chunk or directory paths), got {type(p).__name__}")
             if not p.strip().strip("/"):  # "" or "/": an unset variable, not a request to empty the store
                 raise InvalidInput(f"path {p!r} is the whole store; to evict every chunk pass all=True")
         if tier is not None and not 0 <= tier < len(self.tiers):
@@ -1736,16 +1774,21 @@ def _open_catalog(cat_dir: str | None, read_only: bool) -> Catalog:
     tiers themselves)."""
     if not read_only or cat_dir is None:
         return Catalog(cat_dir)
+    where = cat_dir
+    while where and not os.path.isdir(where):
+        where = os.path.dirname(where) if os.path.dirname(where) != where else ""
+    if not where or not read_only_fs(where):
+        return Catalog(cat_dir)
     if os.path.isdir(cat_dir):
-        return Catalog(cat_dir, readonly=not writable_dir(cat_dir))
-    parent = os.path.dirname(os.path.abspath(cat_dir))
-    while parent and not os.path.isdir(parent):
-        parent = os.path.dirname(parent) if os.path.dirname(parent) != parent else ""
-    if parent and not writable_dir(parent):
-        log.warning("kvfs: the store has no catalog at %s and this read-only filesystem cannot take one; using a "
-                    "temporary catalog (lookups ask the storage itself)", cat_dir)
-        return Catalog(None)
-    return Catalog(cat_dir)
+        try:
+            return Catalog(cat_dir, readonly=True)
+        except (OSError, KVFSError) as e:  # e.g. an LMDB store never given a catalog (a lower tier elsewhere)
+            reason = f"its catalog at {cat_dir} cannot be opened read-only ({e})"
+    else:
+        reason = f"it has no catalog at {cat_dir}"
+    log.warning("kvfs: the store is on a read-only filesystem and %s: using a temporary catalog (lookups ask "
+                "the storage itself)", reason)
+    return Catalog(None)
 
 
 def _describes(raw: bytes, manifest: bytes) -> bool:

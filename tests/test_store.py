@@ -429,7 +429,7 @@ def test_a_put_larger_than_a_tier_fills_it_instead_of_skipping_it(tmp_path):
 
 
 def test_a_model_name_too_long_for_a_directory_is_refused_before_anything_is_registered(tmp_path):
-    with pytest.raises(kvfs.InvalidInput, match="at most 200 bytes"):
+    with pytest.raises(kvfs.InvalidInput, match="at most 255 bytes"):
         kvfs.KVSpec("org/" + "m" * 300, num_layers=2, num_kv_heads=2, head_dim=8)
     with kvfs.open(f"lmdb://{tmp_path}/s") as store:
         assert store.ls("") == []
@@ -443,10 +443,11 @@ def test_a_segment_is_never_stitched_from_two_computations(url):
     with kvfs.open(url) as store:
         ns = store.namespace(SPEC)
         ns.put_segment(toks, kv0, positions=0)
+        assert ns.get_segment(toks)[1] == 0
         second = ns.segment_keys(toks)[1]
         store.evict([second.path])
         assert ns.put_segment(toks, kv500, positions=500) == 2  # both chunks: one computation
-        got, pos = ns.get_segment(toks)
+        got, pos = ns.get_segment(toks)  # the headers cached by earlier reads are not used for the new chunks
         assert pos == 500 and got.tobytes() == kv500.tobytes()
         # a mixed segment behind kvfs's back (two writers racing, a copy from another store): a miss
         first = ns.segment_keys(toks)[0]
@@ -519,7 +520,7 @@ url, toks = sys.argv[1], list(range(100))
 with kvfs.open(url, read_only=True) as st:
     ns = st.namespace(spec)
     assert ns.lookup(toks) == 100, ns.lookup(toks)
-    assert st.verify_chunks("") and all(r["ok"] for r in st.verify_chunks(""))
+    assert all(r["ok"] for r in st.verify_chunks(""))  # what the catalog knows (nothing, once reset)
     print(ns.get(toks).view(np.uint16).sum())
 try:
     kvfs.open(url)
@@ -528,8 +529,9 @@ except kvfs.errors.ReadOnlyStore as e:
 """
 
 
+@pytest.mark.parametrize("forgot", [False, True, "lower-tier"], ids=["catalog", "catalog-reset", "no-catalog"])
 @pytest.mark.parametrize("scheme", ["lmdb", "file"])
-def test_a_store_on_a_read_only_filesystem_is_read(tmp_path, scheme):
+def test_a_store_on_a_read_only_filesystem_is_read(tmp_path, scheme, forgot):
     """A read-only bind mount (as a container's read-only volume): read_only=True reads it, a writable open
     is refused with a clear error. Needs a private mount namespace (root); skipped where there is none."""
     import shutil
@@ -540,8 +542,15 @@ def test_a_store_on_a_read_only_filesystem_is_read(tmp_path, scheme):
     src.mkdir()
     ro.mkdir()
     kv = rand_kv(SPEC, 100)
-    with kvfs.open(f"{scheme}://{src}/s") as store:
-        store.namespace(SPEC).put(list(range(100)), kv)
+    if forgot == "lower-tier":  # written as the lower tier of another store: no catalog of its own
+        with kvfs.open(f"lmdb://{tmp_path}/hot::{scheme}://{src}/s") as store:
+            store.namespace(SPEC).put(list(range(100)), kv)
+            store.flush()
+    else:
+        with kvfs.open(f"{scheme}://{src}/s") as store:
+            store.namespace(SPEC).put(list(range(100)), kv)
+            if forgot:  # a catalog that does not know the chunks: lookups must find them in the storage itself
+                store.catalog.reset()
     script = tmp_path / "ro.py"
     script.write_text(RO_SCRIPT)
     cmd = (f"mount --bind {src} {ro} && mount -o remount,bind,ro {ro} || exit 99; "
@@ -553,3 +562,49 @@ def test_a_store_on_a_read_only_filesystem_is_read(tmp_path, scheme):
     lines = p.stdout.splitlines()
     assert lines[0] == str(kv.view(np.uint16).sum())
     assert lines[1].startswith("refused:") and "read-only filesystem" in lines[1]
+
+
+@pytest.mark.parametrize("scheme", ["lmdb", "file"])
+def test_a_chunk_replaced_behind_a_cached_header_is_a_miss_not_quarantined(tmp_path, scheme):
+    """Process A has a chunk's header cached; B evicts the chunk and C stores the same tokens again with other
+    bytes (recomputed KV need not be bit-identical). A's next read fails its cached checksums: that is a miss,
+    and the good new chunk must stay (not be quarantined as corrupt); A's read after that serves it."""
+    url = f"{scheme}://{tmp_path}/s"
+    toks = prompt(64)
+    a, b = kvfs.open(url), kvfs.open(url)
+    try:
+        na, nb = a.namespace(SPEC), b.namespace(SPEC)
+        na.put(toks, rand_kv(SPEC, 64, seed=1))
+        na.get(toks)  # A caches the headers
+        b.evict(all=True)
+        again = rand_kv(SPEC, 64, seed=2)
+        nb.put(toks, again)
+        with pytest.raises(CacheMiss):
+            na.get(toks)
+        assert nb.lookup(toks) == 64 and not a.catalog.quarantined()
+        assert na.get(toks).tobytes() == again.tobytes()
+    finally:
+        a.close()
+        b.close()
+
+
+def test_an_old_catalog_opened_first_through_another_path_keeps_working_through_its_own(tmp_path):
+    """A catalog made before kvfs kept its home tier by path: opened once through a symlink, the original path
+    must still find every chunk (the home is not guessed)."""
+    real, link = tmp_path / "real", tmp_path / "link"
+    toks, kv = prompt(64), rand_kv(SPEC, 64)
+    with kvfs.open(f"lmdb://{real}") as store:
+        store.namespace(SPEC).put(toks, kv)
+        with store.catalog.env.write() as txn:  # as a catalog written before homes
+            txn.delete(b"home", db=store.catalog._meta)
+    os.symlink(real, link)
+    with kvfs.open(f"lmdb://{link}"):
+        pass  # opened only (a lookup would find the chunks in the storage and record them under this path)
+    for _ in range(2):
+        with kvfs.open(f"lmdb://{real}") as store:
+            # the catalog says the tier holds them (checked before any lookup, which would find them anyway)
+            assert store.du("")["tiers"][f"lmdb://{real}"]["chunks"] == 2
+            ns = store.namespace(SPEC)
+            assert ns.lookup(toks) == 64 and ns.get(toks).tobytes() == kv.tobytes()
+    with kvfs.open(f"lmdb://{link}") as store:  # the home is known now: the symlink finds them too
+        assert store.namespace(SPEC).lookup(toks) == 64
