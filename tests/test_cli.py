@@ -14,6 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 import kvfs
+from bitrot import flip_bit
 from kvfs.cli import main
 
 SPEC = kvfs.KVSpec("test/cli-tiny", num_layers=2, num_kv_heads=2, head_dim=8, dtype="float16", chunk_tokens=16)
@@ -341,11 +342,7 @@ def test_verify_reports_and_quarantines_a_corrupt_copy(tmp_path):
     url = f"file://{tmp_path}/files"
     filled = fill(url)
     victim = filled["p1"][2]
-    with open(f"{tmp_path}/files/{victim}", "r+b") as f:
-        f.seek(5000)
-        b = f.read(1)
-        f.seek(5000)
-        f.write(bytes([b[0] ^ 0xFF]))
+    flip_bit(f"{tmp_path}/files/{victim}", 5000, 0xFF)
     r = invoke("verify", url=url, code=1)
     assert victim in r.stdout and "checksum" in r.stdout
     assert "1 copy failed" in r.stderr
@@ -364,11 +361,7 @@ def test_a_corrupt_chunk_is_named_as_failing_its_checks_not_as_missing(tmp_path)
     url = f"file://{tmp_path}/files"
     filled = fill(url)
     victim = filled["p1"][1]
-    with open(f"{tmp_path}/files/{victim}", "r+b") as f:
-        f.seek(6000)
-        b = f.read(1)
-        f.seek(6000)
-        f.write(bytes([b[0] ^ 0xFF]))
+    flip_bit(f"{tmp_path}/files/{victim}", 6000, 0xFF)
     st = json.loads(invoke("stat", "--json", "--verify", victim, url=url, code=1).stdout)
     assert "failed its checks" in st["checksum"] and "checksum mismatch" in st["checksum"], st["checksum"]
     assert "no such" not in st["checksum"]

@@ -9,6 +9,7 @@ import fsspec
 import numpy as np
 import pytest
 from s3servers import moto_server, s3_bucket_url  # noqa: F401  (fixtures)
+from bitrot import flip_bit
 from test_cli import P1, P2, SPEC, fill, kv_of
 
 import kvfs
@@ -92,14 +93,6 @@ def test_fsspec_open_gives_bytes_safetensors_opens(url, filled):
     np.testing.assert_array_equal(tensors["kv"], kv_of(70)[:, :, 16:32])
 
 
-def _flip(path: str, offset: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)
-        f.seek(offset)
-        f.write(bytes([b[0] ^ 0x01]))
-
-
 @pytest.mark.parametrize("how", ["open", "range", "cat"])
 def test_a_corrupt_chunk_is_never_read_through_fsspec(tmp_path, how):
     """Every way of reading a chunk through fsspec checks it: ranged reads layer by layer, as the FUSE mount."""
@@ -112,7 +105,7 @@ def test_a_corrupt_chunk_is_never_read_through_fsspec(tmp_path, how):
 
     header = parse_header(good)
     lb = header.layer_bytes
-    _flip(f"{tmp_path}/files/{victim}", header.data_offset + lb + 7)  # layer 1
+    flip_bit(f"{tmp_path}/files/{victim}", header.data_offset + lb + 7)  # layer 1
     with fsspec.filesystem("kvfs", url=url) as fs:
         # bytes before the bad layer are verified too, and served
         assert fs.cat_file(victim, 0, header.data_offset + lb) == good[: header.data_offset + lb]

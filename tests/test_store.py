@@ -500,12 +500,11 @@ def test_a_chunk_is_promoted_only_once_every_layer_is_checked(tmp_path):
         key = ns.keys(toks)[0]
         store.evict([key.path], tier=0)
         path = f"{tmp_path}/cold/{key.path}"
-        raw = bytearray(open(path, "rb").read())
+        from bitrot import flip_bit
         from kvfs.chunk import parse_header
 
-        lo, _ = parse_header(raw).layer_range(3)
-        raw[lo + 5] ^= 0xFF  # layer 3 only
-        open(path, "wb").write(raw)
+        lo, _ = parse_header(open(path, "rb").read()).layer_range(3)
+        flip_bit(path, lo + 5, 0xFF)  # layer 3 only
         dest = np.empty(SPEC.chunk_shape(32), np.uint16)
         assert ns.read(ns.plan(toks), dest[0:2], layers=range(0, 2)) == [True]  # layers 0-1 are intact
         assert store.tiers[0].backend.get(key.path) is None  # the corrupt layer 3 went nowhere
