@@ -209,7 +209,9 @@ def _open(path: str, map_size: int | None, readonly: bool) -> Env:
     except ReadOnlyStore:
         raise
     except PermissionError as err:
-        raise PermissionDenied(errno.EACCES, f"permission denied opening {path}: {err.strerror}") from err
+        raise PermissionDenied(errno.EACCES, f"permission denied opening {path}: {err.strerror} (an LMDB store's "
+                                             "readers, too, write its lock file lock.mdb: ask its owner for write "
+                                             "access to the directory, or read a copy: kvfs cp)") from err
     except lmdb.Error as err:
         raise lmdb_error(err, path) from err
     except OSError as err:

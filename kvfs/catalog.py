@@ -110,6 +110,12 @@ def _child_key(rec_key: str, parent: str, first_token: int) -> bytes:
     return _enc(f"{ns}/{parent or '-'}/{first_token:08x}/{hexd}")
 
 
+def _volatile(meta_key: bytes) -> bool:
+    """A process-local (memory) tier's slot key: ``tier/memory://<name>#<pid>.<id>``. (A '#' alone is not
+    enough: a directory's path may hold one.)"""
+    return meta_key.startswith(b"tier/memory://") and b"#" in meta_key
+
+
 class Catalog:
     """The per-store index. ``directory=None`` keeps it in a private temporary directory."""
 
@@ -172,7 +178,10 @@ class Catalog:
         Kept under ``home`` rather than by path alone, so that a store moved, copied or reached
         through another path (``mv``, ``cp -r``, a symlink, another mount point in a container) still
         finds its own chunks: the catalog moved with them. ``tier/<identity>`` follows the path the
-        store was opened by, so that no other tier can take the same bit through the old path.
+        store was opened by, so that no other tier can take the same bit through the old path. A
+        catalog made before homes gets one when opened by a path it knows (its own tier's); by another
+        path the home is not guessed. One write transaction decides, so processes opening the same
+        store at once (through different paths) agree.
         """
         k = _enc(f"tier/{identity}")
         with self.env.read() as txn:
@@ -182,48 +191,54 @@ class Catalog:
             return int(home)
         if self.readonly:
             return self.tier_slot(identity)
-        if home is None and current is None:
-            with self.env.read() as txn:
-                # (process-local memory tiers, "...#<pid>...", may be listed before: they hold no catalog)
-                fresh = not any(bytes(key).startswith(b"tier/") and b"#" not in bytes(key)
-                                for key, _ in txn.cursor(db=self._meta))
-            if not fresh:
-                # a catalog made before homes, reached by a path it does not know: which of its tiers it
-                # lives in cannot be told, so it is not guessed (a new bit, as before homes); once opened
-                # by its own path again, that path's bit becomes the home
-                return self.tier_slot(identity)
-        if home is None:
-            slot = self.tier_slot(identity)
         with self.env.write() as txn:
             home = txn.get(b"home", db=self._meta)
+            current = txn.get(k, db=self._meta)
             if home is None:
-                txn.put(b"home", str(slot).encode(), db=self._meta)
+                if current is not None:  # a catalog made before homes, by its own tier's path
+                    txn.put(b"home", bytes(current), db=self._meta)
+                    return int(current)
+                keys = [(bytes(key), int(val)) for key, val in txn.cursor(db=self._meta)
+                        if bytes(key).startswith(b"tier/")]
+                slot = self._free_slot({v for _, v in keys})
+                txn.put(k, str(slot).encode(), db=self._meta)
+                # a fresh catalog (memory tiers, listed first, hold no catalog) gets its home now; an old one
+                # reached by a path it does not know gets a new bit, as before homes
+                if not any(not _volatile(key) for key, _ in keys):
+                    txn.put(b"home", str(slot).encode(), db=self._meta)
                 return slot
             slot = int(home)
             for key, val in list(txn.cursor(db=self._meta)):
-                if bytes(key).startswith(b"tier/") and int(val) == slot and bytes(key) != k:
+                if bytes(key).startswith(b"tier/") and int(val) == slot and bytes(key) != k \
+                        and not bytes(key).startswith(b"tier/orphaned:"):
                     txn.delete(bytes(key), db=self._meta)  # the path the store was reached by before
-            other = txn.get(k, db=self._meta)
-            if other is not None and int(other) != slot:
+            if current is not None and int(current) != slot:
                 # this path named another tier of this catalog before: its bit stays reserved (its records
                 # still carry it) under a name no tier URL can have, so that no new tier takes it
-                txn.put(_enc(f"tier/orphaned:{int(other)}:{identity}"), bytes(other), db=self._meta)
+                txn.put(_enc(f"tier/orphaned:{int(current)}:{identity}"), bytes(current), db=self._meta)
                 log.warning("kvfs: the catalog at %s listed another tier at %s; the store itself is there now "
                             "(that tier's records are unreachable; kvfs fsck rebuilds the catalog)",
                             self.directory, identity)
             txn.put(k, str(slot).encode(), db=self._meta)
             return slot
 
+    def _free_slot(self, used: set[int]) -> int:
+        free = next((i for i in range(MAX_TIERS) if i not in used), None)
+        if free is None:
+            raise OverflowError(f"the catalog at {self.directory} has seen {MAX_TIERS} tiers; run fsck --reset")
+        return free
+
     def volatile_slots(self) -> list[tuple[str, int]]:
         """Slots of process-local tiers (identities ``...#<pid>.<id>``): ``(identity, slot)``."""
         if self.readonly:
             return []  # nothing can be cleaned up in a catalog this process cannot write
         with self.env.read() as txn:
-            return [(_dec(k)[5:], int(v)) for k, v in txn.cursor(db=self._meta)
-                    if bytes(k).startswith(b"tier/") and b"#" in bytes(k)]
+            return [(_dec(k)[5:], int(v)) for k, v in txn.cursor(db=self._meta) if _volatile(bytes(k))]
 
     def drop_slot(self, identity: str, slot: int) -> int:
         """Forget a tier whose contents are gone (a dead process's memory tier); returns records touched."""
+        if self.readonly:
+            return 0  # a read-only catalog recorded nothing under it
         bit = 1 << slot
         touched = 0
         with self.env.write() as txn:
@@ -494,7 +509,8 @@ class Catalog:
                     txn.delete(bytes(k), db=self._meta)
 
     def flush(self) -> None:
-        self.env.sync()
+        if not self.readonly:
+            self.env.sync()
 
     def close(self) -> None:
         if self._closed:

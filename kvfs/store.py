@@ -293,8 +293,10 @@ class Store:
                 opts = {}
                 if read_only and t.scheme in ("lmdb", "file") and "readonly" not in t.backend_options:
                     d = os.path.abspath(os.path.expanduser(t.location))
-                    if os.path.isdir(d) and read_only_fs(d):
-                        opts["readonly"] = "true"  # a read-only filesystem (a read-only volume, a snapshot)
+                    # a read-only filesystem (a read-only volume, a snapshot); for files, also a directory this
+                    # user may not write (LMDB readers need its lock file: there the owner's permission counts)
+                    if os.path.isdir(d) and (read_only_fs(d) or t.scheme == "file" and not _may_write(d)):
+                        opts["readonly"] = "true"
                 backends.append(backend_class(t.scheme).from_url(t, **opts))
             home = None if catalog else next((i for i, b in enumerate(backends) if b.catalog_dir()), None)
             cat_dir = catalog or (backends[home].catalog_dir() if home is not None else None)
@@ -560,8 +562,9 @@ class Store:
                     if payload is not None:
                         promotions.append((i, tier.index, payload))
                 elif status == "corrupt":
-                    # a failed layer checksum was checked against the header cached from an earlier read
-                    self._quarantine(tier, items[i].path, payload, self._headers.get(items[i].path))
+                    # a failed layer checksum names the header it was checked against (maybe cached from an
+                    # earlier read); a failed header check, none: the bytes read are the chunk's own
+                    self._quarantine(tier, items[i].path, payload, getattr(payload, "header", None))
                 elif status == "missing" and recs[i] is not None and recs[i].tiers & tier.bit:
                     stale.append(items[i].ckey)
             if stale:
@@ -641,11 +644,11 @@ class Store:
 
     def _header_from(self, buf, path: str) -> ChunkHeader:
         header = self._headers.get(path)
-        if header is None:
+        if header is None or len(buf) != header.file_size:
+            # not cached, or the chunk is not the one cached (replaced since with one of another size, or
+            # truncated): its own header decides, and parse_header checks the size against it
             header = parse_header(buf)
             self._headers[path] = header
-        elif len(buf) != header.file_size:
-            raise ChunkFormatError(f"{path} is {len(buf)} bytes, expected {header.file_size}: truncated or padded")
         return header
 
     def _copy_from_buffers(self, spec, items, buffers, results, keep: bool) -> None:
@@ -746,6 +749,8 @@ class Store:
         status: dict[int, tuple[str, Any]] = {i: ("ok", None) for i in sources}
         for i, out in zip(owners, outcomes):
             if out is not None and status[i][0] == "ok":
+                if out[0] == "corrupt":
+                    out[1].header = sources[i].header  # the header the failed check used (see _quarantine)
                 status[i] = out
         for i, st in status.items():
             results[i] = st
@@ -764,7 +769,7 @@ class Store:
                 for i in unread:
                     check_layer(header, i, mv[i * lb : (i + 1) * lb])
             except ChunkFormatError as e:
-                self._quarantine(self.tiers[from_tier], item.path, e)
+                self._quarantine(self.tiers[from_tier], item.path, e, header)
                 return
         rec = self._record_for(item.key, header, len(data))
         try:
@@ -1727,6 +1732,7 @@ class Store:
                 data = bytes(data)
                 try:
                     header = self.validate_chunk(data, r.path)
+                    self._headers[r.path] = header  # the chunk now in the tiers above (a replaced one, too)
                 except ChunkFormatError as e:
                     self._quarantine(t, r.path, e)
                     continue
@@ -1777,18 +1783,25 @@ def _open_catalog(cat_dir: str | None, read_only: bool) -> Catalog:
     where = cat_dir
     while where and not os.path.isdir(where):
         where = os.path.dirname(where) if os.path.dirname(where) != where else ""
-    if not where or not read_only_fs(where):
+    if not where or not read_only_fs(where) and _may_write(where):
         return Catalog(cat_dir)
-    if os.path.isdir(cat_dir):
+    if os.path.isdir(cat_dir) and read_only_fs(cat_dir):
         try:
-            return Catalog(cat_dir, readonly=True)
+            return Catalog(cat_dir, readonly=True)  # nothing can write there: read without LMDB's lock
         except (OSError, KVFSError) as e:  # e.g. an LMDB store never given a catalog (a lower tier elsewhere)
             reason = f"its catalog at {cat_dir} cannot be opened read-only ({e})"
+    elif os.path.isdir(cat_dir):
+        # another user's store: reading its catalog safely needs its lock file, which this user may not write
+        reason = f"this user may not write its catalog's lock file at {cat_dir}"
     else:
-        reason = f"it has no catalog at {cat_dir}"
-    log.warning("kvfs: the store is on a read-only filesystem and %s: using a temporary catalog (lookups ask "
-                "the storage itself)", reason)
+        reason = f"it has no catalog at {cat_dir}, and none can be made there"
+    log.warning("kvfs: the store is read-only here and %s: using a temporary catalog (lookups ask the storage "
+                "itself)", reason)
     return Catalog(None)
+
+
+def _may_write(path: str) -> bool:
+    return os.access(path, os.W_OK | os.X_OK)
 
 
 def _describes(raw: bytes, manifest: bytes) -> bool:
