@@ -297,7 +297,8 @@ class _VerifiedRanges:
     """
 
     def __init__(self, store: Any, path: str) -> None:
-        from .fuse._reader import candidate_tiers, check_header, read_header
+        from .fuse._reader import candidate_tiers, check_header
+        from .store import read_header
 
         self.store, self.path = store, path
         for tier in candidate_tiers(store, path):

@@ -252,6 +252,29 @@ def _readinto_ranges(backend, key: str, parts) -> list[int] | None:
     return out
 
 
+def read_header(backend, path: str) -> tuple[ChunkHeader, bytes] | None:
+    """A chunk's parsed header and its raw bytes, read from ``backend`` (``None`` if it does not hold the
+    chunk). Raises the backend's ``OSError``, and :class:`ChunkFormatError` for a header that is truncated
+    or does not parse (the whole file is not checked here)."""
+    buf = bytearray(HEADER_PROBE)
+    got = _readinto_ranges(backend, path, [(0, buf)])
+    if got is None:
+        return None
+    n = got[0]
+    hlen = header_length(memoryview(buf)[: min(n, 8)])
+    if hlen > n:
+        if n < HEADER_PROBE:
+            raise ChunkFormatError(f"{path} is truncated inside its header")
+        buf = bytearray(hlen)
+        got = _readinto_ranges(backend, path, [(0, buf)])
+        if got is None:
+            return None
+        if got[0] < hlen:
+            raise ChunkFormatError(f"{path} is truncated inside its header")
+    raw = bytes(memoryview(buf)[:hlen])
+    return parse_header(raw), raw
+
+
 class Store:
     """A chain of tiers holding the chunks of any number of namespaces. Use as a context manager."""
 
@@ -673,27 +696,15 @@ class Store:
                     results[i] = ("ok", bytes(buffers[i]))
 
     def _copy_direct(self, spec, backend, items, results) -> None:
-        def read_header(i: int):
+        def header_of(i: int):
             item = items[i]
             cached = self._headers.get(item.path)
             if cached is not None:
                 return cached
-            buf = bytearray(HEADER_PROBE)
-            got = _readinto_ranges(backend, item.path, [(0, buf)])
+            got = read_header(backend, item.path)
             if got is None:
                 raise _Missing()
-            n = got[0]
-            hlen = header_length(memoryview(buf)[: min(n, 8)])
-            if hlen > n:
-                if n < HEADER_PROBE:
-                    raise ChunkFormatError(f"{item.path} is truncated inside its header")
-                buf = bytearray(hlen)
-                got = _readinto_ranges(backend, item.path, [(0, buf)])
-                if got is None:
-                    raise _Missing()
-                if got[0] < hlen:
-                    raise ChunkFormatError(f"{item.path} is truncated inside its header")
-            header = parse_header(memoryview(buf)[:hlen])
+            header = got[0]
             # the file must end where its header says: one byte read at that offset must find nothing
             # (data short of it shows as a short read of the layers later)
             tail = _readinto_ranges(backend, item.path, [(header.file_size, bytearray(1))])
@@ -706,7 +717,7 @@ class Store:
 
         def guarded(i: int):
             try:
-                header = read_header(i)
+                header = header_of(i)
                 self._check_header(spec, items[i], header)
                 return header
             except _Missing:
@@ -1237,37 +1248,22 @@ class Store:
     def _header_in(self, tier: Tier, path: str) -> ChunkHeader | None:
         """The header of the chunk at ``path`` in ``tier`` as it is now; None if gone or not parseable."""
         try:
-            buf = bytearray(HEADER_PROBE)
-            got = _readinto_ranges(tier.backend, path, [(0, buf)])
-            if got is None:
-                return None
-            hlen = header_length(memoryview(buf)[: min(8, got[0])])
-            if hlen > got[0]:
-                buf = bytearray(hlen)
-                got = _readinto_ranges(tier.backend, path, [(0, buf)])
-                if got is None or got[0] < hlen:
-                    return None
-            return parse_header(memoryview(buf)[:hlen])
+            got = read_header(tier.backend, path)
         except (OSError, ChunkFormatError):
             return None
+        return None if got is None else got[0]
 
     def _read_header(self, path: str) -> ChunkHeader:
         rec = self.catalog.get(key_of_path(path))
         for t in self.tiers:
             if rec is not None and not rec.tiers & t.bit and not t.shared:
                 continue
-            buf = bytearray(HEADER_PROBE)
             try:
-                got = _readinto_ranges(t.backend, path, [(0, buf)])
+                got = read_header(t.backend, path)
             except OSError:
                 continue
-            if got is None:
-                continue
-            hlen = header_length(memoryview(buf)[: min(8, got[0])])
-            if hlen > got[0]:
-                buf = bytearray(hlen)
-                _readinto_ranges(t.backend, path, [(0, buf)])
-            return parse_header(memoryview(buf)[:hlen])
+            if got is not None:
+                return got[0]
         raise NotFound(path)
 
     def cat(self, path: str) -> bytes:

@@ -40,10 +40,10 @@ import numpy as np
 
 from .. import _buffers
 from ..catalog import key_of_path
-from ..chunk import ChunkHeader, check_expected, check_layer, header_length, parse_header
+from ..chunk import ChunkHeader, check_expected, check_layer
 from ..errors import ChunkFormatError, IntegrityError, NotFound
+from ..store import read_header
 
-HEADER_PROBE = 4096
 #: bytes a sequential reader's fetches read ahead (one ranged read each)
 READAHEAD = 8 << 20
 #: bytes of verified layers one open file keeps (copied windows; a mapped chunk costs no memory)
@@ -73,26 +73,6 @@ def candidate_tiers(store: Any, path: str) -> list:
     """Tiers that may hold ``path``, fastest first (as ``Store.read_range`` picks them)."""
     rec = store.catalog.get(key_of_path(path))
     return [t for t in store.tiers if rec is None or rec.tiers & t.bit or t.shared]
-
-
-def read_header(backend: Any, path: str) -> tuple[ChunkHeader, bytes] | None:
-    """A chunk's parsed header and its raw bytes (``None`` if the backend does not hold it)."""
-    buf = bytearray(HEADER_PROBE)
-    n = readinto(backend, path, 0, buf)
-    if n is None:
-        return None
-    hlen = header_length(memoryview(buf)[: min(n, 8)])
-    if hlen > n:
-        if n < HEADER_PROBE:
-            raise ChunkFormatError(f"{path} is truncated inside its header")
-        buf = bytearray(hlen)
-        n = readinto(backend, path, 0, buf)
-        if n is None:
-            return None
-        if n < hlen:
-            raise ChunkFormatError(f"{path} is truncated inside its header")
-    raw = bytes(memoryview(buf)[:hlen])
-    return parse_header(raw), raw
 
 
 def check_header(store: Any, path: str, header: ChunkHeader) -> None:

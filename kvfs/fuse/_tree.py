@@ -105,7 +105,8 @@ def _fix_size(store: Any, path: str, entry):
     from dataclasses import replace
 
     from ..catalog import key_of_path
-    from ._reader import candidate_tiers, read_header
+    from ..store import read_header
+    from ._reader import candidate_tiers
 
     for tier in candidate_tiers(store, path):
         got = read_header(tier.backend, path)
