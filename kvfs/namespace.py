@@ -166,7 +166,8 @@ class Namespace:
             found = store._exists_anywhere([keys[i] for i in todo], lambda k: toks[k.start : k.end])
             todo = [i for i, f in zip(todo, found) if not f]
         if segment and 0 < len(todo) < len(keys):
-            base = self._segment_base([k for i, k in enumerate(keys) if i not in set(todo)])
+            missing = set(todo)
+            base = self._segment_base([k for i, k in enumerate(keys) if i not in missing])
             if base != positions:
                 todo = list(range(len(keys)))  # the stored part is of another computation: replace it all
         if todo and keys[todo[0]].start < offset:

@@ -1053,11 +1053,10 @@ class Store:
         with other bytes: recomputed KV need not be bit-identical), and the new chunk is left alone:
         the read is only a miss.
         """
-        used = header
         self._headers.pop(path, None)
-        if used is not None and not isinstance(reason, UnsupportedVersion):
+        if header is not None and not isinstance(reason, UnsupportedVersion):
             now = self._header_in(tier, path)
-            if now is not None and now.metadata.get("meta_checksum") != used.metadata.get("meta_checksum"):
+            if now is not None and now.metadata.get("meta_checksum") != header.metadata.get("meta_checksum"):
                 log.debug("kvfs: chunk %s in %s was replaced while read; a miss", path, tier.url.redacted())
                 return
         if isinstance(reason, UnsupportedVersion):
