@@ -577,19 +577,27 @@ class Store:
             if not todo:
                 continue
             want_bytes = promote and tier.index > 0 and not self.read_only
-            results = self._read_tier(tier, spec, [items[i] for i in todo], want_bytes)
-            stale = []
-            for i, (status, payload) in zip(todo, results):
-                if status == "ok":
-                    ok[i] = True
-                    if payload is not None:
-                        promotions.append((i, tier.index, payload))
-                elif status == "corrupt":
-                    # a failed layer checksum names the header it was checked against (maybe cached from an
-                    # earlier read); a failed header check, none: the bytes read are the chunk's own
-                    self._quarantine(tier, items[i].path, payload, getattr(payload, "header", None))
-                elif status == "missing" and recs[i] is not None and recs[i].tiers & tier.bit:
-                    stale.append(items[i].ckey)
+            stale: list[str] = []
+            replaced: list[int] = []
+            for attempt in (0, 1):
+                idx = todo if attempt == 0 else replaced
+                if not idx:
+                    break
+                results = self._read_tier(tier, spec, [items[i] for i in idx], want_bytes)
+                replaced = []
+                for i, (status, payload) in zip(idx, results):
+                    if status == "ok":
+                        ok[i] = True
+                        if payload is not None:
+                            promotions.append((i, tier.index, payload))
+                    elif status == "corrupt":
+                        # a failed layer checksum names the header it was checked against (maybe cached from an
+                        # earlier read); a failed header check, none: the bytes read are the chunk's own. A chunk
+                        # replaced since that header was cached is read once more, by its own header
+                        if self._quarantine(tier, items[i].path, payload, getattr(payload, "header", None)):
+                            replaced.append(i)
+                    elif status == "missing" and recs[i] is not None and recs[i].tiers & tier.bit:
+                        stale.append(items[i].ckey)
             if stale:
                 self.catalog.remove_from(stale, tier.slot)
             remaining = [i for i in remaining if not ok[i]]
@@ -1043,7 +1051,7 @@ class Store:
             log.warning(message)
 
     def _quarantine(self, tier: Tier, path: str, reason: str | BaseException,
-                    header: ChunkHeader | None = None) -> None:
+                    header: ChunkHeader | None = None) -> bool:
         """A chunk failed its checks: drop it from the tier and the catalog, and say so once.
 
         A chunk in a newer format is only a miss: a newer kvfs wrote it, and it is kept for it.
@@ -1051,23 +1059,23 @@ class Store:
         when it was not parsed from the bytes that failed (a cached one): if the chunk now there has
         another header, it was replaced since (evicted and stored again, by this process or another,
         with other bytes: recomputed KV need not be bit-identical), and the new chunk is left alone:
-        the read is only a miss.
+        the read is only a miss. Returns whether that was the case (nothing quarantined).
         """
         self._headers.pop(path, None)
         if header is not None and not isinstance(reason, UnsupportedVersion):
             now = self._header_in(tier, path)
             if now is not None and now.metadata.get("meta_checksum") != header.metadata.get("meta_checksum"):
-                log.debug("kvfs: chunk %s in %s was replaced while read; a miss", path, tier.url.redacted())
-                return
+                log.debug("kvfs: chunk %s in %s was replaced while read", path, tier.url.redacted())
+                return True
         if isinstance(reason, UnsupportedVersion):
             self._warn_once(f"v:{path}", f"kvfs: chunk {path} in {tier.url.redacted()} is in a newer format "
                                          f"({reason}); treated as a miss and left in place")
-            return
+            return False
         reason = str(reason)
         if self.read_only:
             self._warn_once(f"q:{path}", f"kvfs: chunk {path} in {tier.url.redacted()} failed its checks "
                                          f"({reason}); treated as a miss (read-only store: left in place)")
-            return
+            return False
         self._warn_once(f"q:{path}", f"kvfs: chunk {path} in {tier.url.redacted()} failed its checks ({reason}); "
                                      "quarantined, treated as a miss")
         try:
@@ -1076,6 +1084,7 @@ class Store:
             tier.backend.delete_many([path])
         except OSError as e:
             self._warn_once(f"qfail:{path}", f"kvfs: could not remove corrupt chunk {path}: {e}")
+        return False
 
     # ---------------------------------------------------------------------------------- the virtual namespace
     @staticmethod
