@@ -155,20 +155,14 @@ class Catalog:
             return int(v)
         if self.readonly:  # a tier this catalog never saw: a bit no record carries, for this process only
             if identity not in self._ephemeral:
-                used |= set(self._ephemeral.values())
-                free = next((i for i in range(MAX_TIERS) if i not in used), None)
-                if free is None:
-                    raise OverflowError(f"the catalog at {self.directory} has seen {MAX_TIERS} tiers")
-                self._ephemeral[identity] = free
+                self._ephemeral[identity] = self._free_slot(used | set(self._ephemeral.values()))
             return self._ephemeral[identity]
         with self.env.write() as txn:
             v = txn.get(k, db=self._meta)
             if v is not None:
                 return int(v)
             used = {int(val) for key, val in txn.cursor(db=self._meta) if bytes(key).startswith(b"tier/")}
-            free = next((i for i in range(MAX_TIERS) if i not in used), None)
-            if free is None:
-                raise OverflowError(f"the catalog at {self.directory} has seen {MAX_TIERS} tiers; run fsck --reset")
+            free = self._free_slot(used)
             txn.put(k, str(free).encode(), db=self._meta)
             return free
 

@@ -297,26 +297,13 @@ class _VerifiedRanges:
     """
 
     def __init__(self, store: Any, path: str) -> None:
-        from .fuse._reader import candidate_tiers, check_header
-        from .store import read_header
+        from .fuse._reader import candidate_tiers, open_header
 
         self.store, self.path = store, path
-        for tier in candidate_tiers(store, path):
-            try:
-                got = read_header(tier.backend, path)
-                if got is None:
-                    continue
-                header, raw = got
-                check_header(store, path, header)
-                info = tier.backend.stat(path)
-                if info is not None and info.size != header.file_size:
-                    raise ChunkFormatError(f"{path} is {info.size} bytes but its header describes "
-                                           f"{header.file_size}: truncated or padded")
-            except ChunkFormatError as e:
-                self._failed(e)
-            self.tier, self.header, self.raw = tier, header, raw
-            return
-        raise FileNotFoundError(errno.ENOENT, f"no such chunk: {path}")
+        try:
+            self.tier, self.header, self.raw = open_header(store, path, candidate_tiers(store, path))
+        except ChunkFormatError as e:
+            self._failed(e)
 
     def read(self, start: int, end: int) -> bytes:
         from .chunk import check_layer

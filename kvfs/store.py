@@ -647,9 +647,7 @@ class Store:
             raise IntegrityError(f"{item.path} is the {header.kind} chunk at token {header.start} after "
                                  f"{header.parent[:16] or 'the start'}, not the {kind} chunk at {key.start} "
                                  f"after {key.parent_hex[:16] or 'the start'} asked for")
-        if kind == "prefix" and header.positions != header.start:
-            raise IntegrityError(f"{item.path} was computed at positions from {header.positions}, not at its "
-                                 f"place in the prefix ({header.start})")
+        _check_prefix_positions(header, item.path)
         if self.signer is not None:
             # the signature covers the metadata and its per-layer BLAKE2b digests: each layer read is
             # then authenticated by check_layer, whole chunks and layer-wise loads alike
@@ -1340,9 +1338,7 @@ class Store:
             raise ChunkFormatError(f"{path!r}: namespace {parts[0]}/{parts[1]} is unknown (no manifest)")
         check_expected(header, spec, key=hexd, path=path)
         self._check_key_chain(spec, header, path)
-        if header.kind == "prefix" and header.positions != header.start:
-            raise IntegrityError(f"{path} was computed at positions from {header.positions}, not at its place in "
-                                 f"the prefix ({header.start})")
+        _check_prefix_positions(header, path)
         mv = memoryview(data)
         verify_data(header, mv[header.data_offset :])
         out = np.empty(header.shape, dtype=_RAW[spec.itemsize])
@@ -1776,6 +1772,13 @@ class Store:
             if data is not None:
                 return bytes(data)
         raise NotFound(path)
+
+
+def _check_prefix_positions(header: ChunkHeader, path: str) -> None:
+    """A prefix chunk is KV computed at its place in the prefix: its key does not include positions."""
+    if header.kind == "prefix" and header.positions != header.start:
+        raise IntegrityError(f"{path} was computed at positions from {header.positions}, not at its place in "
+                             f"the prefix ({header.start})")
 
 
 def _open_catalog(cat_dir: str | None, read_only: bool) -> Catalog:

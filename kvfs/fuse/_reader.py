@@ -42,7 +42,7 @@ from .. import _buffers
 from ..catalog import key_of_path
 from ..chunk import ChunkHeader, check_expected, check_layer
 from ..errors import ChunkFormatError, IntegrityError, NotFound
-from ..store import read_header
+from ..store import _readinto_ranges, read_header
 
 #: bytes a sequential reader's fetches read ahead (one ranged read each)
 READAHEAD = 8 << 20
@@ -62,17 +62,32 @@ class StaleChunk(Exception):
 
 def readinto(backend: Any, key: str, offset: int, buf) -> int | None:
     """Read ``len(buf)`` bytes of ``key`` at ``offset`` with the backend's ranged read."""
-    fn = getattr(backend, "readinto_ranges", None)
-    if fn is not None:
-        got = fn(key, [(offset, buf)])
-        return None if got is None else got[0]
-    return backend.readinto(key, buf, offset)
+    got = _readinto_ranges(backend, key, [(offset, buf)])
+    return None if got is None else got[0]
 
 
 def candidate_tiers(store: Any, path: str) -> list:
     """Tiers that may hold ``path``, fastest first (as ``Store.read_range`` picks them)."""
     rec = store.catalog.get(key_of_path(path))
     return [t for t in store.tiers if rec is None or rec.tiers & t.bit or t.shared]
+
+
+def open_header(store: Any, path: str, tiers: list) -> tuple[Any, ChunkHeader, bytes]:
+    """``(tier, header, raw header bytes)`` of ``path`` from the first of ``tiers`` holding it, checked
+    against the path and the file's size (:class:`ChunkFormatError` if it fails, :class:`NotFound` if no
+    tier holds it). Backend errors propagate."""
+    for tier in tiers:
+        got = read_header(tier.backend, path)
+        if got is None:
+            continue
+        header, raw = got
+        check_header(store, path, header)
+        info = tier.backend.stat(path)
+        if info is not None and info.size != header.file_size:
+            raise ChunkFormatError(f"{path} is {info.size} bytes but its header describes "
+                                   f"{header.file_size}: truncated or padded")
+        return tier, header, raw
+    raise NotFound(path)
 
 
 def check_header(store: Any, path: str, header: ChunkHeader) -> None:
@@ -185,19 +200,8 @@ class ChunkReader:
     def open(self) -> None:
         """Read and check the header from the first tier holding the chunk."""
         self._tiers = candidate_tiers(self.store, self.path)
-        for tier in self._tiers:
-            got = read_header(tier.backend, self.path)
-            if got is None:
-                continue
-            header, raw = got
-            check_header(self.store, self.path, header)
-            info = tier.backend.stat(self.path)
-            if info is not None and info.size != header.file_size:
-                raise ChunkFormatError(f"{self.path} is {info.size} bytes but its header describes "
-                                       f"{header.file_size}: truncated or padded")
-            self.header, self.header_bytes, self.size = header, raw, header.file_size
-            return
-        raise NotFound(self.path)
+        _, self.header, self.header_bytes = open_header(self.store, self.path, self._tiers)
+        self.size = self.header.file_size
 
     # ------------------------------------------------------------------------------ reads
     def _layers_of(self, off: int, end: int) -> tuple[int, int]:
