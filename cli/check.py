@@ -75,6 +75,11 @@ def fsck(verify: bool, dry_run: bool, as_json: bool) -> None:
         if report.newer:
             warn(f"kvfs fsck: {len(report.newer)} chunk(s) in a newer chunk format than this kvfs reads were left "
                  f"alone (a newer kvfs reads them; upgrade to use them here; first: {report.newer[0]})")
+        if report.unmanifested:
+            nss = sorted({k.split(":", 1)[1].rsplit("/", 2)[0] for k in report.unmanifested})
+            warn(f"kvfs fsck: {len(report.unmanifested)} chunk(s) in {len(nss)} namespace(s) with no manifest.json in "
+                 f"any tier were left alone and are not in the catalog (first: {nss[0]}); copy each namespace's "
+                 "manifest.json from the store that wrote its chunks, then run `kvfs fsck` again")
         if report.orphans:
             warn(f"kvfs fsck: {len(report.orphans)} object(s) that are not kvfs chunks were left alone "
                  f"(first: {report.orphans[0]})")

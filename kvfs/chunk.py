@@ -405,6 +405,17 @@ def parse_header(buf: bytes | bytearray | memoryview, file_size: int | None = No
         raise ChunkFormatError(f"malformed chunk header: {type(e).__name__}: {e}") from None
 
 
+def _unique_members(pairs: list) -> dict:
+    """A JSON object whose names are all different: with a name given twice, readers that keep the first
+    value and readers that keep the last (Python's json) would see different metadata."""
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        seen: set = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ChunkFormatError(f"chunk header names {dup!r} more than once")
+    return d
+
+
 def _parse_header(buf, file_size: int | None) -> ChunkHeader:
     mv = memoryview(buf)
     if mv.ndim != 1 or mv.itemsize != 1:
@@ -414,7 +425,7 @@ def _parse_header(buf, file_size: int | None) -> ChunkHeader:
         raise ChunkFormatError(f"chunk is truncated: {len(mv)} bytes, header needs {data_offset}")
     raw = bytes(mv[8:data_offset])
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_members)
     except (UnicodeDecodeError, ValueError) as e:
         raise ChunkFormatError(f"chunk header is not JSON: {e}") from None
     if not isinstance(header, dict) or set(header) != {"__metadata__", "kv"}:

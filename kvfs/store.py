@@ -144,6 +144,7 @@ class FsckReport:
     foreign: list[str] = field(default_factory=list)
     orphans: list[str] = field(default_factory=list)  # keys that are neither chunks nor manifests
     newer: list[str] = field(default_factory=list)  # chunks in a newer format (kept: a newer kvfs reads them)
+    unmanifested: list[str] = field(default_factory=list)  # chunks in a namespace no manifest.json describes
     size_fixed: int = 0
 
     @property
@@ -161,6 +162,7 @@ class FsckReport:
             "foreign": self.foreign,
             "orphans": self.orphans,
             "newer": self.newer,
+            "unmanifested": self.unmanifested,
             "size_fixed": self.size_fixed,
         }
 
@@ -1294,7 +1296,9 @@ class Store:
         spec = self.spec_of(nsp)
         if spec is None:
             # without the manifest a chunk cannot be checked: an error, not a reason to delete it
-            raise NotFound(path, f"namespace {nsp} has no manifest in this store; `kvfs fsck` rebuilds the catalog")
+            raise NotFound(path, f"namespace {nsp} has no {MANIFEST_NAME} in any tier of this store, so its chunks "
+                                 f"cannot be checked: copy {nsp}/{MANIFEST_NAME} from the store that wrote them "
+                                 "(`kvfs cp`), then run `kvfs fsck`")
         rec = self.catalog.get(key_of_path(path))
         failure: ChunkFormatError | None = None
         for t in self.tiers:
@@ -1589,7 +1593,7 @@ class Store:
                 spec = self.spec_of(f"{parts[0]}/{parts[1]}")
                 if spec is None:
                     # no manifest anywhere: nothing to judge the chunk by; report it, never delete it
-                    report.orphans.append(f"{t.index}:{k}")
+                    report.unmanifested.append(f"{t.index}:{k}")
                     continue
                 problem = None
                 try:

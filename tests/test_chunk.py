@@ -109,6 +109,20 @@ def test_malformed_chunks_raise_only_chunk_format_error(mutate, exc):
         chunk.parse_header(mutate(bytes(buf)))
 
 
+def test_a_header_naming_a_member_twice_is_refused():
+    """Readers disagree on which of two equal names wins (Python keeps the last): such a header is malformed,
+    even when the value that Python keeps would pass every check."""
+    buf, *_ = make_chunk()
+    n = struct.unpack("<Q", bytes(buf[:8]))[0]
+    raw = bytes(buf[8 : 8 + n])
+    i = raw.index(b'"format":"kvfs"')
+    dup = raw[:i] + b'"format":"zz",' + raw[i:]
+    assert dup.endswith(b" " * 14)
+    bad = bytes(buf[:8]) + dup[: n] + bytes(buf[8 + n :])
+    with pytest.raises(ChunkFormatError, match="'format' more than once"):
+        chunk.parse_header(bad)
+
+
 def test_flipped_metadata_byte_is_caught_by_the_metadata_checksum():
     buf, *_ = make_chunk()
     i = bytes(buf).index(b'"start":"0"') + len('"start":"')

@@ -486,6 +486,18 @@ def test_fsck_rebuilds_a_lost_catalog(tmp_path):
     assert "catalog is up to date" in invoke("fsck", "--verify", url=url).stdout
 
 
+def test_fsck_names_a_namespace_whose_manifest_is_gone(tmp_path):
+    url = f"file://{tmp_path}/files"
+    filled = fill(url)
+    shutil.rmtree(f"{tmp_path}/files/.kvfs/catalog")
+    os.remove(f"{tmp_path}/files/{filled['ns']}/manifest.json")
+    r = invoke("fsck", url=url)
+    assert f"{len(filled['paths'])} chunk(s) in 1 namespace(s) with no manifest.json" in r.stderr
+    assert filled["ns"] in r.stderr and "not kvfs chunks" not in r.stderr
+    assert json.loads(invoke("fsck", "--dry-run", "--json", url=url).stdout)["unmanifested"]
+    assert os.path.exists(f"{tmp_path}/files/{filled['paths'][0]}")  # reported, never deleted
+
+
 # ------------------------------------------------------------------------------------------ errors
 @pytest.mark.parametrize(
     "args, code, words",
