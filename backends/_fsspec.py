@@ -43,6 +43,7 @@ import errno
 import inspect
 import json
 import logging
+import math
 import random
 import uuid
 from typing import Any, Awaitable, Callable, Iterator, Mapping, Sequence
@@ -227,11 +228,39 @@ def _coerce(name: str, value: str, default: Any) -> Any:
 def _positive(name: str, value: Any, kind: type) -> Any:
     try:
         v = kind(value)
-    except (TypeError, ValueError):
-        raise InvalidURL(f"option {name}={value!r} must be a positive number") from None
-    if v <= 0:
-        raise InvalidURL(f"option {name}={value!r} must be positive")
+    except (TypeError, ValueError, OverflowError):
+        raise InvalidURL(f"option {name}={value!r} must be a positive {'integer' if kind is int else 'number'}") from None
+    if not math.isfinite(v) or v <= 0:
+        raise InvalidURL(f"option {name}={value!r} must be a positive, finite {'integer' if kind is int else 'number'}")
     return v
+
+
+def _retries(value: Any) -> int:
+    try:
+        v = int(value)
+    except (TypeError, ValueError, OverflowError):
+        raise InvalidURL(f"option retries={value!r} must be an integer (0 for no retries)") from None
+    if isinstance(value, float) and v != value or v < 0:
+        raise InvalidURL(f"option retries={value!r} must be a whole number, 0 or more (0 for no retries)")
+    return v
+
+
+def _check_kwargs_option(name: str, value: Any) -> None:
+    """``client_kwargs``, ``config_kwargs``... are JSON objects in a URL (dicts as keywords)."""
+    if value is not None and not isinstance(value, dict):
+        raise InvalidURL(f"option {name}={value!r} must be a JSON object, e.g. {name}={{\"name\": \"value\"}} "
+                         "(percent-encode it in a URL)")
+
+
+def _check_endpoint(value: Any) -> None:
+    from urllib.parse import urlsplit
+
+    if value is None:
+        return
+    parts = urlsplit(value) if isinstance(value, str) else None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InvalidURL(f"option endpoint_url={value!r} must be an http:// or https:// URL with a host, "
+                         "e.g. endpoint_url=http://minio:9000")
 
 
 def _fs_params(fs_cls: type) -> tuple[dict[str, Any], bool]:
@@ -286,10 +315,7 @@ class FsspecBackend(Backend):
         self.protocol = protocol.lower()
         self.concurrency = _positive("concurrency", concurrency, int)
         self.timeout = _positive("timeout", timeout, float)
-        try:
-            self.retries = max(0, int(retries))
-        except (TypeError, ValueError):
-            raise InvalidURL(f"option retries={retries!r} must be an integer") from None
+        self.retries = _retries(retries)
         fs_cls = _fs_class(self.protocol)
         self._is_s3 = self.protocol in ("s3", "s3a")
         options = self._storage_options(fs_cls, dict(storage_options))
@@ -334,7 +360,10 @@ class FsspecBackend(Backend):
     def _storage_options(self, fs_cls: type, options: dict[str, Any]) -> dict[str, Any]:
         params, var_kw = _fs_params(fs_cls)
         region = options.pop("region", None)
+        for name in [k for k in options if k.endswith("_kwargs")]:
+            _check_kwargs_option(name, options[name])
         if self._is_s3:
+            _check_endpoint(options.get("endpoint_url"))
             client_kwargs = dict(options.pop("client_kwargs", None) or {})
             if region:
                 client_kwargs.setdefault("region_name", region)
@@ -361,6 +390,18 @@ class FsspecBackend(Backend):
             unknown = [k for k in options if k not in params]
             if unknown:
                 raise InvalidURL(f"unknown option(s) {', '.join(sorted(unknown))} for {self.protocol}://")
+        else:
+            # the filesystem takes any keyword (fsspec's own filesystems ignore the ones they do not know): an
+            # option that is a near miss of a known one is a typo that would otherwise be ignored in silence
+            import difflib
+
+            known = set(params) | set(_KVFS_OPTIONS) | {"region"}
+            for k in options:
+                if k in known:
+                    continue
+                near = difflib.get_close_matches(k, sorted(known), n=1, cutoff=0.8)
+                if near:
+                    raise InvalidURL(f"unknown option {k} for {self.protocol}://; did you mean {near[0]}?")
         return options
 
     # ---------------------------------------------------------------------------------- plumbing

@@ -74,6 +74,9 @@ class LMDBBackend(Backend):
         if not self.readonly:
             _tune_malloc()
         size = parse_size(map_size, "lmdb:// option map_size", InvalidURL) if map_size is not None else None
+        if size is not None and size <= 0:
+            raise InvalidURL(f"lmdb:// option map_size={map_size} must be positive (e.g. 64GiB); leave it out for "
+                             "the default, 1TiB")
         self._env = _lmdbenv.acquire(self.path, size, readonly=self.readonly)
         self._db = self._env.db(DATA_DB)
         self._closed = False

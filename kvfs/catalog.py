@@ -13,6 +13,8 @@ Named databases:
 * ``kvfs.cat.ns``        ``<model>/<ns-id>`` -> manifest JSON
 * ``kvfs.cat.meta``      tier slots (``tier/<identity>`` -> bit) and bytes used per slot
 * ``kvfs.cat.quarantine`` chunk path -> JSON reason (chunks that failed their checks)
+* ``kvfs.cat.pending``   ``<model>/<ns-id>/<hex>`` -> tier slots a copy is still owed to, and the pid of the
+  process that queued it (write-backs a crash or an outage lost are queued again: ``Store`` resyncs)
 
 The catalog is an index, not the truth: a chunk it lists may have been
 removed behind its back (a read then misses and fixes the entry), and
@@ -24,6 +26,7 @@ from __future__ import annotations
 import binascii
 import json
 import logging
+import os
 import shutil
 import struct
 import tempfile
@@ -47,6 +50,8 @@ DB_CHILDREN = "kvfs.cat.children"
 DB_NS = "kvfs.cat.ns"
 DB_META = "kvfs.cat.meta"
 DB_QUARANTINE = "kvfs.cat.quarantine"
+DB_PENDING = "kvfs.cat.pending"
+_PENDING = struct.Struct("<II")  # slots still owed a copy, pid of the process that queued the copy
 MAX_TIERS = 32
 
 
@@ -141,6 +146,13 @@ class Catalog:
         except BaseException:  # a read-only environment without these databases (never a catalog)
             _lmdbenv.release(self.env)
             raise
+        try:
+            self._pending = self.env.db(DB_PENDING)
+        except Exception:  # noqa: BLE001 - a read-only catalog written by an older kvfs: nothing owed is known
+            if not readonly:
+                _lmdbenv.release(self.env)
+                raise
+            self._pending = None
         self._closed = False
 
     # -- tiers ----------------------------------------------------------------------------
@@ -289,11 +301,14 @@ class Catalog:
     def get(self, key: str) -> ChunkRecord | None:
         return self.get_many([key])[0]
 
-    def add(self, records: Iterable[tuple[ChunkRecord, np.ndarray | None]], slot: int) -> list[bool]:
+    def add(self, records: Iterable[tuple[ChunkRecord, np.ndarray | None]], slot: int,
+            owed: int = 0) -> list[bool]:
         """Record that tier ``slot`` holds these chunks; returns, per chunk, whether the bit was new.
 
         ``tokens`` (the chunk's token ids) feed the children index; give them
-        for chunks this node writes or reads.
+        for chunks this node writes or reads. ``owed``: a bitmask of tier slots
+        a copy of these chunks was queued to (cleared slot by slot as each copy
+        is recorded here), so that copies lost to a crash are queued again.
         """
         if self.readonly:
             # a read-only store's lookups find chunks the catalog does not know in the tiers themselves
@@ -301,7 +316,9 @@ class Catalog:
             return [False for _ in records]
         bit = 1 << slot
         out = []
+        pid = os.getpid()
         with self.env.write() as txn:
+            check_owed = self._pending is not None and txn.stat(self._pending)["entries"] > 0
             for rec, tokens in records:
                 k = _enc(rec.key)
                 v = txn.get(k, db=self._chunks)
@@ -319,8 +336,56 @@ class Catalog:
                 if tokens is not None and len(tokens) and not rec.segment:
                     txn.put(_child_key(rec.key, rec.parent, int(tokens[0])), tokens.astype("<u4").tobytes(),
                             db=self._children)
+                if owed or check_owed:
+                    self._owe(txn, k, owed & ~new.tiers, bit, pid)
                 out.append(added)
         return out
+
+    def _owe(self, txn, k: bytes, owed: int, paid: int, pid: int) -> None:
+        """Add ``owed`` to a chunk's owed slots and clear ``paid`` from them."""
+        v = txn.get(k, db=self._pending)
+        if v is None and not owed:
+            return
+        bits, who = _PENDING.unpack(v) if v is not None else (0, pid)
+        bits = (bits | owed) & ~paid
+        if owed:
+            who = pid
+        if bits:
+            txn.put(k, _PENDING.pack(bits, who), db=self._pending)
+        elif v is not None:
+            txn.delete(k, db=self._pending)
+
+    def owed(self) -> list[tuple[str, int, int]]:
+        """Chunks whose queued copies are not all recorded: ``(key, slots owed, pid that queued them)``."""
+        if self._pending is None:
+            return []
+        with self.env.read() as txn:
+            return [(_dec(k), *_PENDING.unpack(v)) for k, v in txn.cursor(db=self._pending).iternext()]
+
+    def claim_owed(self, claims: Sequence[tuple[str, int]], pid: int) -> list[bool]:
+        """Take over the owed copies of ``(key, pid that queued them)`` for ``pid``; ``False`` where another
+        process changed the entry since it was listed (it queued them itself)."""
+        if self.readonly or self._pending is None:
+            return [False for _ in claims]
+        out = []
+        with self.env.write() as txn:
+            for key, was in claims:
+                k = _enc(key)
+                v = txn.get(k, db=self._pending)
+                if v is None or _PENDING.unpack(v)[1] != was:
+                    out.append(False)
+                    continue
+                txn.put(k, _PENDING.pack(_PENDING.unpack(v)[0], pid), db=self._pending)
+                out.append(True)
+        return out
+
+    def forgive(self, keys: Sequence[str], slots: int = -1) -> None:
+        """Owe these chunks' copies to ``slots`` no more (no copy is left to send, or no such tier)."""
+        if self.readonly or self._pending is None:
+            return
+        with self.env.write() as txn:
+            for key in keys:
+                self._owe(txn, _enc(key), 0, slots & 0xFFFFFFFF, 0)
 
     def remove_from(self, keys: Sequence[str], slot: int) -> list[ChunkRecord]:
         """Clear tier ``slot`` of these chunks; a chunk held nowhere any more leaves the catalog."""
@@ -364,6 +429,8 @@ class Catalog:
 
     def _delete(self, txn, rec: ChunkRecord) -> None:
         txn.delete(_enc(rec.key), db=self._chunks)
+        if self._pending is not None:
+            txn.delete(_enc(rec.key), db=self._pending)  # nothing left to copy
         if rec.segment:
             return
         # the children entry's first-token part is unknown here: scan the (small) sibling range

@@ -66,6 +66,8 @@ log = logging.getLogger("kvfs")
 DEFAULT_WRITEBACK_BYTES = 1 << 30
 HEADER_PROBE = 4096
 CLOSE_WAIT_S = 30.0  # how long close() waits for reads in flight
+RESYNC_INTERVAL_S = 60.0  # copies owed to a tier that came back are queued again at most this often
+ROOM_WAIT_S = 30.0  # how long a write waits for room held by other writes in flight in a full tier
 PENDING_BATCH_BYTES = 256 << 20  # puts written straight from the caller's KV: bytes a batch
 DIRECT_READ_BYTES = 2 << 20  # direct reads: bytes read per call, then hashed while in cache
 MANIFEST_NAME = "manifest.json"
@@ -300,6 +302,10 @@ class Store:
         self._warned: set[str] = set()
         self._lock = threading.RLock()
         self._evict_lock = threading.Lock()
+        #: room made in a tier with a capacity for a write still in flight (tier index -> bytes), so that writers
+        #: running side by side do not all count the same free space; released once the write is recorded
+        self._reserved: dict[int, int] = {}
+        self._room = threading.Condition(self._evict_lock)
         #: parsed headers of chunks read before (chunks are immutable: a path's header never changes
         #: while the chunk exists; entries are dropped on eviction and quarantine)
         self._headers: _HeaderCache = _HeaderCache(8192)
@@ -348,7 +354,16 @@ class Store:
             self.tiers[-1].identity = ident
         #: the catalog bits of the tiers this store can read
         self.mask = sum(t.bit for t in self.tiers)
-        self._writeback = WriteBack(self._writeback_one, parse_size(writeback_bytes, "writeback_bytes"))
+        self._writeback = WriteBack(self._writeback_one, parse_size(writeback_bytes, "writeback_bytes"),
+                                    on_recovered=lambda _ti: self._start_resync(min_interval=RESYNC_INTERVAL_S))
+        #: copies to lower tiers that a crash, an outage or an exited process left owed are queued again: at open
+        #: (in the background), after a tier that failed comes back, and by flush()
+        self._resync_lock = threading.Lock()
+        self._resync_thread: threading.Thread | None = None
+        self._resync_stop = False
+        self._resync_last = 0.0
+        if not self.read_only and len(self.tiers) > 1 and self.catalog.owed():
+            self._start_resync()
 
     # ---------------------------------------------------------------------------------- life
     def __enter__(self) -> "Store":
@@ -365,8 +380,12 @@ class Store:
         return "::".join(t.url.redacted() for t in self.tiers) if not self._closed else "<closed>"
 
     def flush(self) -> None:
-        """Wait for write-back, then make everything written durable. Raises if a write-back failed."""
+        """Wait for write-back, then make everything written durable. Raises if a write-back failed.
+
+        Copies owed to lower tiers that failed before (a tier that was down) or that another process left
+        (it crashed before its write-back) are queued again first."""
         self._check_open()
+        self.resync()
         errors = self._writeback.flush()
         for t in self.tiers:
             t.backend.flush()
@@ -385,6 +404,10 @@ class Store:
             return
         errors: list = []
         try:
+            self._resync_stop = True
+            th = self._resync_thread
+            if th is not None:
+                th.join()  # it stops between chunks (a queued chunk is written by the close below)
             errors = self._writeback.close()
             for t in self.tiers:
                 try:
@@ -410,6 +433,84 @@ class Store:
         if errors:
             log.warning("kvfs: %d chunk(s) were not written back before close (first: %s: %s)",
                         len(errors), errors[0][0], errors[0][2])
+
+    # ---------------------------------------------------------------------------------- owed copies
+    def _start_resync(self, min_interval: float = 0.0) -> None:
+        """:meth:`resync` on a thread of its own, unless one runs (or ran less than ``min_interval`` ago)."""
+        with self._lock:
+            if self._resync_stop or self._closed:
+                return
+            if self._resync_thread is not None and self._resync_thread.is_alive():
+                return
+            if time.monotonic() - self._resync_last < min_interval:
+                return
+            self._resync_last = time.monotonic()
+            self._resync_thread = threading.Thread(target=self._resync_quietly, name="kvfs-resync", daemon=True)
+            self._resync_thread.start()
+
+    def _resync_quietly(self) -> None:
+        try:
+            self.resync()
+        except Exception as e:  # noqa: BLE001 - a background pass; flush() runs one that raises
+            if not self._closed:
+                log.warning("kvfs: queueing owed copies to lower tiers again failed: %s", e)
+
+    def resync(self) -> int:
+        """Queue again every copy to a lower tier that is owed and not on its way: write-backs lost to a crash
+        (of this or another process on this node) or that failed while a tier was down. Returns how many chunks
+        were queued (write-back writes them; :meth:`flush` waits for them)."""
+        if self.read_only or len(self.tiers) < 2 or self._closed:
+            return 0
+        with self._resync_lock:
+            owed = self.catalog.owed()
+            if not owed:
+                return 0
+            me = os.getpid()
+            by_slot = {t.slot: t for t in self.tiers}
+            queued = self._writeback.queued_paths()
+            recs = self.catalog.get_many([k for k, _, _ in owed])
+            todo, paid = [], []
+            for (key, bits, pid), rec in zip(owed, recs):
+                if rec is None:
+                    paid.append((key, -1))  # gone: nothing left to copy
+                    continue
+                if pid != me and process_alive(pid):
+                    continue  # still that process's to write
+                if rec.path in queued:
+                    continue
+                if bits & rec.tiers:
+                    paid.append((key, bits & rec.tiers))  # recorded there since (by fsck, a read's promotion)
+                targets = sorted(by_slot[sl].index for sl in by_slot if bits >> sl & 1 and not rec.tiers >> sl & 1)
+                if targets and any(rec.tiers & t.bit for t in self.tiers[: targets[0]]):
+                    todo.append((key, pid, rec, targets))
+                # else: the slots owed belong to another tier chain, or no tier above them here holds the chunk
+            for key, slots in paid:
+                self.catalog.forgive([key], slots)
+            n = 0
+            claimed = self.catalog.claim_owed([(key, pid) for key, pid, _, _ in todo], me)
+            for ok, (key, _pid, rec, targets) in zip(claimed, todo):
+                if not ok:
+                    continue  # another process queued it meanwhile
+                if self._resync_stop or self._closed:
+                    break
+                try:
+                    data = self.cat(rec.path)  # verified (a copy failing its checks is quarantined)
+                except (NotFound, ChunkFormatError):
+                    self.catalog.forgive([key])  # no good copy left to send
+                    continue
+                except OSError as e:
+                    self._warn_once(f"resync:{key}", f"kvfs: cannot read {rec.path} to copy it to lower tiers: {e}")
+                    continue
+                try:
+                    self._writeback.submit(WriteJob(
+                        rec.path, data, targets,
+                        lambda ti, rec=rec: self.catalog.add([(rec, None)], self.tiers[ti].slot)))
+                except StoreError:
+                    break  # closing
+                n += 1
+            if n:
+                log.info("kvfs: %d chunk(s) owed to lower tiers queued again", n)
+            return n
 
     def _reap_volatile_slots(self) -> None:
         """Forget the memory tiers of processes that have exited (their chunks died with them)."""
@@ -933,7 +1034,9 @@ class Store:
         spec_paths = {e[0].namespace for e in entries}
         first = None
         for pos, ti in enumerate(targets):
-            if self._make_room(self.tiers[ti], total):
+            # reserves `total` bytes of the tier until recorded; only a write with no tier left waits for room
+            # held by other writes in flight (an upper tier's write goes on to the next tier at once)
+            if self._make_room(self.tiers[ti], total, wait=tiers is None and pos == len(targets) - 1):
                 first = pos
                 break
             if pos == len(targets) - 1:
@@ -946,24 +1049,38 @@ class Store:
                 )
         assert first is not None
         tier = self.tiers[targets[first]]
-        for nsp in spec_paths:
-            spec = self.spec_of(nsp)
-            if spec is not None:
-                self._ensure_manifest(spec, tier.index)
-        rest = targets[first + 1 :]
+        reservation = [total]  # released once the chunks are recorded (or the write failed)
         try:
-            tier.backend.put_many({path: buf for _, _, path, buf in entries})
-        except BaseException:
-            if len(entries) > 1:
-                self._record_written(tier, entries, rest)
-            raise
-        # a buffer goes back to the pool only if no tier it is written to keeps a reference to it
-        recyclable = recycle and not any(self.tiers[ti].backend.retains_buffers for ti in targets[first:])
-        self._written(tier, entries, rest, recyclable)
+            for nsp in spec_paths:
+                spec = self.spec_of(nsp)
+                if spec is not None:
+                    self._ensure_manifest(spec, tier.index)
+            rest = targets[first + 1 :]
+            try:
+                tier.backend.put_many({path: buf for _, _, path, buf in entries})
+            except BaseException:
+                # (the room goes back first: recording queues copies, which may wait for the write-back thread)
+                self._release_room(tier, reservation)
+                if len(entries) > 1:
+                    self._record_written(tier, entries, rest)
+                raise
+            # a buffer goes back to the pool only if no tier it is written to keeps a reference to it
+            recyclable = recycle and not any(self.tiers[ti].backend.retains_buffers for ti in targets[first:])
+            self._written(tier, entries, rest, recyclable, reservation)
+        finally:
+            self._release_room(tier, reservation)
 
-    def _written(self, tier: Tier, entries: list, rest: list[int], recyclable: bool) -> None:
-        """Chunks now in ``tier``: record them, and queue their copies to the tiers ``rest`` below."""
-        self.catalog.add([(rec, toks) for rec, toks, _, _ in entries], tier.slot)
+    def _written(self, tier: Tier, entries: list, rest: list[int], recyclable: bool,
+                 reservation: list[int] | None = None) -> None:
+        """Chunks now in ``tier``: record them, and queue their copies to the tiers ``rest`` below.
+        ``reservation``: the room made for them in ``tier``, released once they count in its usage (before
+        queueing the copies, which may wait for the write-back thread, itself perhaps making room there)."""
+        owed = 0
+        for ti in rest:
+            owed |= self.tiers[ti].bit
+        self.catalog.add([(rec, toks) for rec, toks, _, _ in entries], tier.slot, owed)
+        if reservation is not None:
+            self._release_room(tier, reservation)
         for rec, toks, path, buf in entries:
             if rest:
                 self._writeback.submit(
@@ -996,45 +1113,85 @@ class Store:
             log.warning("kvfs: after a failed batch write to %s, recording the chunks already written failed: %s",
                         tier.url.redacted(), e)
 
-    def _writeback_one(self, job: WriteJob, tier_index: int) -> None:
+    def _writeback_one(self, job: WriteJob, tier_index: int) -> bool:
+        """Copy a queued chunk into a lower tier and record it there (returns True: recorded)."""
         tier = self.tiers[tier_index]
         if not self._make_room(tier, job.nbytes):
             raise NoSpace(f"tier {tier.url.redacted()} is full of pinned chunks")
-        nsp = key_of_path(job.path).rsplit("/", 1)[0]
-        spec = self.spec_of(nsp)
-        if spec is not None:
-            self._ensure_manifest(spec, tier_index)
-        tier.backend.put(job.path, job.data)
+        reservation = [job.nbytes]
+        try:
+            nsp = key_of_path(job.path).rsplit("/", 1)[0]
+            spec = self.spec_of(nsp)
+            if spec is not None:
+                self._ensure_manifest(spec, tier_index)
+            tier.backend.put(job.path, job.data)
+            job.on_written(tier_index)  # counted in the tier's usage before its reservation goes
+        finally:
+            self._release_room(tier, reservation)
+        return True
 
-    def _make_room(self, tier: Tier, incoming: int) -> bool:
-        """Evict LRU unpinned chunks from ``tier`` down to its watermark if ``incoming`` would overflow it."""
+    def _release_room(self, tier: Tier, reservation: list[int]) -> None:
+        """Give back the room :meth:`_make_room` reserved (once; ``reservation`` is emptied)."""
+        n = reservation[0] if reservation else 0
+        if not n or tier.capacity is None:
+            return
+        reservation[0] = 0
+        with self._room:
+            left = self._reserved.get(tier.index, 0) - n
+            if left > 0:
+                self._reserved[tier.index] = left
+            else:
+                self._reserved.pop(tier.index, None)
+            self._room.notify_all()
+
+    def _make_room(self, tier: Tier, incoming: int, *, wait: bool = True) -> bool:
+        """Evict LRU unpinned chunks from ``tier`` down to its watermark if ``incoming`` would overflow it.
+
+        On ``True`` the ``incoming`` bytes are reserved in the tier for the caller, who gives them back with
+        :meth:`_release_room` once its chunks are recorded: writers running side by side (threads, the
+        write-back) then never count the same free space twice, and the tier stays within its capacity.
+        ``wait``: when the room is held by such writes in flight, wait (a while) for them to be recorded and
+        evict again, rather than answer ``False`` (for a write that has no other tier to go to).
+        """
         if tier.capacity is None:
             return True
-        if self.catalog.used(tier.slot) + incoming <= tier.capacity:
+        if incoming > tier.capacity:
+            return False
+        deadline = time.monotonic() + ROOM_WAIT_S
+        with self._room:
+            while True:
+                if self._evict_for(tier, incoming):
+                    self._reserved[tier.index] = self._reserved.get(tier.index, 0) + incoming
+                    return True
+                if not wait or not self._reserved.get(tier.index) or time.monotonic() >= deadline:
+                    return False
+                # the rest of the room is held by writes in flight: once they are recorded, their chunks (or
+                # older ones) can be evicted in turn
+                self._room.wait(max(0.0, min(1.0, deadline - time.monotonic())))
+
+    def _evict_for(self, tier: Tier, incoming: int) -> bool:
+        """Under the eviction lock: make room for ``incoming`` bytes besides those reserved; whether it fits."""
+        reserved = self._reserved.get(tier.index, 0)
+        used = self.catalog.used(tier.slot)
+        if used + reserved + incoming <= tier.capacity:
             return True
-        with self._evict_lock:
-            used = self.catalog.used(tier.slot)
-            if used + incoming <= tier.capacity:
-                return True
-            if incoming > tier.capacity:
-                return False
-            target = max(0, int(tier.capacity * tier.watermark) - incoming)
-            lower = 0
-            for t in self.tiers[tier.index + 1 :]:
-                lower |= t.bit
-            last = tier.index == len(self.tiers) - 1
-            candidates = [r for r in self.catalog.scan() if r.tiers & tier.bit and r.pins == 0
-                          and (last or r.tiers & lower)]
-            candidates.sort(key=lambda r: r.last_access)
-            victims = []
-            for r in candidates:
-                if used <= target:
-                    break
-                victims.append(r)
-                used -= r.size
-            if victims:
-                self._drop_from_tier(tier, victims)
-            return self.catalog.used(tier.slot) + incoming <= tier.capacity
+        target = max(0, int(tier.capacity * tier.watermark) - incoming - reserved)
+        lower = 0
+        for t in self.tiers[tier.index + 1 :]:
+            lower |= t.bit
+        last = tier.index == len(self.tiers) - 1
+        candidates = [r for r in self.catalog.scan() if r.tiers & tier.bit and r.pins == 0
+                      and (last or r.tiers & lower)]
+        candidates.sort(key=lambda r: r.last_access)
+        victims = []
+        for r in candidates:
+            if used <= target:
+                break
+            victims.append(r)
+            used -= r.size
+        if victims:
+            self._drop_from_tier(tier, victims)
+        return self.catalog.used(tier.slot) + reserved + incoming <= tier.capacity
 
     def _drop_from_tier(self, tier: Tier, records: Sequence[ChunkRecord]) -> None:
         # catalog first: a crash in between leaves an orphan (fsck finds it), never a dangling entry

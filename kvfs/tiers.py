@@ -9,6 +9,7 @@ every queued write is in place and reports the ones that failed.
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 import time
@@ -20,7 +21,13 @@ from .errors import StoreError
 from .url import TierURL
 
 log = logging.getLogger("kvfs")
-DOWN_SECONDS = 3.0  # after a timeout or refused connection, write-back to that tier fails fast this long
+DOWN_SECONDS = 3.0  # after a tier failed for good (timeout, refused, denied...), write-back to it fails fast this long
+#: errors that retrying the same write cannot fix: reported at once
+_PERMANENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.ENOENT, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR,
+                     errno.EISDIR, errno.ENAMETOOLONG, errno.EFBIG, errno.EINVAL, errno.ENOSYS, errno.EBADF}
+#: of those, the ones that concern the whole tier (credentials, a missing bucket, a full or read-only device)
+#: rather than one key
+_TIER_WIDE_ERRNOS = {errno.EACCES, errno.EPERM, errno.ENOENT, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EBADF}
 
 
 @dataclass(eq=False)
@@ -63,9 +70,13 @@ class WriteJob:
 class WriteBack:
     """One background thread draining a byte-bounded queue of :class:`WriteJob`s."""
 
-    def __init__(self, write: Callable[[WriteJob, int], None], max_bytes: int, retries: int = 3,
-                 backoff: float = 0.2) -> None:
+    def __init__(self, write: Callable[[WriteJob, int], bool | None], max_bytes: int, retries: int = 3,
+                 backoff: float = 0.2, on_recovered: Callable[[int], None] | None = None) -> None:
         self._write = write
+        #: called (on the write-back thread) with a tier's index when a write to it succeeds after one failed
+        self._on_recovered = on_recovered
+        self._failed: set[int] = set()  # tiers a write failed to since the last write that succeeded
+        self._paths: dict[str, int] = {}  # paths of the jobs queued or being written
         self._max_bytes = max_bytes
         self._retries = retries
         self._backoff = backoff
@@ -89,10 +100,16 @@ class WriteBack:
                 self._cond.wait()
             self._queue.append(job)
             self._queued_bytes += job.nbytes
+            self._paths[job.path] = self._paths.get(job.path, 0) + 1
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="kvfs-writeback", daemon=True)
                 self._thread.start()
             self._cond.notify_all()
+
+    def queued_paths(self) -> set[str]:
+        """Paths of the jobs queued or being written now."""
+        with self._cond:
+            return set(self._paths)
 
     @property
     def pending(self) -> int:
@@ -119,6 +136,9 @@ class WriteBack:
                 with self._cond:
                     self._busy -= 1
                     self._queued_bytes -= job.nbytes
+                    n = self._paths.pop(job.path, 1) - 1
+                    if n > 0:
+                        self._paths[job.path] = n
                     self._cond.notify_all()
 
     def _write_with_retries(self, job: WriteJob, tier_index: int) -> None:
@@ -132,17 +152,30 @@ class WriteBack:
         delay = self._backoff
         for attempt in range(self._retries + 1):
             try:
-                self._write(job, tier_index)
-                job.on_written(tier_index)
+                if not self._write(job, tier_index):  # True: the writer recorded the copy itself
+                    job.on_written(tier_index)
                 self._down.pop(tier_index, None)
+                if tier_index in self._failed:
+                    self._failed.discard(tier_index)
+                    if self._on_recovered is not None:
+                        try:
+                            self._on_recovered(tier_index)
+                        except Exception as e:  # noqa: BLE001 - never stops the write-back thread
+                            log.warning("kvfs: after tier %d came back: %s", tier_index, e)
                 return
             except Exception as e:  # noqa: BLE001 - reported through flush()
-                # an unreachable tier already used up its own deadline and retries inside the backend
+                # an unreachable tier already used up its own deadline and retries inside the backend; a
+                # permanent error (denied, no bucket, no space, read-only) does not go away by retrying
                 unreachable = isinstance(e, (TimeoutError, ConnectionError))
-                if attempt == self._retries or unreachable:
-                    if unreachable:
+                permanent = getattr(e, "errno", None) in _PERMANENT_ERRNOS
+                if attempt == self._retries or unreachable or permanent:
+                    if unreachable or attempt == self._retries or getattr(e, "errno", None) in _TIER_WIDE_ERRNOS:
+                        # the tier itself is failing (it kept failing through every retry, or refuses the whole
+                        # tier): the chunks queued behind this one fail fast for a while instead of each waiting
+                        # out the same retries (close() would take minutes with a full queue)
                         self._down[tier_index] = (time.monotonic() + DOWN_SECONDS, e)
                     log.warning("kvfs: write-back of %s to tier %d failed: %s", job.path, tier_index, e)
+                    self._failed.add(tier_index)
                     with self._cond:
                         self._errors.append((job.path, tier_index, e))
                     return

@@ -36,7 +36,14 @@ class TierURL:
     @property
     def capacity(self) -> int | None:
         v = self.store_options.get("capacity")
-        return None if v in (None, "", "0") else parse_size(v, "capacity", InvalidURL)
+        if v in (None, ""):
+            return None
+        n = parse_size(v, "capacity", InvalidURL)
+        if n <= 0:
+            # not "unlimited": a tier that may hold nothing is a mistake (and 0 read as no limit would be the
+            # opposite of what it says)
+            raise InvalidURL(f"capacity={v} must be positive; leave capacity out for a tier without a limit")
+        return n
 
     @property
     def watermark(self) -> float:

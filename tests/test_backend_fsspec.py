@@ -131,6 +131,17 @@ def test_url_options_reach_s3fs_with_their_types(moto_server):
     ("s3://b/p?config_kwargs=%7Bnot-json", "JSON"),
     ("s3://", "bucket"),
     ("fsspec+nosuchprotocol://x", "nosuchprotocol"),
+    # out of range or not understood: refused at open, naming the option (not a hang, a crash or silence later)
+    ("s3://b/p?timeout=nan", "timeout"),
+    ("s3://b/p?timeout=inf", "timeout"),
+    ("s3://b/p?retries=-1", "retries"),
+    ("s3://b/p?retries=1.5", "retries"),
+    ("s3://b/p?config_kwargs=notjson", "config_kwargs.*JSON object"),
+    ("s3://b/p?client_kwargs=%5B1%5D", "client_kwargs.*JSON object"),
+    ("s3://b/p?endpoint_url=127.0.0.1:9000", "endpoint_url.*http://"),
+    ("s3://b/p?endpoint_url=minio", "endpoint_url.*http://"),
+    ("fsspec+memory://x?concurency=4", "concurency.*did you mean concurrency"),
+    ("fsspec+file:///tmp/x?timout=3", "timout.*did you mean timeout"),
 ])
 def test_bad_options_are_clear_errors(url, match):
     with pytest.raises(InvalidURL, match=match):

@@ -322,7 +322,11 @@ def test_bad_urls_are_clear(tmp_path):
                        # a misspelt boolean is an error, not false (an lmdb store meant read-only was opened
                        # writable)
                        (f"lmdb://{tmp_path}/ro?readonly=ture", "readonly='ture': use true or false"),
-                       (f"lmdb://{tmp_path}/sh?shared=maybe", "shared='maybe': use true or false")]:
+                       (f"lmdb://{tmp_path}/sh?shared=maybe", "shared='maybe': use true or false"),
+                       # 0 is not "no limit" (it was read so, the opposite of what it says): refused
+                       ("memory://?capacity=0", "capacity=0 must be positive"),
+                       ("memory://?capacity=0GiB", "capacity=0GiB must be positive"),
+                       (f"lmdb://{tmp_path}/mz?map_size=0", "map_size=0 must be positive")]:
         with pytest.raises(InvalidURL, match=match):
             kvfs.open(bad)
     assert not os.path.exists(tmp_path / "ro")  # refused before anything was created

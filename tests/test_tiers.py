@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import threading
 import time
 
@@ -13,6 +14,7 @@ from seaweed import SeaweedServer, seaweed_available
 
 import kvfs
 import kvfs.tiers as kvfs_tiers
+from kvfs.catalog import key_of_path
 from kvfs.errors import CacheMiss, NoSpace, StoreError
 
 SPEC = kvfs.KVSpec("tier-test", num_layers=2, num_kv_heads=2, head_dim=64, dtype="float16", chunk_tokens=64)
@@ -91,6 +93,62 @@ def test_flush_reports_writeback_failures_and_keeps_the_upper_copy(tmp_path):
             store.flush()
         assert ei.value.errno == errno.EIO and "written back" in str(ei.value)
         np.testing.assert_array_equal(ns.get(toks2), kv2)  # still served from the tier above
+        with pytest.raises(StoreError):  # still owed, and still failing: every flush says so
+            store.flush()
+        # the lower tier is writable again: the copy owed since is written by the next flush, not forgotten
+        shard.unlink()
+        store.flush()
+        assert _in_tier(store, 1, ns, toks2) == [True]
+        rec = store.catalog.get(key_of_path(ns.keys(toks2)[0].path))
+        assert rec.tiers & store.tiers[1].bit and store.catalog.owed() == []
+
+
+_KILLED_WRITER = """
+import os, signal, sys
+import numpy as np
+import kvfs
+from test_tiers import SPEC, _prompt
+store = kvfs.open(sys.argv[1])
+toks, kv = _prompt(3, 90)
+store.namespace(SPEC).put(toks, kv)
+assert store._writeback.pending, "the write-back finished before the kill: nothing was lost"
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.s3
+def test_copies_a_killed_process_owed_the_bucket_are_written_by_the_next_process(moto_server, tmp_path):
+    """A process killed while its chunks' copies to the bucket were queued: they are in its local tier only. The
+    next process to open the store queues them again (they would otherwise never reach the bucket, where other
+    nodes look, and could never be evicted from the local tier, which gives up only chunks a lower tier holds)."""
+    import subprocess
+    import sys
+
+    proxy = FaultyProxy(moto_server)
+    bucket = make_bucket(moto_server)
+    try:
+        url = f"lmdb://{tmp_path}/local?capacity={8 * (CHUNK + 4096)}::s3://{bucket}/kv?endpoint_url={proxy.endpoint}"
+        proxy.delay = 1.0  # each PUT to the bucket takes a second: the kill comes first
+        env = dict(os.environ, PYTHONPATH=os.path.dirname(__file__) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        p = subprocess.run([sys.executable, "-c", _KILLED_WRITER, url], env=env, capture_output=True, text=True)
+        assert p.returncode == -9, p.stderr
+        proxy.delay = 0.0
+        toks, kv = _prompt(3, 90)
+        with kvfs.open(url) as store:
+            ns = store.namespace(SPEC)
+            assert ns.lookup(toks) == len(toks)  # the local tier has them
+            store.flush()  # waits for the copies queued again at open
+            assert _in_tier(store, 1, ns, toks) == [True, True, True]
+            assert store.catalog.owed() == []
+            assert all(r.tiers & store.tiers[1].bit for r in store.records(""))
+            for seed in range(91, 95):  # so the local tier can make room by giving them up
+                ns.put(*_prompt(3, seed))
+                store.flush()
+            assert store.catalog.used(store.tiers[0].slot) <= 8 * (CHUNK + 4096)
+        with kvfs.open(f"memory://::s3://{bucket}/kv?endpoint_url={proxy.endpoint}") as other:  # another node
+            np.testing.assert_array_equal(other.namespace(SPEC).get(toks), kv)
+    finally:
+        proxy.close()
 
 
 @pytest.mark.s3
@@ -116,6 +174,32 @@ def test_chunks_evicted_while_their_write_back_is_in_flight_stay_evicted(moto_se
             assert len(store.evict(all=True, tier=0).evicted) == 3  # only the memory tier
             assert _in_tier(store, 1, ns, toks) == [True, True, True] and ns.lookup(toks) == len(toks)
             np.testing.assert_array_equal(ns.get(toks), kv)  # from S3
+    finally:
+        proxy.close()
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("status,code", [(403, "AccessDenied"), (503, "ServiceUnavailable")])
+def test_a_bucket_that_keeps_failing_does_not_stall_flush_chunk_by_chunk(moto_server, status, code):
+    """A bucket that refuses every write (wrong credentials) or keeps answering 503: the first chunk's write-back
+    fails (at once for a 403; after its retries for a 503), and the chunks queued behind it fail fast instead of
+    each going through the same retries again: flush()/close() do not take minutes with a full queue."""
+    proxy = FaultyProxy(moto_server)
+    bucket = make_bucket(moto_server)
+    try:
+        with kvfs.open(f"memory://::s3://{bucket}/kv?endpoint_url={proxy.endpoint}&timeout=2") as store:
+            ns = store.namespace(SPEC)
+            proxy.fail(100_000, status, code)
+            toks, kv = _prompt(10, 80)
+            t0 = time.monotonic()
+            ns.put(toks, kv)
+            with pytest.raises(StoreError) as ei:
+                store.flush()
+            took = time.monotonic() - t0
+            assert "10 chunk(s)" in str(ei.value)
+            assert took < (3 if status == 403 else 15), f"flush took {took:.1f} s failing 10 write-backs"
+            np.testing.assert_array_equal(ns.get(toks), kv)  # still served from the memory tier
+            proxy.reset()
     finally:
         proxy.close()
 
@@ -187,6 +271,52 @@ def test_capacity_evicts_lru_to_the_watermark_keeps_pins_and_loses_nothing_below
         for toks, kv in prompts:
             np.testing.assert_array_equal(ns.get(toks), kv)
         assert store.usage()[0]["used"] <= capacity
+
+
+@pytest.mark.parametrize("url", ["lmdb://{d}/s?capacity={cap}", "memory://?capacity={cap}::file://{d}/f"])
+def test_concurrent_writers_never_take_a_tier_over_its_capacity(tmp_path, url):
+    """Threads putting side by side into a tier with a capacity: each write makes room for itself only, so
+    the tier never holds more than its capacity (writers used to count the same free space, each wrote, and
+    the tier went over), and a full last tier of evictable chunks never refuses a put with NoSpace (a writer
+    used to find the room it had just made taken by the others)."""
+    size = CHUNK + 4096
+    cap = 12 * size
+    store = kvfs.open(url.format(d=tmp_path, cap=cap))
+    tier = store.tiers[0]
+    ns = store.namespace(SPEC)
+    peak = [0]
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], store.catalog.used(tier.slot))
+
+    def writer(seed):
+        try:
+            for i in range(15):
+                ns.put(*_prompt(2, 1000 * seed + i))
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    threads = [threading.Thread(target=writer, args=(s,)) for s in range(6)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        stop.set()
+        sampler.join()
+    try:
+        assert not errors, f"a put failed: {errors[0]!r}"
+        assert peak[0] <= cap, f"the tier held {peak[0]} bytes, over its capacity of {cap}"
+        held = [k for k in tier.backend.list("") if k.endswith(".safetensors")]
+        assert sum(tier.backend.stat(k).size for k in held) == store.catalog.used(tier.slot) <= cap
+    finally:
+        store.close()
 
 
 def test_reads_refresh_lru_order(tmp_path):
