@@ -68,6 +68,35 @@ PERSON = b"kvfs-sglang"
 LAYOUTS = ("layer_first", "page_first", "page_first_direct", "page_head")
 
 
+GEOMETRY = ("num_layers", "num_kv_heads", "head_dim", "dtype", "page_size")
+#: extra_config keys of kvfs's; SGLang's own (backend_name, module_path, ...) share the dict
+EXTRA_KEYS = ("url", "model", "revision") + GEOMETRY
+
+
+def _check_extra(extra: dict) -> None:
+    """Refuse a misspelt kvfs key (it would be ignored: another namespace, or no geometry) and values of the
+    wrong type. Keys unlike any of kvfs's are SGLang's own or another component's, and left alone."""
+    import difflib
+
+    for key, value in extra.items():
+        if key not in EXTRA_KEYS:
+            near = difflib.get_close_matches(str(key), EXTRA_KEYS, n=1, cutoff=0.8)
+            if near:
+                raise ValueError(f"KVFSHiCacheStorage: unknown extra_config key {key!r}; did you mean {near[0]!r}? "
+                                 f"kvfs's keys are {', '.join(EXTRA_KEYS)}")
+        elif key in ("url", "model", "revision", "dtype") and value is not None and not isinstance(value, str):
+            raise ValueError(f"KVFSHiCacheStorage: extra_config.{key} must be a string, got {value!r}")
+
+
+def _whole(extra: dict, key: str) -> int:
+    value = extra[key]
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"KVFSHiCacheStorage: extra_config.{key} must be a whole number >= 1, got {value!r}")
+    return value
+
+
 def page_chunk_key(spec: KVSpec, page_key: str) -> ChunkKey:
     """The kvfs chunk key of an SGLang page key in ``spec``'s namespace (see the module docstring)."""
     parent = hashlib.blake2b(spec.seed + page_key.encode("utf-8"), digest_size=32, person=PERSON).digest()
@@ -95,6 +124,7 @@ class KVFSHiCacheStorage(HiCacheStorage):
     def __init__(self, storage_config: HiCacheStorageConfig, kwargs: Optional[dict] = None) -> None:
         self.storage_config = storage_config
         self.extra = dict(storage_config.extra_config or {})
+        _check_extra(self.extra)
         if storage_config.pp_size > 1 or storage_config.attn_cp_size > 1 or storage_config.dcp_size > 1:
             raise ValueError("KVFSHiCacheStorage does not support pipeline or context parallelism yet")
         self.store = open_store(self.extra.get("url"))
@@ -102,10 +132,13 @@ class KVFSHiCacheStorage(HiCacheStorage):
         self.spec: KVSpec | None = None
         self.ns: Namespace | None = None
         self.mem_pool_host = None
-        geometry = ("num_layers", "num_kv_heads", "head_dim", "dtype", "page_size")
-        if all(k in self.extra for k in geometry):
-            self._set_spec(int(self.extra["num_layers"]), int(self.extra["num_kv_heads"]),
-                           int(self.extra["head_dim"]), self.extra["dtype"], int(self.extra["page_size"]))
+        given = [k for k in GEOMETRY if k in self.extra]
+        if given and len(given) < len(GEOMETRY):
+            raise ValueError(f"KVFSHiCacheStorage: the page geometry in extra_config is all of "
+                             f"{', '.join(GEOMETRY)} or none; missing {', '.join(k for k in GEOMETRY if k not in given)}")
+        if given:
+            self._set_spec(*(_whole(self.extra, k) for k in GEOMETRY[:3]), self.extra["dtype"],
+                           _whole(self.extra, "page_size"))
         log.info("KVFSHiCacheStorage on %s", self.store.redacted_url)
 
     # ---------------------------------------------------------------------------------- configuration
@@ -135,8 +168,18 @@ class KVFSHiCacheStorage(HiCacheStorage):
                 f"KVFSHiCacheStorage handles MHA host pools in the {', '.join(LAYOUTS)} layouts, not "
                 f"{type(mem_pool_host).__name__} with layout {layout!r}"
             )
+        if type(mem_pool_host).__name__ != "MHATokenToKVPoolHost" or self.storage_config.is_mla_model:
+            # a subclass keeps more than the KV pages (MXFP8's per-page scales): pages stored without it would
+            # be read back with another request's scales; MLA pools are refused (their buffer is not [2, ...])
+            raise ValueError(f"KVFSHiCacheStorage handles MHATokenToKVPoolHost pools, not "
+                             f"{type(mem_pool_host).__name__}{' (MLA)' if self.storage_config.is_mla_model else ''}")
         if getattr(mem_pool_host, "v_head_dim", mem_pool_host.head_dim) != mem_pool_host.head_dim:
             raise ValueError("KVFSHiCacheStorage needs K and V of one head size")
+        if mem_pool_host.dtype == torch.uint8:
+            raise ValueError("KVFSHiCacheStorage: this host pool holds fp8 KV as raw bytes (uint8), which does not "
+                             "say which fp8 format (e4m3 or e5m2) it is; kvfs cannot keep servers with different KV "
+                             "formats apart, so it does not store fp8 KV from SGLang: run with a 16-bit "
+                             "--kv-cache-dtype or without the kvfs storage backend")
         self.layout = layout
         self._set_spec(mem_pool_host.layer_num, mem_pool_host.head_num, mem_pool_host.head_dim,
                        mem_pool_host.dtype, mem_pool_host.page_size)

@@ -242,9 +242,45 @@ def _attention_spec(kv_cache_config: "KVCacheConfig"):
     return spec, list(groups[0].layer_names)
 
 
+#: the keys of ``kv_connector_extra_config`` and what each holds
+EXTRA_KEYS = {
+    "url": "a kvfs store URL",
+    "chunk_tokens": "a whole number of tokens",
+    "model": "a model name",
+    "revision": "a revision",
+    "prefetch_bytes": "a size",
+    "save_in_background": "true or false",
+    "save_queue_bytes": "a size",
+}
+
+
+def _extra_config(vllm_config: "VllmConfig") -> dict[str, Any]:
+    """``kv_connector_extra_config``, checked: a misspelt key would otherwise be ignored (a misspelt
+    ``chunk_tokens`` silently puts every chunk in another namespace), a wrong type misread."""
+    extra = vllm_config.kv_transfer_config.kv_connector_extra_config or {}
+    for key, value in extra.items():
+        if key not in EXTRA_KEYS:
+            import difflib
+
+            near = difflib.get_close_matches(str(key), EXTRA_KEYS, n=1)
+            hint = f"did you mean {near[0]!r}? " if near else ""
+            raise ValueError(f"KVFSConnector: unknown kv_connector_extra_config key {key!r}; {hint}"
+                             f"the keys are {', '.join(EXTRA_KEYS)}")
+        if key in ("url", "model", "revision") and value is not None and not isinstance(value, str):
+            raise ValueError(f"KVFSConnector: kv_connector_extra_config.{key} must be {EXTRA_KEYS[key]} (a string), "
+                             f"got {value!r}")
+    ct = extra.get("chunk_tokens", 256)
+    if isinstance(ct, str) and ct.strip().isdigit():
+        ct = int(ct)
+    if isinstance(ct, bool) or not isinstance(ct, int) or ct < 1:
+        raise ValueError(f"KVFSConnector: kv_connector_extra_config.chunk_tokens must be a whole number of tokens "
+                         f">= 1 (e.g. 256), got {extra['chunk_tokens']!r}")
+    return {**extra, "chunk_tokens": ct}
+
+
 def kv_spec_for(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig", *, tp_rank: int = 0) -> KVSpec:
     """The kvfs namespace of a vLLM engine's KV: model, revision, layers, KV heads, head size, dtype, TP."""
-    extra = vllm_config.kv_transfer_config.kv_connector_extra_config or {}
+    extra = _extra_config(vllm_config)
     spec, layers = _attention_spec(kv_cache_config)
     mc = vllm_config.model_config
     name = extra.get("model") or (mc.model if mc is not None else None)
@@ -261,7 +297,7 @@ def kv_spec_for(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig", *, 
         num_kv_heads=1 if mla else spec.num_kv_heads,
         head_dim=spec.head_size,
         dtype=canonical_dtype(spec.dtype),
-        chunk_tokens=int(extra.get("chunk_tokens", 256)),
+        chunk_tokens=extra["chunk_tokens"],
         revision=str(revision),
         tp_rank=tp_rank,
         tp_size=pc.tensor_parallel_size,
@@ -280,15 +316,17 @@ class KVFSConnector(KVConnectorBase_V1):
         if kv_cache_config is None:
             raise ValueError("KVFSConnector needs the KV cache config (vLLM >= 0.11 passes it)")
         ktc = self._kv_transfer_config
-        extra = ktc.kv_connector_extra_config or {}
+        extra = _extra_config(vllm_config)
         self._block_size = vllm_config.cache_config.block_size
         self._loads_enabled = ktc.is_kv_consumer
         self._saves_enabled = ktc.is_kv_producer
         tp_rank = 0
+        self._tp_group = None  # the tensor-parallel group, whose ranks agree on which saves a failed load spoils
         if role == KVConnectorRole.WORKER and vllm_config.parallel_config.tensor_parallel_size > 1:
-            from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+            from vllm.distributed.parallel_state import get_tensor_model_parallel_rank, get_tp_group
 
             tp_rank = get_tensor_model_parallel_rank()
+            self._tp_group = get_tp_group()
         self.spec = kv_spec_for(vllm_config, kv_cache_config, tp_rank=tp_rank)
         _, self._layer_names = _attention_spec(kv_cache_config)
         self.store = open_store(extra.get("url"))
@@ -315,6 +353,9 @@ class KVFSConnector(KVConnectorBase_V1):
         self._staged: dict[str, _Staged] = {}
         self._load_errors: set[int] = set()
         self._failed_reqs: set[str] = set()  # requests whose load failed this step: their KV is not saved
+        # blocks a load of this step failed to fill: a save reading any of them (the failed request's own, or
+        # another request's sharing its prefix blocks through vLLM's prefix cache) computed its KV over them
+        self._failed_blocks: set[int] = set()
         self._lock = threading.Lock()
         log.info("KVFSConnector (%s, %s) on %s, namespace %s", role.name.lower(), ktc.kv_role,
                  self.store.redacted_url, self.spec.path)
@@ -495,6 +536,7 @@ class KVFSConnector(KVConnectorBase_V1):
                     load.req_id, load.end - s, sorted(bad))
         with self._lock:
             self._load_errors.update(bad)
+            self._failed_blocks.update(bad)
             self._failed_reqs.add(load.req_id)
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: "AttentionMetadata",
@@ -537,10 +579,11 @@ class KVFSConnector(KVConnectorBase_V1):
         try:
             if not isinstance(meta, KVFSConnectorMetadata):
                 return
-            for save in meta.saves:
-                if save.req_id in self._failed_reqs:
-                    # part of its prompt's KV is missing from the cache this step; vLLM recomputes it and
-                    # the scheduler asks for the save again in the step that completes the prefill
+            for save, dropped in zip(meta.saves, self._spoilt_saves(meta)):
+                if dropped:
+                    # part of its prompt's KV is missing from the cache this step (its own load failed, or
+                    # that of a request whose blocks it shares, so its new KV was computed over them); vLLM
+                    # recomputes it and the scheduler asks for the save again when the prefill completes
                     continue
                 staged = self._stage(save)
                 for i in range(self.spec.num_layers):
@@ -566,6 +609,22 @@ class KVFSConnector(KVConnectorBase_V1):
                 self._staging.give(staged.kv)
             self._staged.clear()
             self._failed_reqs.clear()
+            self._failed_blocks.clear()
+
+    def _spoilt_saves(self, meta: KVFSConnectorMetadata) -> list[bool]:
+        """Per save of this step: was its KV computed over blocks a load failed to fill, on any rank?
+
+        Under tensor parallelism a load can fail on one rank only (each rank reads its own KV heads' chunks),
+        yet every rank's new KV was computed from hidden states that went through the failed rank's attention:
+        no rank may store it. The ranks agree through one small all-reduce, in the steps that load and save.
+        """
+        spoilt = [s.req_id in self._failed_reqs or not self._failed_blocks.isdisjoint(s.block_ids)
+                  for s in meta.saves]
+        if self._tp_group is not None and meta.loads and meta.saves:  # the same metadata on every rank
+            flags = torch.tensor(spoilt, dtype=torch.int32)
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX, group=self._tp_group.cpu_group)
+            spoilt = [bool(f) for f in flags.tolist()]
+        return spoilt
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         self._finish_loads()  # vLLM may ask before wait_for_save (deferred finalize)

@@ -153,6 +153,28 @@ def test_missing_geometry_and_bad_pages_are_refused(tmp_path):
     b.close()
 
 
+@pytest.mark.skipif(IN_HOSTPOOL_PROCESS, reason="runs in the main test process")
+@pytest.mark.parametrize("extra, error", [
+    # a misspelt key was ignored: no geometry (a RuntimeError at the first call), or another namespace
+    ({**GEOMETRY, "num_layer": L}, "unknown extra_config key 'num_layer'; did you mean 'num_layers'"),
+    ({**GEOMETRY, "modle": "test/other"}, "did you mean 'model'"),
+    # four of the five geometry keys were silently ignored
+    ({k: v for k, v in GEOMETRY.items() if k != "dtype"}, "all of .* or none; missing dtype"),
+    ({**GEOMETRY, "page_size": "4x"}, "page_size must be a whole number"),  # was int()'s own message
+    ({**GEOMETRY, "num_layers": True}, "num_layers must be a whole number"),  # was read as 1
+    ({**GEOMETRY, "url": 3}, "url must be a string"),
+])
+def test_bad_extra_config_is_refused_naming_the_key(tmp_path, extra, error):
+    cfg = storage_config(f"lmdb://{tmp_path}/store")
+    cfg.extra_config.update(extra)
+    with pytest.raises(ValueError, match=error):
+        StorageBackendFactory.create_backend("dynamic", cfg, None)
+    # SGLang's own keys (and other components') share the dict and are left alone
+    b = backend(f"lmdb://{tmp_path}/store", **{**GEOMETRY, "page_size": "4"}, prefetch_threshold=64)
+    assert b.spec.chunk_tokens == P
+    b.close()
+
+
 # ------------------------------------------------------------------------------------ host pools
 SHIM = textwrap.dedent('''
     import glob, os, importlib.util as u, torch
@@ -182,13 +204,13 @@ def test_host_pools_in_a_subprocess(tmp_path):
     assert " passed" in r.stdout and "skipped" not in r.stdout.splitlines()[-1], tail
 
 
-def host_pool(layout: str, tokens: int = 64):
+def host_pool(layout: str, tokens: int = 64, dtype=torch.bfloat16, cls=None):
     from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
     from sglang.srt.mem_cache.pool_host.mha import MHATokenToKVPoolHost
 
-    dev = MHATokenToKVPool(tokens, page_size=P, dtype=torch.bfloat16, head_num=H, head_dim=D, layer_num=L,
+    dev = MHATokenToKVPool(tokens, page_size=P, dtype=dtype, head_num=H, head_dim=D, layer_num=L,
                            device="cpu", enable_memory_saver=False, start_layer=0, end_layer=L - 1)
-    return MHATokenToKVPoolHost(dev.get_device_pool_infos()[0].buffer_info, 2.0, host_size=0, page_size=P,
+    return (cls or MHATokenToKVPoolHost)(dev.get_device_pool_infos()[0].buffer_info, 2.0, host_size=0, page_size=P,
                                 layout=layout, pin_memory=False, device="cpu", device_capacity_tokens=dev.size,
                                 start_layer=0, end_layer=L - 1)
 
@@ -250,4 +272,27 @@ def test_hostpool_missing_pages_stop_a_zero_copy_read(tmp_path):
     assert b.batch_get_v1(KEYS[:3], idx) == [True, False, True]
     with pytest.raises(ValueError, match="host indices"):
         b.batch_get_v1(KEYS[:3], idx[:5])
+    b.close()
+
+
+@pytest.mark.skipif(not IN_HOSTPOOL_PROCESS, reason="runs in the host-pool subprocess")
+def test_hostpool_pools_kvfs_cannot_keep_apart_are_refused(tmp_path):
+    from sglang.srt.mem_cache.pool_host.mha import MHATokenToKVPoolHost
+
+    url = f"lmdb://{tmp_path}/store"
+    # SGLang keeps fp8 KV as uint8 bytes: e4m3 and e5m2 pools look alike (was: "unsupported KV dtype torch.uint8")
+    for dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        pool = host_pool("page_first", dtype=dtype)
+        b = StorageBackendFactory.create_backend("dynamic", storage_config(url), pool)
+        with pytest.raises(ValueError, match="fp8 KV as raw bytes"):
+            b.register_mem_pool_host(pool)
+        b.close()
+
+    class ScaledPool(MHATokenToKVPoolHost):  # as MHATokenToKVPoolMXFP8Host: more per page than the KV buffer
+        pass
+
+    pool = host_pool("page_first", cls=ScaledPool)
+    b = StorageBackendFactory.create_backend("dynamic", storage_config(url), pool)
+    with pytest.raises(ValueError, match="handles MHATokenToKVPoolHost pools, not ScaledPool"):
+        b.register_mem_pool_host(pool)
     b.close()

@@ -468,6 +468,26 @@ def test_unsupported_kv_caches_are_refused(url):
         KVFSConnector(cfg, KVConnectorRole.SCHEDULER, kcc)
 
 
+@pytest.mark.parametrize("extra, error", [
+    # a misspelt key was ignored: chunks went to the 256-token namespace, or saves stayed in the background
+    ({"chunk_token": 64}, "unknown kv_connector_extra_config key 'chunk_token'; did you mean 'chunk_tokens'"),
+    ({"save_in_backgroud": False}, "did you mean 'save_in_background'"),
+    ({"chunk_tokens": True}, "chunk_tokens must be a whole number of tokens"),  # was read as 1
+    ({"chunk_tokens": 16.5}, "chunk_tokens must be a whole number of tokens"),  # was read as 16
+    ({"chunk_tokens": "64x"}, "chunk_tokens must be a whole number of tokens"),  # was int()'s own message
+    ({"url": 5}, "url must be a kvfs store URL"),  # was "empty store URL"
+    ({"model": 12}, "model must be a model name"),
+])
+@pytest.mark.parametrize("role", [KVConnectorRole.SCHEDULER, KVConnectorRole.WORKER])
+def test_bad_extra_config_is_refused_naming_the_key(url, extra, error, role):
+    kw = dict(extra)
+    with pytest.raises(ValueError, match=error.replace("(", r"\(")):
+        make_connector(kw.pop("url", url), role, chunk_tokens=kw.pop("chunk_tokens", 16), **kw)
+    c = make_connector(url, role, chunk_tokens="32")  # a number as a string, as some launchers pass it
+    assert c.spec.chunk_tokens == 32
+    c.shutdown()
+
+
 # ------------------------------------------------------------------------------------ vLLM's own scheduler
 @pytest.fixture(scope="module")
 def model_config(tmp_path_factory):
@@ -566,6 +586,136 @@ def test_through_vllms_own_scheduler(model_config, tmp_path):
     meta = out.kv_connector_metadata
     assert not meta.loads and [s.req_id for s in meta.saves] == ["C"]
     worker.shutdown()
+
+
+def test_a_request_sharing_the_blocks_of_a_failed_load_is_not_saved(model_config, tmp_path):
+    """Two prompts with one stored prefix in one step: vLLM gives the second the first one's blocks (its own
+    prefix cache), which the first loads from kvfs. If that load fails, the second's new KV was computed
+    over blocks that were never filled: vLLM reschedules both, and kvfs must not store either."""
+    import shutil
+
+    url = f"file://{tmp_path}/store"
+    sched, worker, caches = engine(model_config, url)
+    a = Request("A", PROMPT_A, SamplingParams(max_tokens=1), None, block_hasher=get_request_block_hasher(BLOCK, HASH))
+    sched.add_request(a)
+    out = sched.schedule()
+    kv_a = gen(5, len(LAYERS), 2, len(PROMPT_A), HEADS, HEAD)
+    write_kv(caches, out.kv_connector_metadata.saves[0].block_ids, kv_a)
+    assert run_worker_step(worker, caches, out.kv_connector_metadata) == set()
+    finish_step(sched, out, ["A"])
+    worker.shutdown()
+    # a chunk of A's prefix cannot be read (an I/O error, not damage: it stays listed, nothing is quarantined)
+    path = os.path.join(tmp_path, "store", worker.ns.keys(PROMPT_A)[2].path)
+    shutil.move(path, path + ".away")
+    os.mkdir(path)
+
+    sched, worker, caches = engine(model_config, url)
+    x, y = PROMPT_A[:80] + list(range(3000, 3020)), PROMPT_A[:80] + list(range(4000, 4020))
+    for req_id, prompt in (("X", x), ("Y", y)):
+        sched.add_request(Request(req_id, prompt, SamplingParams(max_tokens=1), None,
+                                  block_hasher=get_request_block_hasher(BLOCK, HASH)))
+    out = sched.schedule()
+    meta = out.kv_connector_metadata
+    (load,) = meta.loads
+    assert load.req_id == "X" and (load.start, load.end) == (0, 80)
+    save_x, save_y = sorted(meta.saves, key=lambda s: s.req_id)
+    assert save_y.block_ids[:5] == load.block_ids  # Y reads X's blocks, loaded in this very step
+    write_kv(caches, save_x.block_ids, gen(8, len(LAYERS), 2, 20, HEADS, HEAD), start=80)
+    write_kv(caches, save_y.block_ids, gen(9, len(LAYERS), 2, 20, HEADS, HEAD), start=80)
+    errors = run_worker_step(worker, caches, meta)
+    assert errors == set(load.block_ids)
+    assert worker.wait_for_saves_written(30)
+    os.rmdir(path)
+    shutil.move(path + ".away", path)
+    with kvfs.open(url) as store:  # neither prompt was stored from KV computed over the unloaded blocks
+        ns = store.namespace(worker.spec)
+        assert ns.lookup(x) == 80 and ns.lookup(y) == 80
+    finish_step(sched, out, ["X", "Y"], errors)
+    assert not sched.requests["Y"].is_finished()
+    # the step that recomputes them saves them
+    out = sched.schedule()
+    assert sorted(s.req_id for s in out.kv_connector_metadata.saves) == ["X", "Y"]
+    worker.shutdown()
+
+
+def _tp_rank_main(rank: int, port: int, store: str) -> None:
+    """One tensor-parallel rank of :func:`test_a_load_failing_on_one_tp_rank_saves_on_none` (its own process)."""
+    import functools
+
+    from vllm.config import ParallelConfig, set_current_vllm_config
+    from vllm.distributed.parallel_state import init_distributed_environment, initialize_model_parallel
+
+    url = f"file://{store}"
+    ktc = KVTransferConfig(kv_connector="KVFSConnector", kv_connector_module_path="kvfs.connectors.vllm",
+                           kv_role="kv_both", kv_connector_extra_config={"url": url, "chunk_tokens": 16,
+                                                                         "model": "test/llama-3-layers"})
+    cfg = VllmConfig(cache_config=CacheConfig(block_size=BLOCK), kv_transfer_config=ktc,
+                     parallel_config=ParallelConfig(tensor_parallel_size=2))
+    with set_current_vllm_config(cfg):
+        init_distributed_environment(world_size=2, rank=rank, distributed_init_method=f"tcp://127.0.0.1:{port}",
+                                     local_rank=rank, backend="gloo")
+        initialize_model_parallel(tensor_model_parallel_size=2)
+        sched = KVConnectorFactory.create_connector(cfg, KVConnectorRole.SCHEDULER, kv_cache_config())
+        worker = KVConnectorFactory.create_connector(cfg, KVConnectorRole.WORKER, kv_cache_config())
+    assert worker.spec.tp_rank == rank and worker.spec.tp_size == 2
+    caches = paged_caches()
+    worker.register_kv_caches(caches)
+    barrier = functools.partial(torch.distributed.barrier, group=worker._tp_group.cpu_group)
+    # both ranks build the metadata one scheduler would (it looks in rank 0's namespace) before either saves
+    a = request("A", PROMPT_A)
+    meta = sched.build_connector_meta(step(a, BLOCKS_A, len(PROMPT_A)))
+    barrier()
+    write_kv(caches, BLOCKS_A, gen(10 + rank, len(LAYERS), 2, len(PROMPT_A), HEADS, HEAD))  # each rank its heads
+    assert run_worker_step(worker, caches, meta) == set()
+    assert worker.wait_for_saves_written(30)
+    barrier()
+    if rank == 1:  # bit rot in rank 1's copy of the chunk of tokens 32..48 only
+        path = os.path.join(store, worker.ns.keys(PROMPT_A)[2].path)
+        with open(path, "r+b") as f:
+            f.seek(-7, os.SEEK_END)
+            byte = f.read(1)
+            f.seek(-7, os.SEEK_END)
+            f.write(bytes([byte[0] ^ 0x01]))
+    b = request("B", PROMPT_B)
+    sched.on_new_request(b)
+    assert sched.get_num_new_matched_tokens(b, 0) == (64, False)  # the scheduler looks in rank 0's namespace
+    sched.update_state_after_alloc(b, blocks_of(BLOCKS_B), 64)
+    meta = sched.build_connector_meta(step(b, BLOCKS_B, len(PROMPT_B) - 64, computed=64))
+    assert len(meta.loads) == 1 and [s.start for s in meta.saves] == [64]
+    write_kv(caches, BLOCKS_B, gen(20 + rank, len(LAYERS), 2, len(PROMPT_B) - 64, HEADS, HEAD), start=64)
+    errors = run_worker_step(worker, caches, meta)
+    assert errors == (set() if rank == 0 else {BLOCKS_B[2], BLOCKS_B[3]})
+    assert worker.wait_for_saves_written(30)
+    # rank 0 loaded its prefix, but B's new KV went through rank 1's attention over unloaded blocks: vLLM
+    # recomputes B, and no rank stores it (rank 0: A's 64 tokens and 6 of A's next chunk; rank 1: up to the
+    # quarantined chunk)
+    assert worker.ns.lookup(PROMPT_B) == (70 if rank == 0 else 32), worker.ns.lookup(PROMPT_B)
+    worker.shutdown()
+    sched.shutdown()
+    print(f"rank {rank} ok", flush=True)
+
+
+def test_a_load_failing_on_one_tp_rank_saves_on_none(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = (f"import sys; sys.path.insert(0, {here!r}); import test_vllm_connector as t; "
+            f"t._tp_rank_main(int(sys.argv[1]), {port}, {str(tmp_path / 'store')!r})")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(r)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for r in (0, 1)]
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=240)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+    for r, (p, out) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0 and f"rank {r} ok" in out, "\n".join(o[-2500:] for o in outs)
 
 
 # ------------------------------------------------------------------------------- saves written in the background
