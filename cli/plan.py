@@ -86,7 +86,7 @@ def read_batch(path: str) -> list[Request]:
     if path == "-":
         return _read_lines(sys.stdin, path)
     try:
-        f = open(path, encoding="utf-8")
+        f = open(path, encoding="utf-8-sig")  # a leading BOM (Windows editors) is not part of the JSON
     except OSError as e:
         raise CommandError(f"cannot read {path}: {e.strerror or e}", EXIT_USAGE, "kvfs plan") from None
     with f:
@@ -152,7 +152,10 @@ def _with_fields(raw: str, extra: dict[str, Any]) -> str:
 def write_ordered(out: str, requests: list[Request], plan) -> None:
     """Write the requests in plan order, atomically (a temporary file renamed over ``out``)."""
     d = os.path.dirname(os.path.abspath(out))
-    fd, tmp = tempfile.mkstemp(prefix=".kvfs-plan-", suffix=".jsonl", dir=d)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".kvfs-plan-", suffix=".jsonl", dir=d)
+    except OSError as e:  # the output's folder is missing or not writable: say so, not the temporary name
+        raise CommandError(f"cannot write {out}: {e.strerror or e} ({d})", EXIT_USAGE, "kvfs plan") from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             for g in plan.groups:

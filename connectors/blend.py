@@ -130,8 +130,8 @@ class KeyRotation:
         params = dict(getattr(config, "rope_parameters", None) or {})
         #: canonical description recorded in segment chunks (``rope`` metadata): keys rotated under other
         #: RoPE settings (a user override of rope scaling) are not reused
-        self.description = json.dumps({k: params[k] for k in sorted(params)}, sort_keys=True, default=str,
-                                      separators=(",", ":"))
+        #: (numbers as floats: a config.json's ``500000.0`` and a config built with ``500000`` are one RoPE)
+        self.description = json.dumps(_canonical_numbers(params), sort_keys=True, default=str, separators=(",", ":"))
 
     def check_positions(self, last: int) -> None:
         if self.max_positions is not None and last >= self.max_positions:
@@ -170,6 +170,19 @@ class KeyRotation:
         dst_t = torch.arange(t) + dst if isinstance(dst, int) else torch.as_tensor(dst, dtype=torch.long)
         cos, sin = self.shift_table(src_t, dst_t, keys.device)
         return self.apply(keys, cos, sin)
+
+
+def _canonical_numbers(value: Any) -> Any:
+    """``value`` with every number (not bools) as a float, in dicts and lists, for comparing RoPE settings."""
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, dict):
+        return {str(k): _canonical_numbers(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_canonical_numbers(v) for v in value]
+    return value
 
 
 def rotate_keys(model: Any, keys: torch.Tensor, src: Any, dst: Any) -> torch.Tensor:
@@ -262,6 +275,9 @@ class _Segments:
         self.total = self.offsets[-1]
         self.first_pos = [lm.segment_start] * len(segs)  # where each segment's stored keys were computed
         self.computed: dict[int, torch.Tensor] = {}  # segment -> KV computed here (CPU)
+        #: segments whose stored chunks are intact but unusable here (other RoPE, context, no metadata): what is
+        #: computed for them replaces those chunks (a put alone would keep them: their keys are stored)
+        self.refused: set[int] = set()
         self.wait_s = 0.0
         self._checked = False
         self._shift: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -296,7 +312,10 @@ class _Segments:
         bad: set[int] = set()
         for i, item in enumerate(self.plan):
             j = self.owner[i]
-            p0 = self.lm._usable(self.loader.header(i), item) if ok[i] else None
+            header = self.loader.header(i) if ok[i] else None
+            p0 = self.lm._usable(header, item) if header is not None else None
+            if p0 is None and header is not None:
+                self.refused.add(j)
             if p0 is None or first.setdefault(j, p0) != p0:
                 bad.add(j)
         for j, p0 in first.items():
@@ -421,7 +440,11 @@ class BlendedLM:
         #: segments are computed alone after this token (the model's BOS), or at positions from 0 without one
         self.bos: int | None = int(bos) if isinstance(bos, int) else None
         self.segment_start = 1 if self.bos is not None else 0
-        self._extra = {"keys": KEYS_METADATA, "rope": self.rotation.description}
+        #: what segment chunks record: post-RoPE keys, the RoPE they were rotated with, and what the segment was
+        #: computed after (``after``: ``bos:<id>`` or ``none``): a segment computed without the BOS (or after
+        #: another one) has other KV in every layer past 0, which re-rotation cannot fix
+        self._extra = {"keys": KEYS_METADATA, "rope": self.rotation.description,
+                       "after": f"bos:{self.bos}" if self.bos is not None else "none"}
 
     def close(self) -> None:
         self.lm.close()
@@ -475,6 +498,11 @@ class BlendedLM:
                                   f"with other RoPE settings, or none (keys={meta.get('keys')}, rope={meta.get('rope')}); "
                                   "recomputing it")
             return None
+        if meta.get("after") != self._extra["after"]:
+            self.store._warn_once(f"blend-after:{self.ns.path}", f"kvfs: segment chunk {item.key.path} was computed "
+                                  f"after {meta.get('after')!r}, this model computes segments after "
+                                  f"{self._extra['after']!r} (bos={self.bos}); recomputing it")
+            return None
         return header.positions - item.key.start
 
     # ---------------------------------------------------------------------------------- prefill
@@ -526,7 +554,7 @@ class BlendedLM:
             if pre is not None:
                 blend.pending.append(("prefix", pre_toks, pre.cache))
             for j, kv in seg.computed.items():
-                blend.pending.append(("segment", segs[j], kv))
+                blend.pending.append(("replace" if j in seg.refused else "segment", segs[j], kv))
         return blend
 
     def _blend(self, seg: "_Segments", q_toks: np.ndarray, prefix_kv: list | None, ratio: float | str, c: int,
@@ -622,6 +650,8 @@ class BlendedLM:
             if kind == "prefix":
                 chunks += self.lm.store_prompt(toks, what)
             else:
+                if kind == "replace":  # its stored chunks cannot be used here: evicted (unless pinned), rewritten
+                    self.store.evict([k.path for k in self.ns.segment_keys(toks)])
                 chunks += self.store_segment(toks, what)
                 segments += 1
         blend.pending = []

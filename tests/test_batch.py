@@ -357,6 +357,22 @@ def test_cli_plan_missing_file(tmp_path):
     assert r.exit_code == 2 and "cannot read" in r.output
 
 
+def test_cli_plan_output_folder_missing_names_the_output(tmp_path):
+    batch = _write(tmp_path / "b.jsonl", [[1, 2, 3], [1, 2, 4]])
+    out = tmp_path / "no-such-dir" / "o.jsonl"
+    r = CliRunner().invoke(cli, ["plan", str(batch), "-o", str(out)])
+    assert r.exit_code == 2 and f"cannot write {out}" in r.output and ".kvfs-plan-" not in r.output
+
+
+def test_cli_plan_reads_a_file_with_a_utf8_bom(tmp_path):
+    batch = tmp_path / "bom.jsonl"
+    batch.write_bytes(b"\xef\xbb\xbf" + b'{"tokens": [1, 2, 3]}\n{"tokens": [1, 2, 4]}\n')
+    out = tmp_path / "o.jsonl"
+    r = CliRunner().invoke(cli, ["plan", str(batch), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert [json.loads(x)["kvfs_prefix_tokens"] for x in out.read_text().splitlines()] == [2, 2]
+
+
 def _local_tokenizer(directory: Path) -> Path:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

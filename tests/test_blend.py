@@ -364,6 +364,50 @@ def test_segments_stored_with_other_rope_settings_are_not_reused(sparse, caplog,
         assert "other RoPE settings" in caplog.text
         assert got.segments_computed == 4
         torch.testing.assert_close(got.logits, want, atol=1e-5, rtol=0)
+        # replaced by what was computed: not recomputed on every later prompt
+        assert lm.ns.get_segment(segs[0])[1] == 1
+        again = lm.prefill(prefix, segs, query, ratio=0)
+        assert (again.segments_loaded, again.segments_computed) == (4, 0)
+        torch.testing.assert_close(again.logits, want, atol=1e-5, rtol=0)
+
+
+def test_rope_settings_compare_numbers_not_their_spelling():
+    """A config.json's rope_theta 500000.0 and a config built with 500000 are the same RoPE: segments are shared
+    (not refused, recomputed and rewritten by each in turn)."""
+    as_int = small_llama({"rope_type": "default", "rope_theta": 500000})
+    as_float = small_llama({"rope_type": "default", "rope_theta": 500000.0})
+    segs, query = [rand_tokens(40 + i, 20, 128) for i in range(2)], rand_tokens(43, 3, 128)
+    with kvfs.open("memory://") as store:
+        with BlendedLM(as_int, store, chunk_tokens=CHUNK) as lm:
+            for s in segs:
+                lm.store_segment(s)
+        with BlendedLM(as_float, store, chunk_tokens=CHUNK) as lm:
+            b = lm.prefill([], segs, query, ratio=1.0)
+            assert (b.segments_loaded, b.segments_computed) == (2, 0)
+            torch.testing.assert_close(b.logits, full_logits(as_float, [], segs, query), atol=1e-5, rtol=0)
+
+
+def test_segments_computed_without_the_bos_are_not_reused_by_a_model_that_uses_it(sparse, caplog):
+    """bos is not part of the namespace: a BlendedLM(bos=None) stores segments computed from position 0 without
+    the attention sink, whose KV differs in every layer past 0; one that computes them after the BOS must not
+    load them (re-rotating from 0 fixes the positions, not the missing context)."""
+    prefix, segs, query = rag_prompt(sparse, 5)
+    with kvfs.open("memory://") as store, BlendedLM(sparse, store, chunk_tokens=CHUNK) as lm:
+        want = lm.prefill(prefix, segs, query, ratio=0).logits
+    with kvfs.open("memory://") as store:
+        with BlendedLM(sparse, store, chunk_tokens=CHUNK, bos=None) as other:
+            for s in segs:
+                other.store_segment(s)
+        with BlendedLM(sparse, store, chunk_tokens=CHUNK) as lm:
+            with caplog.at_level("WARNING", logger="kvfs"):
+                got = lm.prefill(prefix, segs, query, ratio=0)
+            assert "computed after 'none'" in caplog.text
+            assert got.segments_computed == 4
+            torch.testing.assert_close(got.logits, want, atol=1e-5, rtol=0)
+            # what it computed replaced the unusable chunks (a plain put keeps chunks whose keys are stored)
+            again = lm.prefill(prefix, segs, query, ratio=0)
+            assert (again.segments_loaded, again.segments_computed) == (4, 0)
+            torch.testing.assert_close(again.logits, want, atol=1e-5, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------- knobs
