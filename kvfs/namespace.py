@@ -54,6 +54,23 @@ def _prefix_positions(positions: Any) -> None:
                            "chunk keys do not include positions); store KV computed elsewhere with put_segment")
 
 
+def _segment_positions(positions: Any) -> int:
+    """The position of a segment's first token: a whole number, 0 or more (a float would be truncated, None
+    read back as 0 though it means "unknown")."""
+    import operator
+
+    try:
+        if isinstance(positions, bool):
+            raise TypeError
+        p = operator.index(positions)
+    except TypeError:
+        raise InvalidInput(f"positions={positions!r}: give the position of the segment's first token as a whole "
+                           "number, 0 or more") from None
+    if p < 0:
+        raise InvalidInput(f"positions={positions!r}: positions start at 0")
+    return p
+
+
 class Namespace:
     """Put, find and get the KV of token sequences in one namespace of a store."""
 
@@ -149,6 +166,7 @@ class Namespace:
         ``extra``: more chunk metadata (string values; e.g. how the keys were rotated, for CacheBlend).
         A segment's chunks are one computation: if chunks of it are stored from a computation at other
         positions, every chunk is written again from this one (else a read would stitch two together)."""
+        positions = _segment_positions(positions)
         toks = as_tokens(tokens)
         raw = self.as_raw_kv(kv, len(toks))
         keys = segment_keys(self.spec.seed, self.path, toks, self.spec.chunk_tokens)

@@ -467,6 +467,18 @@ def test_a_segment_is_never_stitched_from_two_computations(url):
             ns.get_segment(toks)
 
 
+@pytest.mark.parametrize("bad", [1.5, None, "5", -1, True])
+def test_a_segment_position_must_be_a_whole_number(tmp_path, bad):
+    toks, kv = prompt(32, seed=3), rand_kv(SPEC, 32)
+    with kvfs.open(f"lmdb://{tmp_path}/s") as store:
+        ns = store.namespace(SPEC)
+        with pytest.raises(kvfs.InvalidInput, match="positions"):
+            ns.put_segment(toks, kv, positions=bad)
+        assert store.ls("") == []  # nothing stored
+        assert ns.put_segment(toks, kv, positions=np.int64(7)) == 1
+        assert ns.get_segment(toks)[1] == 7
+
+
 def test_a_prefix_is_only_stored_as_computed_from_position_zero(url):
     with kvfs.open(url) as store:
         ns = store.namespace(SPEC)
