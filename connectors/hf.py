@@ -54,7 +54,9 @@ def kv_spec(model: Any, *, model_name: str | None = None, revision: str | None =
     ``model`` is a ``PreTrainedModel`` or its config. The model name is the
     config's ``name_or_path`` (what ``from_pretrained`` was given) unless
     ``model_name`` is passed; the revision is the hub commit the config was
-    loaded from, if any. ``dtype`` defaults to the model's dtype.
+    loaded from, or for a model loaded from a local directory a fingerprint
+    of its config and weight files (:func:`kvfs.modelid.local_revision`).
+    ``dtype`` defaults to the model's dtype.
     """
     config = getattr(model, "config", model)
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
@@ -66,7 +68,11 @@ def kv_spec(model: Any, *, model_name: str | None = None, revision: str | None =
             "is stored under a name that identifies its weights"
         )
     if revision is None:
-        revision = getattr(config, "_commit_hash", None) or ""
+        from kvfs.modelid import local_revision
+
+        # a hub commit; for a model loaded from a directory, a fingerprint of its config and weights (two
+        # checkpoints saved at one path must not share KV)
+        revision = getattr(config, "_commit_hash", None) or local_revision(name) or ""
     heads = text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads

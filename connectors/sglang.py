@@ -142,6 +142,15 @@ class KVFSHiCacheStorage(HiCacheStorage):
         log.info("KVFSHiCacheStorage on %s", self.store.redacted_url)
 
     # ---------------------------------------------------------------------------------- configuration
+    def _revision(self, name: str) -> str:
+        """``extra_config.revision``, else for a model served from a local directory a fingerprint of its config
+        and weights (two checkpoints saved at one path must not share KV)."""
+        if self.extra.get("revision"):
+            return str(self.extra["revision"])
+        from kvfs.modelid import local_revision
+
+        return local_revision(str(getattr(self.storage_config, "model_name", "") or name)) or ""
+
     def _set_spec(self, layers: int, heads: int, head_dim: int, dtype: Any, page_size: int) -> None:
         c = self.storage_config
         name = self.extra.get("model") or c.model_name
@@ -149,7 +158,7 @@ class KVFSHiCacheStorage(HiCacheStorage):
             raise ValueError("KVFSHiCacheStorage: no model name; set model_name or extra_config.model")
         mla = bool(c.is_mla_model)
         spec = KVSpec(str(name), num_layers=layers, num_kv_heads=heads, head_dim=head_dim,
-                      dtype=canonical_dtype(dtype), chunk_tokens=page_size, revision=str(self.extra.get("revision", "")),
+                      dtype=canonical_dtype(dtype), chunk_tokens=page_size, revision=self._revision(name),
                       # MLA KV is the same on every TP rank: one namespace for all of them
                       tp_rank=0 if mla else c.tp_rank, tp_size=1 if mla else c.tp_size, mla=mla)
         if self.spec is not None and spec != self.spec:

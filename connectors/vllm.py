@@ -278,6 +278,22 @@ def _extra_config(vllm_config: "VllmConfig") -> dict[str, Any]:
     return {**extra, "chunk_tokens": ct}
 
 
+def _revision_of(mc: Any) -> str:
+    """The weights' revision: vLLM's ``revision``, else the hub commit its config was loaded from, else for a model
+    loaded from a local directory a fingerprint of its config and weights (two checkpoints saved at one path
+    must not share KV)."""
+    if mc is None:
+        return ""
+    if getattr(mc, "revision", None):
+        return str(mc.revision)
+    commit = getattr(getattr(mc, "hf_config", None), "_commit_hash", None)
+    if commit:
+        return str(commit)
+    from kvfs.modelid import local_revision
+
+    return local_revision(str(getattr(mc, "model", "") or "")) or ""
+
+
 def kv_spec_for(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig", *, tp_rank: int = 0) -> KVSpec:
     """The kvfs namespace of a vLLM engine's KV: model, revision, layers, KV heads, head size, dtype, TP."""
     extra = _extra_config(vllm_config)
@@ -286,7 +302,7 @@ def kv_spec_for(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig", *, 
     name = extra.get("model") or (mc.model if mc is not None else None)
     if not name:
         raise ValueError("KVFSConnector: no model name; set kv_connector_extra_config.model")
-    revision = extra.get("revision") or (getattr(mc, "revision", None) or "" if mc is not None else "")
+    revision = extra.get("revision") or _revision_of(mc)
     pc = vllm_config.parallel_config
     if pc.pipeline_parallel_size > 1:
         raise ValueError("KVFSConnector does not support pipeline parallelism (each stage holds other layers)")

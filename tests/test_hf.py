@@ -68,6 +68,25 @@ def test_spec_comes_from_the_model_config(model):
     assert kv_spec(build_model("tiny", seed=1)).path != kv_spec(model).path
 
 
+def test_two_checkpoints_saved_at_one_path_do_not_share_a_namespace(tmp_path, monkeypatch):
+    """A model loaded from a directory has no hub commit: its revision is a fingerprint of its config and
+    weights, so a fine-tune saved over a checkpoint (or ./ckpt in two working directories) gets its own KV."""
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    ckpt = tmp_path / "ckpt"
+    build_model("tiny", seed=0).save_pretrained(ckpt)
+    first = kv_spec(AutoModelForCausalLM.from_pretrained(ckpt))
+    assert first.revision.startswith("local-") and first.model == str(ckpt)
+    assert kv_spec(AutoModelForCausalLM.from_pretrained(ckpt)) == first  # the same weights: the same namespace
+    assert list((tmp_path / "cache" / "kvfs" / "model-fingerprints").glob("*.json"))  # hashed once, then cached
+    build_model("tiny", seed=1).save_pretrained(ckpt)  # other weights, same path, same shapes
+    second = kv_spec(AutoModelForCausalLM.from_pretrained(ckpt))
+    assert second.revision.startswith("local-") and second.path != first.path
+    # an explicit revision, or a hub commit, is used as given
+    assert kv_spec(AutoModelForCausalLM.from_pretrained(ckpt), revision="v2").revision == "v2"
+
+
 def test_cold_then_warm_generation_is_token_identical(model, url):
     with CachedLM(model, url, chunk_tokens=CHUNK) as lm:
         for i, q in enumerate(QUESTIONS):

@@ -175,6 +175,30 @@ def test_bad_extra_config_is_refused_naming_the_key(tmp_path, extra, error):
     b.close()
 
 
+@pytest.mark.skipif(IN_HOSTPOOL_PROCESS, reason="runs in the main test process")
+def test_a_model_served_from_a_local_directory_is_named_by_its_contents(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text('{"rope_theta": 10000}')
+    (ckpt / "model.safetensors").write_bytes(b"weights one")
+
+    def spec(**extra):
+        cfg = storage_config(f"lmdb://{tmp_path}/store", **GEOMETRY, **extra)
+        cfg.model_name = str(ckpt)
+        b = StorageBackendFactory.create_backend("dynamic", cfg, None)
+        try:
+            return b.spec
+        finally:
+            b.close()
+
+    first = spec()
+    assert first.revision.startswith("local-") and spec() == first
+    (ckpt / "model.safetensors").write_bytes(b"weights two")  # another checkpoint saved at that path
+    assert spec().revision not in ("", first.revision)
+    assert spec(revision="r1").revision == "r1"
+
+
 # ------------------------------------------------------------------------------------ host pools
 SHIM = textwrap.dedent('''
     import glob, os, importlib.util as u, torch

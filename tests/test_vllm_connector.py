@@ -534,6 +534,30 @@ def finish_step(sched, out, req_ids, errors=frozenset()):
     sched.update_from_output(out, mro)
 
 
+def test_a_model_from_a_local_directory_is_named_by_its_contents(model_config, tmp_path, monkeypatch):
+    """vLLM gives a local model's path as its name and no revision: the namespace's revision is a fingerprint of
+    the directory's config and weights, so another checkpoint saved at that path gets its own KV."""
+    from kvfs.connectors.vllm import kv_spec_for
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+    def spec(extra=None):
+        ktc = KVTransferConfig(kv_connector="KVFSConnector", kv_connector_module_path="kvfs.connectors.vllm",
+                               kv_role="kv_both", kv_connector_extra_config={"chunk_tokens": 16, **(extra or {})})
+        return kv_spec_for(VllmConfig(model_config=model_config, kv_transfer_config=ktc), kv_cache_config())
+
+    first = spec()
+    assert first.revision.startswith("local-") and spec() == first
+    assert spec({"revision": "v7"}).revision == "v7"
+    with open(os.path.join(model_config.model, "config.json"), "a") as f:
+        f.write("\n")  # the directory's contents change (a new checkpoint saved there)
+    try:
+        assert spec().revision != first.revision
+    finally:
+        with open(os.path.join(model_config.model, "config.json"), "rb+") as f:
+            f.truncate(os.path.getsize(f.name) - 1)
+
+
 def test_through_vllms_own_scheduler(model_config, tmp_path):
     url = f"file://{tmp_path}/store"
     # engine 1 prefills A; the connector saves its prompt in the step that computes it
