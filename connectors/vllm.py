@@ -39,8 +39,8 @@ Requests with LoRA adapters, multimodal inputs, prompt embeddings or a
 ``cache_salt`` are passed through untouched: their KV depends on more than
 the token ids kvfs keys it by. Pipeline parallelism is not supported; with
 tensor parallelism each rank stores its own KV heads in a namespace of its
-own (``tp_rank``/``tp_size`` in the KVSpec), and the scheduler's lookups use
-rank 0's.
+own (``tp_rank``/``tp_size`` in the KVSpec), and the scheduler counts a
+prefix only as far as every rank's namespace holds it.
 """
 
 from __future__ import annotations
@@ -347,7 +347,13 @@ class KVFSConnector(KVConnectorBase_V1):
         _, self._layer_names = _attention_spec(kv_cache_config)
         self.store = open_store(extra.get("url"))
         self.ns = self.store.namespace(self.spec)
-        # scheduler side
+        # scheduler side: under tensor parallelism each rank stores its KV heads in its own namespace, and a prefix
+        # is usable only as far as every rank holds it (one rank's chunk evicted or quarantined would fail that
+        # rank's load on every request for it, and rank 0's full copy would keep the prompt from being saved again)
+        self._rank_ns = [self.ns]
+        if role == KVConnectorRole.SCHEDULER and vllm_config.parallel_config.tensor_parallel_size > 1:
+            self._rank_ns = [self.store.namespace(kv_spec_for(vllm_config, kv_cache_config, tp_rank=r))
+                             for r in range(vllm_config.parallel_config.tensor_parallel_size)]
         self._lookups: dict[str, tuple[int, int]] = {}  # req_id -> (local tokens, kvfs tokens), last answer
         self._pending_loads: dict[str, LoadSpec] = {}
         self._tracked: dict[str, _Tracked] = {}
@@ -396,7 +402,7 @@ class KVFSConnector(KVConnectorBase_V1):
         prompt = request.prompt_token_ids
         if len(prompt) < 2:
             return 0, False
-        found = self.ns.lookup(prompt[: len(prompt) - 1])
+        found = self._held(prompt[: len(prompt) - 1])
         usable = found - found % self._block_size
         self._lookups[request.request_id] = (num_computed_tokens, usable)
         return max(0, usable - num_computed_tokens), False
@@ -447,12 +453,19 @@ class KVFSConnector(KVConnectorBase_V1):
         p = len(t.token_ids)
         if not computed_before < p <= computed_before + scheduled:
             return
-        held = self.ns.lookup(t.token_ids)
+        held = self._held(t.token_ids)
         if held == p:
             return  # kvfs holds every chunk of this prompt already
         # the stored leading chunks (a loaded prefix, earlier turns of a chat) are not copied out again
         c = self.spec.chunk_tokens
         meta.saves.append(SaveSpec(req_id, t.token_ids, t.block_ids[: -(-p // self._block_size)], held // c * c))
+
+    def _held(self, token_ids: list[int]) -> int:
+        """Leading tokens whose KV every tensor-parallel rank's namespace holds."""
+        n = len(token_ids)
+        for ns in self._rank_ns:
+            n = ns.lookup(token_ids[:n]) if n else 0
+        return n
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._tracked.pop(request.request_id, None)

@@ -17,6 +17,7 @@ import tempfile
 import threading
 from typing import Any
 
+import numpy as np
 import pytest
 
 os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
@@ -662,6 +663,32 @@ def test_a_request_sharing_the_blocks_of_a_failed_load_is_not_saved(model_config
     worker.shutdown()
 
 
+def test_the_scheduler_counts_only_what_every_tp_rank_holds(tmp_path):
+    """Under tensor parallelism each rank stores its own KV heads: a prefix is a hit only as far as every rank's
+    namespace holds it, and a prompt one rank lacks chunks of is saved again (the ranks holding them skip them)."""
+    from vllm.config import ParallelConfig
+
+    from kvfs.connectors.vllm import kv_spec_for
+
+    url = f"file://{tmp_path}/store"
+    ktc = KVTransferConfig(kv_connector="KVFSConnector", kv_connector_module_path="kvfs.connectors.vllm",
+                           kv_role="kv_both", kv_connector_extra_config={"url": url, "chunk_tokens": 16,
+                                                                         "model": "test/llama-3-layers"})
+    cfg = VllmConfig(cache_config=CacheConfig(block_size=BLOCK), kv_transfer_config=ktc,
+                     parallel_config=ParallelConfig(tensor_parallel_size=2))
+    with kvfs.open(url) as store:  # rank 0 holds the whole prompt, rank 1 its first 48 tokens (the rest evicted)
+        for rank, n in ((0, len(PROMPT_A)), (1, 48)):
+            spec = kv_spec_for(cfg, kv_cache_config(), tp_rank=rank)
+            store.namespace(spec).put(PROMPT_A[:n], np.zeros(spec.chunk_shape(n), np.float32))
+    sched = KVConnectorFactory.create_connector(cfg, KVConnectorRole.SCHEDULER, kv_cache_config())
+    a = request("A", PROMPT_A)
+    assert sched.get_num_new_matched_tokens(a, 0) == (48, False)  # rank 0 alone would say 96
+    sched.update_state_after_alloc(a, blocks_of(BLOCKS_A), 48)
+    meta = sched.build_connector_meta(step(a, BLOCKS_A, len(PROMPT_A) - 48, computed=48))
+    assert [(s.req_id, s.start) for s in meta.saves] == [("A", 48)]
+    sched.shutdown()
+
+
 def _tp_rank_main(rank: int, port: int, store: str) -> None:
     """One tensor-parallel rank of :func:`test_a_load_failing_on_one_tp_rank_saves_on_none` (its own process)."""
     import functools
@@ -685,7 +712,7 @@ def _tp_rank_main(rank: int, port: int, store: str) -> None:
     caches = paged_caches()
     worker.register_kv_caches(caches)
     barrier = functools.partial(torch.distributed.barrier, group=worker._tp_group.cpu_group)
-    # both ranks build the metadata one scheduler would (it looks in rank 0's namespace) before either saves
+    # both ranks build the metadata one scheduler would (from every rank's namespace) before either saves
     a = request("A", PROMPT_A)
     meta = sched.build_connector_meta(step(a, BLOCKS_A, len(PROMPT_A)))
     barrier()
