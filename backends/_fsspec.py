@@ -599,11 +599,11 @@ class FsspecBackend(Backend):
         strip = len(self.root) + 1 if self.root else 0
 
         async def find():
-            if self._is_s3:
-                return await self._afs._find(base, prefix=tail)
             return await self._afs._find(base)
 
         async def go():
+            if self._is_s3:
+                return [await self._list_s3(base, tail, prefix or "/")]
             return await self._batch("listing", [(prefix or "/", find)])
 
         (found,) = self._run(go)
@@ -618,6 +618,37 @@ class FsspecBackend(Backend):
             if k.startswith(prefix) and not k.endswith(TMP_SUFFIX) and k:
                 keys.append(k)
         return iter(keys)
+
+    async def _list_s3(self, base: str, tail: str, what: str) -> list[str] | object:
+        """Every object name under ``base``/``tail``, page by page. ``timeout`` bounds each page, not the whole
+        listing (a bucket of a million chunks takes a thousand pages); a retryable failure starts it again."""
+        bucket, _, path = base.partition("/")
+        key_prefix = (path + "/" if path else "") + tail
+        attempt, delay = 0, 0.05
+        while True:
+            names: list[str] = []
+            try:
+                pages = self._afs._iterdir(bucket, delimiter="", prefix=key_prefix).__aiter__()
+                while True:
+                    try:
+                        info = await asyncio.wait_for(pages.__anext__(), self.timeout)
+                    except StopAsyncIteration:
+                        return names
+                    names.append(info["name"])
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - classified below
+                kind, code = classify(e)
+                if kind == "missing" and _s3_code(e) != "NoSuchBucket":
+                    return _MISSING
+                if kind == "retry" and attempt < self.retries:
+                    attempt += 1
+                    await asyncio.sleep(min(delay * (1 + random.random()), 2.0))
+                    delay *= 2
+                    continue
+                if isinstance(e, asyncio.TimeoutError):
+                    code = errno.ETIMEDOUT
+                raise self._error(e, "listing", what, code) from e
 
     # ---------------------------------------------------------------------------------- writes
     def put_many(self, items: Mapping[str, Buffer]) -> None:

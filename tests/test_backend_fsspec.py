@@ -284,6 +284,25 @@ def test_local_fsspec_puts_are_atomic_through_a_temporary_name(tmp_path):
     assert list(b.list("")) == [K1]
 
 
+def test_a_listing_of_many_pages_is_bounded_per_page_not_as_a_whole(faulty_s3):
+    """fsck lists a whole bucket: a million chunks are a thousand LIST pages, far longer than the per-request
+    timeout. Each page gets the timeout; a server that stops answering still fails the listing in time."""
+    proxy, bucket = faulty_s3
+    b = open_backend(f"s3://{bucket}/kv?endpoint_url={proxy.endpoint}&timeout=1&retries=0&concurrency=32")
+    try:
+        keys = sorted(f"m/ns/{i % 256:02x}/{i:05d}.safetensors" for i in range(2100))  # 3 pages of 1000
+        b.put_many({k: b"x" for k in keys})
+        proxy.reset()
+        proxy.delay = 0.6  # each page takes 0.6 s: the whole listing 1.8 s, over the 1 s timeout
+        assert sorted(b.list("")) == keys
+        assert sorted(b.list("m/ns/0")) == [k for k in keys if k.startswith("m/ns/0")]
+        proxy.delay = 2.0  # one page over the timeout
+        with pytest.raises(Timeout):
+            list(b.list(""))
+    finally:
+        b.close()
+
+
 def test_closed_backend_refuses_work(s3_bucket_url):
     b = open_backend(s3_bucket_url)
     b.put("k", b"v")
