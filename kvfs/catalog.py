@@ -330,6 +330,12 @@ class Catalog:
                     added = not old.tiers & bit
                     new = replace(old, tiers=old.tiers | bit, size=old.size or rec.size,
                                   last_access=max(old.last_access, rec.last_access))
+                    if not old.size and new.size:
+                        # recorded before its size was known (found by a lookup's probe): the tiers that held
+                        # it counted 0 bytes for it; they count its size now
+                        for sl in range(MAX_TIERS):
+                            if old.tiers >> sl & 1:
+                                self._add_used(txn, self._meta, sl, new.size)
                 txn.put(k, new.pack(), db=self._chunks)
                 if added:
                     self._add_used(txn, self._meta, slot, new.size)

@@ -641,3 +641,22 @@ def test_a_store_whose_path_holds_a_hash_sign_keeps_its_catalog(tmp_path):
         store.namespace(SPEC).put(toks, kv)
     with kvfs.open(url) as store:
         assert store.du("")["tiers"][url]["chunks"] == 2
+
+
+def test_a_chunk_recorded_before_its_size_was_known_counts_in_every_tier_once_it_is(tmp_path):
+    """A lookup's probe records a chunk another node wrote with size 0; when a copy in another tier records its
+    real size, the tier that held it first counts it too (du and capacity would drift low)."""
+    from kvfs.catalog import Catalog, ChunkRecord
+
+    cat = Catalog(str(tmp_path / "cat"))
+    try:
+        rec = ChunkRecord("m/ns/" + "ab" * 32, 0, 16, 0, 1.0, 1.0, 0, 0, 0, False, "")
+        cat.add([(rec, None)], 1)  # found in the bucket (slot 1) by a probe: size unknown
+        assert cat.used(1) == 0
+        cat.add([(ChunkRecord(rec.key, 4096 + 100, 16, 0, 2.0, 2.0, 0, 0, 0, False, ""), None)], 0)  # promoted
+        assert cat.used(0) == cat.used(1) == 4196 and cat.get(rec.key).size == 4196
+        cat.remove_from([rec.key], 1)
+        cat.remove_from([rec.key], 0)
+        assert cat.used(0) == cat.used(1) == 0
+    finally:
+        cat.close()
