@@ -40,7 +40,8 @@ Requests with LoRA adapters, multimodal inputs, prompt embeddings or a
 the token ids kvfs keys it by. Pipeline parallelism is not supported; with
 tensor parallelism each rank stores its own KV heads in a namespace of its
 own (``tp_rank``/``tp_size`` in the KVSpec), and the scheduler counts a
-prefix only as far as every rank's namespace holds it.
+prefix only as far as every rank's namespace holds it. MLA's latent KV (the
+same on every rank) is one namespace, saved by rank 0 and loaded by all.
 """
 
 from __future__ import annotations
@@ -315,8 +316,9 @@ def kv_spec_for(vllm_config: "VllmConfig", kv_cache_config: "KVCacheConfig", *, 
         dtype=canonical_dtype(spec.dtype),
         chunk_tokens=extra["chunk_tokens"],
         revision=str(revision),
-        tp_rank=tp_rank,
-        tp_size=pc.tensor_parallel_size,
+        # MLA's latent KV is the same on every tensor-parallel rank (vLLM replicates it): one namespace for all
+        tp_rank=0 if mla else tp_rank,
+        tp_size=1 if mla else pc.tensor_parallel_size,
         mla=mla,
     )
 
@@ -344,6 +346,8 @@ class KVFSConnector(KVConnectorBase_V1):
             tp_rank = get_tensor_model_parallel_rank()
             self._tp_group = get_tp_group()
         self.spec = kv_spec_for(vllm_config, kv_cache_config, tp_rank=tp_rank)
+        #: MLA ranks share one namespace of the same latent KV: rank 0 saves it, every rank loads it
+        self._saves_here = not (self.spec.mla and tp_rank != 0)
         _, self._layer_names = _attention_spec(kv_cache_config)
         self.store = open_store(extra.get("url"))
         self.ns = self.store.namespace(self.spec)
@@ -351,7 +355,8 @@ class KVFSConnector(KVConnectorBase_V1):
         # is usable only as far as every rank holds it (one rank's chunk evicted or quarantined would fail that
         # rank's load on every request for it, and rank 0's full copy would keep the prompt from being saved again)
         self._rank_ns = [self.ns]
-        if role == KVConnectorRole.SCHEDULER and vllm_config.parallel_config.tensor_parallel_size > 1:
+        if (role == KVConnectorRole.SCHEDULER and vllm_config.parallel_config.tensor_parallel_size > 1
+                and not self.spec.mla):
             self._rank_ns = [self.store.namespace(kv_spec_for(vllm_config, kv_cache_config, tp_rank=r))
                              for r in range(vllm_config.parallel_config.tensor_parallel_size)]
         self._lookups: dict[str, tuple[int, int]] = {}  # req_id -> (local tokens, kvfs tokens), last answer
@@ -572,7 +577,7 @@ class KVFSConnector(KVConnectorBase_V1):
                       **kwargs: Any) -> None:
         """Copy this layer's KV of the prompts being saved out of the paged cache, as soon as it exists."""
         meta = self._connector_metadata
-        if not isinstance(meta, KVFSConnectorMetadata) or not meta.saves:
+        if not isinstance(meta, KVFSConnectorMetadata) or not meta.saves or not self._saves_here:
             return
         i = self._layer_index.get(layer_name)
         if i is None:
@@ -608,8 +613,8 @@ class KVFSConnector(KVConnectorBase_V1):
         try:
             if not isinstance(meta, KVFSConnectorMetadata):
                 return
-            for save, dropped in zip(meta.saves, self._spoilt_saves(meta)):
-                if dropped:
+            for save, dropped in zip(meta.saves, self._spoilt_saves(meta)):  # (every rank takes part)
+                if dropped or not self._saves_here:
                     # part of its prompt's KV is missing from the cache this step (its own load failed, or
                     # that of a request whose blocks it shares, so its new KV was computed over them); vLLM
                     # recomputes it and the scheduler asks for the save again when the prefill completes

@@ -444,6 +444,27 @@ def test_mla_latent_cache_round_trip(url):
         c.shutdown()
 
 
+def test_mla_under_tensor_parallelism_is_one_namespace(tmp_path):
+    """vLLM replicates MLA's latent KV on every tensor-parallel rank: kvfs keeps one copy (one namespace, saved by
+    rank 0, loaded by all), not one per rank."""
+    from vllm.config import ParallelConfig
+    from vllm.v1.kv_cache_interface import MLAAttentionSpec
+
+    from kvfs.connectors.vllm import kv_spec_for
+
+    mla = MLAAttentionSpec(block_size=BLOCK, num_kv_heads=1, head_size=24, dtype=torch.bfloat16)
+    ktc = KVTransferConfig(kv_connector="KVFSConnector", kv_connector_module_path="kvfs.connectors.vllm",
+                           kv_role="kv_both", kv_connector_extra_config={"url": f"file://{tmp_path}/s",
+                                                                         "chunk_tokens": 16, "model": "test/mla"})
+    cfg = VllmConfig(cache_config=CacheConfig(block_size=BLOCK), kv_transfer_config=ktc,
+                     parallel_config=ParallelConfig(tensor_parallel_size=4))
+    specs = {kv_spec_for(cfg, kv_cache_config(mla), tp_rank=r) for r in range(4)}
+    assert len(specs) == 1 and next(iter(specs)).tp_size == 1
+    sched = KVConnectorFactory.create_connector(cfg, KVConnectorRole.SCHEDULER, kv_cache_config(mla))
+    assert [ns.path for ns in sched._rank_ns] == [sched.spec.path]
+    sched.shutdown()
+
+
 def test_requests_kvfs_must_not_share_are_passed_through(url):
     store_a(url)
     sched = make_connector(url, KVConnectorRole.SCHEDULER)
