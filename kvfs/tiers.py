@@ -71,9 +71,10 @@ class WriteBack:
     """One background thread draining a byte-bounded queue of :class:`WriteJob`s."""
 
     def __init__(self, write: Callable[[WriteJob, int], bool | None], max_bytes: int, retries: int = 3,
-                 backoff: float = 0.2, on_recovered: Callable[[int], None] | None = None) -> None:
+                 backoff: float = 0.2, on_recovered: Callable[[int], bool | None] | None = None) -> None:
         self._write = write
-        #: called (on the write-back thread) with a tier's index when a write to it succeeds after one failed
+        #: called (on the write-back thread) with a tier's index when a write to it succeeds after one failed;
+        #: returning False means "not now": it is called again after the next write to that tier that succeeds
         self._on_recovered = on_recovered
         self._failed: set[int] = set()  # tiers a write failed to since the last write that succeeded
         self._paths: dict[str, int] = {}  # paths of the jobs queued or being written
@@ -156,12 +157,16 @@ class WriteBack:
                     job.on_written(tier_index)
                 self._down.pop(tier_index, None)
                 if tier_index in self._failed:
-                    self._failed.discard(tier_index)
+                    handled = True
                     if self._on_recovered is not None:
                         try:
-                            self._on_recovered(tier_index)
+                            # False: not handled now (a pass already running, or one ran moments ago): the tier
+                            # stays marked, so that a later write that succeeds asks again
+                            handled = self._on_recovered(tier_index) is not False
                         except Exception as e:  # noqa: BLE001 - never stops the write-back thread
                             log.warning("kvfs: after tier %d came back: %s", tier_index, e)
+                    if handled:
+                        self._failed.discard(tier_index)
                 return
             except Exception as e:  # noqa: BLE001 - reported through flush()
                 # an unreachable tier already used up its own deadline and retries inside the backend; a
