@@ -506,7 +506,7 @@ class KVFSConnector(KVConnectorBase_V1):
         meta = self._connector_metadata
         if not isinstance(meta, KVFSConnectorMetadata):
             return
-        for save in meta.saves:
+        for save in meta.saves if self._saves_here else ():  # (an MLA rank other than 0 saves nothing)
             self._stage(save)
         per_layer = self.spec.bytes_per_token // self.spec.num_layers
         for load in meta.loads:

@@ -404,8 +404,9 @@ class Store:
             return
         errors: list = []
         try:
-            self._resync_stop = True
-            th = self._resync_thread
+            with self._lock:  # (the write-back thread may be starting one: it checks _resync_stop under the lock)
+                self._resync_stop = True
+                th = self._resync_thread
             if th is not None:
                 th.join()  # it stops between chunks (a queued chunk is written by the close below)
             errors = self._writeback.close()
@@ -435,18 +436,21 @@ class Store:
                         len(errors), errors[0][0], errors[0][2])
 
     # ---------------------------------------------------------------------------------- owed copies
-    def _start_resync(self, min_interval: float = 0.0) -> None:
-        """:meth:`resync` on a thread of its own, unless one runs (or ran less than ``min_interval`` ago)."""
+    def _start_resync(self, min_interval: float = 0.0) -> bool:
+        """:meth:`resync` on a thread of its own, unless one runs (or ran less than ``min_interval`` ago); whether
+        one was started (else the write-back asks again after its next write to the tier that came back: copies
+        that failed since the last pass must not wait for the next outage, or for this process to exit)."""
         with self._lock:
             if self._resync_stop or self._closed:
-                return
+                return True  # closing: nothing to ask again
             if self._resync_thread is not None and self._resync_thread.is_alive():
-                return
+                return False
             if time.monotonic() - self._resync_last < min_interval:
-                return
+                return False
             self._resync_last = time.monotonic()
             self._resync_thread = threading.Thread(target=self._resync_quietly, name="kvfs-resync", daemon=True)
             self._resync_thread.start()
+            return True
 
     def _resync_quietly(self) -> None:
         try:

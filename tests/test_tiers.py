@@ -103,6 +103,45 @@ def test_flush_reports_writeback_failures_and_keeps_the_upper_copy(tmp_path):
         assert rec.tiers & store.tiers[1].bit and store.catalog.owed() == []
 
 
+def test_a_second_outage_soon_after_the_first_is_resynced_too(tmp_path, monkeypatch):
+    """A lower tier that fails again moments after it came back (within the resync interval): the copies that
+    failed the second time are queued again by a later write that succeeds, without a flush (a serving
+    process never calls one). They were owed until the process exited: never in the lower tier, and never
+    evictable from the upper one."""
+    import kvfs.store
+
+    monkeypatch.setattr(kvfs.store, "RESYNC_INTERVAL_S", 1.0)
+    root = tmp_path / "files"
+    with kvfs.open(f"memory://::file://{root}") as store:
+        ns = store.namespace(SPEC)
+
+        def fail_then_recover(seed_failing, seed_ok):
+            toks = _prompt(1, seed_failing)[0]
+            shard = root / ns.keys(toks)[0].path.rsplit("/", 1)[0]
+            shard.parent.mkdir(parents=True, exist_ok=True)
+            shard.write_bytes(b"in the way")  # this chunk's write-back fails
+            ns.put(*_prompt(1, seed_failing))
+            store._writeback.flush(take_errors=False)
+            shard.unlink()
+            ns.put(*_prompt(1, seed_ok))  # a write-back that succeeds: the tier is back
+            store._writeback.flush(take_errors=False)
+            return toks
+
+        first = fail_then_recover(11, 12)
+        deadline = time.monotonic() + 10
+        while _in_tier(store, 1, ns, first) != [True] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _in_tier(store, 1, ns, first) == [True]  # queued again when the tier came back
+        second = fail_then_recover(13, 14)  # fails and recovers again at once: no second pass yet
+        time.sleep(1.2)
+        ns.put(*_prompt(1, 15))  # a later write-back succeeds, past the interval
+        deadline = time.monotonic() + 10
+        while _in_tier(store, 1, ns, second) != [True] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _in_tier(store, 1, ns, second) == [True], store.catalog.owed()
+        assert store.catalog.owed() == []
+
+
 _KILLED_WRITER = """
 import os, signal, sys
 import numpy as np

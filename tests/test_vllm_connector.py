@@ -790,6 +790,68 @@ def test_a_load_failing_on_one_tp_rank_saves_on_none(tmp_path):
         assert p.returncode == 0 and f"rank {r} ok" in out, "\n".join(o[-2500:] for o in outs)
 
 
+def _tp_mla_rank_main(rank: int, port: int, store: str) -> None:
+    """One rank of :func:`test_mla_ranks_other_than_0_stage_nothing` (its own process)."""
+    from vllm.config import ParallelConfig, set_current_vllm_config
+    from vllm.distributed.parallel_state import init_distributed_environment, initialize_model_parallel
+    from vllm.v1.kv_cache_interface import MLAAttentionSpec
+
+    mla = MLAAttentionSpec(block_size=BLOCK, num_kv_heads=1, head_size=24, dtype=torch.bfloat16)
+    ktc = KVTransferConfig(kv_connector="KVFSConnector", kv_connector_module_path="kvfs.connectors.vllm",
+                           kv_role="kv_both", kv_connector_extra_config={"url": f"file://{store}", "chunk_tokens": 16,
+                                                                         "model": "test/mla"})
+    cfg = VllmConfig(cache_config=CacheConfig(block_size=BLOCK), kv_transfer_config=ktc,
+                     parallel_config=ParallelConfig(tensor_parallel_size=2))
+    with set_current_vllm_config(cfg):
+        init_distributed_environment(world_size=2, rank=rank, distributed_init_method=f"tcp://127.0.0.1:{port}",
+                                     local_rank=rank, backend="gloo")
+        initialize_model_parallel(tensor_model_parallel_size=2)
+        sched = KVConnectorFactory.create_connector(cfg, KVConnectorRole.SCHEDULER, kv_cache_config(mla))
+        worker = KVConnectorFactory.create_connector(cfg, KVConnectorRole.WORKER, kv_cache_config(mla))
+    caches = paged_caches(spec=mla)
+    worker.register_kv_caches(caches)
+    latent = gen(6, len(LAYERS), len(PROMPT_A), 24).to(torch.bfloat16)  # the same on every rank
+    for p in range(len(PROMPT_A)):
+        for i, name in enumerate(LAYERS):
+            caches[name][BLOCKS_A[p // BLOCK], 0, p % BLOCK] = latent[i, p]
+    meta = sched.build_connector_meta(step(request("A", PROMPT_A), BLOCKS_A, len(PROMPT_A)))
+    torch.distributed.barrier(group=worker._tp_group.cpu_group)  # both looked before either saves
+    assert len(meta.saves) == 1
+    assert run_worker_step(worker, caches, meta) == set()
+    assert worker.wait_for_saves_written(30)
+    # rank 0 saved the prompt; rank 1, which saves nothing, took no host staging copy of it either (a pinned
+    # buffer of the whole prompt's latent KV, every step that saves)
+    assert worker._staging.allocated == (1 if rank == 0 else 0), worker._staging.allocated
+    torch.distributed.barrier(group=worker._tp_group.cpu_group)
+    assert worker.ns.lookup(PROMPT_A) == len(PROMPT_A), worker.ns.lookup(PROMPT_A)  # every rank finds it
+    worker.shutdown()
+    sched.shutdown()
+    print(f"rank {rank} ok", flush=True)
+
+
+def test_mla_ranks_other_than_0_stage_nothing(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = (f"import sys; sys.path.insert(0, {here!r}); import test_vllm_connector as t; "
+            f"t._tp_mla_rank_main(int(sys.argv[1]), {port}, {str(tmp_path / 'store')!r})")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(r)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for r in (0, 1)]
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=240)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+    for r, (p, out) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0 and f"rank {r} ok" in out, "\n".join(o[-2500:] for o in outs)
+
+
 # ------------------------------------------------------------------------------- saves written in the background
 def _prefill_step(sched, worker, caches, req_id: str, prompt: list[int], blocks: list[int], seed: int):
     """Schedule ``prompt`` whole (nothing cached), write its KV into the paged cache, run the worker's step."""
