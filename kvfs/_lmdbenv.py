@@ -51,9 +51,18 @@ class Env:
             with self._db_lock:
                 d = self._dbs.get(name)
                 if d is None:
-                    d = self._call(lambda: self.env.open_db(name.encode()))
+                    d = self._call(lambda: self._open_db(name.encode()))
                     self._dbs[name] = d
         return d
+
+    def _open_db(self, name: bytes):
+        if self.env.flags()["readonly"]:
+            return self.env.open_db(name)
+        # inside a write transaction of our own: ``open_db`` without one begins a write transaction while
+        # holding the GIL, and waits for LMDB's write lock that way; a thread holding that lock (committing a
+        # put) then waits for the GIL forever. ``begin`` waits for the lock with the GIL released.
+        with self.write() as txn:
+            return self.env.open_db(name, txn=txn)
 
     def _call(self, fn):
         try:

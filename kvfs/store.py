@@ -305,7 +305,9 @@ class Store:
         #: room made in a tier with a capacity for a write still in flight (tier index -> bytes), so that writers
         #: running side by side do not all count the same free space; released once the write is recorded
         self._reserved: dict[int, int] = {}
-        self._room = threading.Condition(self._evict_lock)
+        #: guards _reserved (and waits for reservations to be given back); never held while evicting, so that a
+        #: write that fits is not held up by an eviction in progress
+        self._room = threading.Condition()
         #: parsed headers of chunks read before (chunks are immutable: a path's header never changes
         #: while the chunk exists; entries are dropped on eviction and quarantine)
         self._headers: _HeaderCache = _HeaderCache(8192)
@@ -1162,23 +1164,40 @@ class Store:
         if incoming > tier.capacity:
             return False
         deadline = time.monotonic() + ROOM_WAIT_S
-        with self._room:
-            while True:
-                if self._evict_for(tier, incoming):
-                    self._reserved[tier.index] = self._reserved.get(tier.index, 0) + incoming
+        while True:
+            with self._room:
+                if self._reserve_if_fits(tier, incoming):
+                    return True  # the common case: no eviction, no lock but this short one
+            with self._evict_lock:  # one eviction at a time
+                with self._room:
+                    reserved = self._reserved.get(tier.index, 0)
+                freed = self._evict_for(tier, incoming, reserved)
+            with self._room:
+                if self._reserve_if_fits(tier, incoming):
                     return True
+                if freed and time.monotonic() < deadline:
+                    continue  # other writes took the room it made or found (and are recorded): evict again
                 if not wait or not self._reserved.get(tier.index) or time.monotonic() >= deadline:
                     return False
                 # the rest of the room is held by writes in flight: once they are recorded, their chunks (or
                 # older ones) can be evicted in turn
                 self._room.wait(max(0.0, min(1.0, deadline - time.monotonic())))
 
-    def _evict_for(self, tier: Tier, incoming: int) -> bool:
-        """Under the eviction lock: make room for ``incoming`` bytes besides those reserved; whether it fits."""
+    def _reserve_if_fits(self, tier: Tier, incoming: int) -> bool:
+        """Under ``_room``: reserve ``incoming`` bytes of ``tier`` if they fit beside what it holds and what other
+        writes in flight reserved (checking and reserving at once, so two writers never count one free space)."""
         reserved = self._reserved.get(tier.index, 0)
+        if self.catalog.used(tier.slot) + reserved + incoming > tier.capacity:
+            return False
+        self._reserved[tier.index] = reserved + incoming
+        return True
+
+    def _evict_for(self, tier: Tier, incoming: int, reserved: int) -> int:
+        """Under the eviction lock: evict down to the watermark, leaving room for ``incoming`` bytes besides the
+        ``reserved`` ones, if they do not fit; returns the bytes freed (``-1``: it fits, nothing to evict)."""
         used = self.catalog.used(tier.slot)
         if used + reserved + incoming <= tier.capacity:
-            return True
+            return -1
         target = max(0, int(tier.capacity * tier.watermark) - incoming - reserved)
         lower = 0
         for t in self.tiers[tier.index + 1 :]:
@@ -1195,7 +1214,7 @@ class Store:
             used -= r.size
         if victims:
             self._drop_from_tier(tier, victims)
-        return self.catalog.used(tier.slot) + reserved + incoming <= tier.capacity
+        return sum(r.size for r in victims)
 
     def _drop_from_tier(self, tier: Tier, records: Sequence[ChunkRecord]) -> None:
         # catalog first: a crash in between leaves an orphan (fsck finds it), never a dangling entry

@@ -660,3 +660,42 @@ def test_a_chunk_recorded_before_its_size_was_known_counts_in_every_tier_once_it
         assert cat.used(0) == cat.used(1) == 0
     finally:
         cat.close()
+
+
+_LAZY_DB_WHILE_WRITING = """
+import sys, threading, tempfile
+from kvfs import _lmdbenv
+env = _lmdbenv.acquire(tempfile.mkdtemp(), 1 << 30)
+db = env.db("data")
+stop = threading.Event()
+def writer():
+    i = 0
+    while not stop.is_set():
+        with env.write() as txn:
+            txn.put(b"k%d" % (i % 100), b"x" * 100000, db=db)
+        i += 1
+threads = [threading.Thread(target=writer, daemon=True) for _ in range(3)]
+for t in threads:
+    t.start()
+for n in range(2000):  # a named database opened (again) while other threads commit puts
+    env._dbs.pop(f"lazy{n % 8}", None)
+    env.db(f"lazy{n % 8}")
+stop.set()
+for t in threads:
+    t.join(10)
+sys.exit(0 if not any(t.is_alive() for t in threads) else 3)
+"""
+
+
+def test_opening_a_named_database_while_other_threads_write_does_not_deadlock():
+    """py-lmdb's open_db without a transaction waits for LMDB's write lock holding the GIL, while a thread that
+    holds the lock waits for the GIL: the first eviction of a process (which opens a database lazily) hung
+    threads putting side by side. Databases are opened inside a write transaction of kvfs's own."""
+    import subprocess
+    import sys
+
+    try:
+        p = subprocess.run([sys.executable, "-c", _LAZY_DB_WHILE_WRITING], capture_output=True, text=True, timeout=90)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("deadlocked: a named database opened while other threads write") from None
+    assert p.returncode == 0, p.stderr
