@@ -24,6 +24,8 @@ log = logging.getLogger("kvfs")
 #: files whose contents decide a model's KV: its config (RoPE settings, layer shapes) and its weights
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5", ".npz")
 CONFIG_FILES = ("config.json", "params.json")
+#: a Trainer checkpoint's files that are not the model (optimizer state can be twice the weights)
+NOT_WEIGHTS = ("optimizer", "scheduler", "rng_state", "training_args", "scaler")
 _BLOCK = 64 << 20
 
 
@@ -34,6 +36,8 @@ def _model_files(directory: str) -> list[os.DirEntry]:
             if not e.is_file():
                 continue
             name = e.name
+            if name.startswith(NOT_WEIGHTS):
+                continue
             if name in CONFIG_FILES or name.endswith(WEIGHT_SUFFIXES) or name.endswith(".index.json"):
                 out.append(e)
     return sorted(out, key=lambda e: e.name)
@@ -70,29 +74,51 @@ def local_revision(name: str) -> str | None:
             return None
         identity = [[e.name, e.stat().st_size, e.stat().st_mtime_ns, e.stat().st_ino] for e in files]
         cache = _cache_file(name)
-        try:
-            with open(cache) as f:
-                saved = json.load(f)
-            if saved.get("files") == identity and isinstance(saved.get("revision"), str):
-                return saved["revision"]
-        except (OSError, ValueError):
-            pass
-        import xxhash
+        saved = _saved(cache, identity)
+        if saved is not None:
+            return saved
+        lock = None
+        try:  # one process per node hashes (a TP engine's scheduler and ranks start together); the rest wait
+            import fcntl
 
-        h = xxhash.xxh3_128()
-        for e in files:
-            h.update(e.name.encode("utf-8", "surrogateescape") + b"\0")
-            _hash_file(h, e.path)
-        revision = "local-" + h.hexdigest()[:24]
+            os.makedirs(os.path.dirname(cache), exist_ok=True)
+            lock = open(cache + ".lock", "a")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            saved = _saved(cache, identity)
+            if saved is not None:
+                return saved
+        except OSError:
+            pass
+        try:
+            import xxhash
+
+            h = xxhash.xxh3_128()
+            for e in files:
+                h.update(e.name.encode("utf-8", "surrogateescape") + b"\0")
+                _hash_file(h, e.path)
+            revision = "local-" + h.hexdigest()[:24]
+            try:
+                fd, tmp = tempfile.mkstemp(dir=os.path.dirname(cache), prefix=".fp-")
+                with os.fdopen(fd, "w") as f:
+                    json.dump({"directory": os.path.realpath(name), "files": identity, "revision": revision}, f)
+                os.replace(tmp, cache)
+            except OSError:
+                pass  # computed again next time
+            return revision
+        finally:
+            if lock is not None:
+                lock.close()
     except OSError as e:
         log.warning("kvfs: cannot fingerprint the model in %s (%s): its namespace has no revision; pass one", name, e)
         return None
+
+
+def _saved(cache: str, identity: list) -> str | None:
     try:
-        os.makedirs(os.path.dirname(cache), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(cache), prefix=".fp-")
-        with os.fdopen(fd, "w") as f:
-            json.dump({"directory": os.path.realpath(name), "files": identity, "revision": revision}, f)
-        os.replace(tmp, cache)
-    except OSError:
-        pass  # computed again next time
-    return revision
+        with open(cache) as f:
+            saved = json.load(f)
+        if saved.get("files") == identity and isinstance(saved.get("revision"), str):
+            return saved["revision"]
+    except (OSError, ValueError, AttributeError):
+        pass
+    return None

@@ -80,6 +80,8 @@ def test_two_checkpoints_saved_at_one_path_do_not_share_a_namespace(tmp_path, mo
     assert first.revision.startswith("local-") and first.model == str(ckpt)
     assert kv_spec(AutoModelForCausalLM.from_pretrained(ckpt)) == first  # the same weights: the same namespace
     assert list((tmp_path / "cache" / "kvfs" / "model-fingerprints").glob("*.json"))  # hashed once, then cached
+    (ckpt / "optimizer.pt").write_bytes(b"trainer state")  # a Trainer checkpoint's other files are not the model
+    assert kv_spec(AutoModelForCausalLM.from_pretrained(ckpt)) == first
     build_model("tiny", seed=1).save_pretrained(ckpt)  # other weights, same path, same shapes
     second = kv_spec(AutoModelForCausalLM.from_pretrained(ckpt))
     assert second.revision.startswith("local-") and second.path != first.path
