@@ -462,19 +462,25 @@ class FsspecBackend(Backend):
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 - classified below
-                kind, code = classify(e)
-                if kind == "missing" and _s3_code(e) != "NoSuchBucket":
-                    return _MISSING
                 pause = min(delay * (1 + random.random()), 2.0)
-                if kind == "retry" and attempt < self.retries and loop.time() + pause < deadline:
-                    attempt += 1
-                    delay *= 2
-                    log.debug("kvfs: retrying %s %s on %s after %s", what, key, self.url, type(e).__name__)
-                    await asyncio.sleep(pause)
-                    continue
-                if isinstance(e, asyncio.TimeoutError):
-                    code = errno.ETIMEDOUT
-                raise self._error(e, what, key, code) from e
+                if self._failed(e, what, key, attempt < self.retries and loop.time() + pause < deadline):
+                    return _MISSING
+                attempt += 1
+                delay *= 2
+                log.debug("kvfs: retrying %s %s on %s after %s", what, key, self.url, type(e).__name__)
+                await asyncio.sleep(pause)
+
+    def _failed(self, e: BaseException, what: str, key: str, may_retry: bool) -> bool:
+        """An operation's error: True if it means the key is missing, False if it is worth retrying (when
+        ``may_retry``); anything else is raised as kvfs's own error."""
+        kind, code = classify(e)
+        if kind == "missing" and _s3_code(e) != "NoSuchBucket":
+            return True
+        if kind == "retry" and may_retry:
+            return False
+        if isinstance(e, asyncio.TimeoutError):
+            code = errno.ETIMEDOUT
+        raise self._error(e, what, key, code) from e
 
     async def _batch(self, what: str, jobs: Sequence[tuple[str, Callable[[], Awaitable[Any]]]]) -> list[Any]:
         """Run ``(key, coroutine function)`` jobs, ``concurrency`` at a time; the first failure cancels the rest."""
@@ -638,17 +644,11 @@ class FsspecBackend(Backend):
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 - classified below
-                kind, code = classify(e)
-                if kind == "missing" and _s3_code(e) != "NoSuchBucket":
+                if self._failed(e, "listing", what, attempt < self.retries):
                     return _MISSING
-                if kind == "retry" and attempt < self.retries:
-                    attempt += 1
-                    await asyncio.sleep(min(delay * (1 + random.random()), 2.0))
-                    delay *= 2
-                    continue
-                if isinstance(e, asyncio.TimeoutError):
-                    code = errno.ETIMEDOUT
-                raise self._error(e, "listing", what, code) from e
+                attempt += 1
+                await asyncio.sleep(min(delay * (1 + random.random()), 2.0))
+                delay *= 2
 
     # ---------------------------------------------------------------------------------- writes
     def put_many(self, items: Mapping[str, Buffer]) -> None:

@@ -46,6 +46,7 @@ from vllm.v1.request import Request  # noqa: E402
 from vllm.v1.worker.utils import allocate_kv_cache  # noqa: E402
 
 import kvfs  # noqa: E402
+from bitrot import flip_bit  # noqa: E402
 from kvfs.connectors.vllm import KVFSConnector, KVFSConnectorMetadata  # noqa: E402
 
 BLOCK = 16
@@ -306,12 +307,7 @@ def test_a_corrupt_chunk_is_reported_not_loaded(url, tmp_path, caplog):
     worker.register_kv_caches(caches)
     # bit rot in the chunk holding tokens 32..48
     bad = sched.ns.keys(PROMPT_A)[2]
-    path = os.path.join(tmp_path, "store", bad.path)
-    with open(path, "r+b") as f:
-        f.seek(-7, os.SEEK_END)
-        byte = f.read(1)
-        f.seek(-7, os.SEEK_END)
-        f.write(bytes([byte[0] ^ 0x01]))
+    flip_bit(os.path.join(tmp_path, "store", bad.path), -7, 0x01)
     b = request("B", PROMPT_B)
     assert sched.get_num_new_matched_tokens(b, 0) == (64, False)  # the catalog still lists it
     sched.update_state_after_alloc(b, blocks_of(BLOCKS_B), 64)
@@ -710,25 +706,54 @@ def test_the_scheduler_counts_only_what_every_tp_rank_holds(tmp_path):
     sched.shutdown()
 
 
-def _tp_rank_main(rank: int, port: int, store: str) -> None:
-    """One tensor-parallel rank of :func:`test_a_load_failing_on_one_tp_rank_saves_on_none` (its own process)."""
-    import functools
-
+def _tp_connectors(rank: int, port: int, store: str, model: str, spec=None):
+    """Scheduler and worker connectors of one of two tensor-parallel ranks (gloo, in this process)."""
     from vllm.config import ParallelConfig, set_current_vllm_config
     from vllm.distributed.parallel_state import init_distributed_environment, initialize_model_parallel
 
-    url = f"file://{store}"
     ktc = KVTransferConfig(kv_connector="KVFSConnector", kv_connector_module_path="kvfs.connectors.vllm",
-                           kv_role="kv_both", kv_connector_extra_config={"url": url, "chunk_tokens": 16,
-                                                                         "model": "test/llama-3-layers"})
+                           kv_role="kv_both", kv_connector_extra_config={"url": f"file://{store}", "chunk_tokens": 16,
+                                                                         "model": model})
     cfg = VllmConfig(cache_config=CacheConfig(block_size=BLOCK), kv_transfer_config=ktc,
                      parallel_config=ParallelConfig(tensor_parallel_size=2))
     with set_current_vllm_config(cfg):
         init_distributed_environment(world_size=2, rank=rank, distributed_init_method=f"tcp://127.0.0.1:{port}",
                                      local_rank=rank, backend="gloo")
         initialize_model_parallel(tensor_model_parallel_size=2)
-        sched = KVConnectorFactory.create_connector(cfg, KVConnectorRole.SCHEDULER, kv_cache_config())
-        worker = KVConnectorFactory.create_connector(cfg, KVConnectorRole.WORKER, kv_cache_config())
+        sched = KVConnectorFactory.create_connector(cfg, KVConnectorRole.SCHEDULER, kv_cache_config(spec))
+        worker = KVConnectorFactory.create_connector(cfg, KVConnectorRole.WORKER, kv_cache_config(spec))
+    return sched, worker
+
+
+def _run_two_ranks(tmp_path, main: str) -> None:
+    """Run ``main(rank, port, store)`` of this module in two processes, one per tensor-parallel rank."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = (f"import sys; sys.path.insert(0, {here!r}); import test_vllm_connector as t; "
+            f"t.{main}(int(sys.argv[1]), {port}, {str(tmp_path / 'store')!r})")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(r)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for r in (0, 1)]
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=240)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+    for r, (p, out) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0 and f"rank {r} ok" in out, "\n".join(o[-2500:] for o in outs)
+
+
+def _tp_rank_main(rank: int, port: int, store: str) -> None:
+    """One tensor-parallel rank of :func:`test_a_load_failing_on_one_tp_rank_saves_on_none` (its own process)."""
+    import functools
+
+    sched, worker = _tp_connectors(rank, port, store, "test/llama-3-layers")
     assert worker.spec.tp_rank == rank and worker.spec.tp_size == 2
     caches = paged_caches()
     worker.register_kv_caches(caches)
@@ -742,15 +767,10 @@ def _tp_rank_main(rank: int, port: int, store: str) -> None:
     assert worker.wait_for_saves_written(30)
     barrier()
     if rank == 1:  # bit rot in rank 1's copy of the chunk of tokens 32..48 only
-        path = os.path.join(store, worker.ns.keys(PROMPT_A)[2].path)
-        with open(path, "r+b") as f:
-            f.seek(-7, os.SEEK_END)
-            byte = f.read(1)
-            f.seek(-7, os.SEEK_END)
-            f.write(bytes([byte[0] ^ 0x01]))
+        flip_bit(os.path.join(store, worker.ns.keys(PROMPT_A)[2].path), -7, 0x01)
     b = request("B", PROMPT_B)
     sched.on_new_request(b)
-    assert sched.get_num_new_matched_tokens(b, 0) == (64, False)  # the scheduler looks in rank 0's namespace
+    assert sched.get_num_new_matched_tokens(b, 0) == (64, False)  # every rank's catalog still lists the chunk
     sched.update_state_after_alloc(b, blocks_of(BLOCKS_B), 64)
     meta = sched.build_connector_meta(step(b, BLOCKS_B, len(PROMPT_B) - 64, computed=64))
     assert len(meta.loads) == 1 and [s.start for s in meta.saves] == [64]
@@ -768,46 +788,15 @@ def _tp_rank_main(rank: int, port: int, store: str) -> None:
 
 
 def test_a_load_failing_on_one_tp_rank_saves_on_none(tmp_path):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    here = os.path.dirname(os.path.abspath(__file__))
-    code = (f"import sys; sys.path.insert(0, {here!r}); import test_vllm_connector as t; "
-            f"t._tp_rank_main(int(sys.argv[1]), {port}, {str(tmp_path / 'store')!r})")
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(r)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for r in (0, 1)]
-    outs = []
-    for p in procs:
-        try:
-            outs.append(p.communicate(timeout=240)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-    for r, (p, out) in enumerate(zip(procs, outs)):
-        assert p.returncode == 0 and f"rank {r} ok" in out, "\n".join(o[-2500:] for o in outs)
+    _run_two_ranks(tmp_path, "_tp_rank_main")
 
 
 def _tp_mla_rank_main(rank: int, port: int, store: str) -> None:
     """One rank of :func:`test_mla_ranks_other_than_0_stage_nothing` (its own process)."""
-    from vllm.config import ParallelConfig, set_current_vllm_config
-    from vllm.distributed.parallel_state import init_distributed_environment, initialize_model_parallel
     from vllm.v1.kv_cache_interface import MLAAttentionSpec
 
     mla = MLAAttentionSpec(block_size=BLOCK, num_kv_heads=1, head_size=24, dtype=torch.bfloat16)
-    ktc = KVTransferConfig(kv_connector="KVFSConnector", kv_connector_module_path="kvfs.connectors.vllm",
-                           kv_role="kv_both", kv_connector_extra_config={"url": f"file://{store}", "chunk_tokens": 16,
-                                                                         "model": "test/mla"})
-    cfg = VllmConfig(cache_config=CacheConfig(block_size=BLOCK), kv_transfer_config=ktc,
-                     parallel_config=ParallelConfig(tensor_parallel_size=2))
-    with set_current_vllm_config(cfg):
-        init_distributed_environment(world_size=2, rank=rank, distributed_init_method=f"tcp://127.0.0.1:{port}",
-                                     local_rank=rank, backend="gloo")
-        initialize_model_parallel(tensor_model_parallel_size=2)
-        sched = KVConnectorFactory.create_connector(cfg, KVConnectorRole.SCHEDULER, kv_cache_config(mla))
-        worker = KVConnectorFactory.create_connector(cfg, KVConnectorRole.WORKER, kv_cache_config(mla))
+    sched, worker = _tp_connectors(rank, port, store, "test/mla", mla)
     caches = paged_caches(spec=mla)
     worker.register_kv_caches(caches)
     latent = gen(6, len(LAYERS), len(PROMPT_A), 24).to(torch.bfloat16)  # the same on every rank
@@ -830,26 +819,7 @@ def _tp_mla_rank_main(rank: int, port: int, store: str) -> None:
 
 
 def test_mla_ranks_other_than_0_stage_nothing(tmp_path):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    here = os.path.dirname(os.path.abspath(__file__))
-    code = (f"import sys; sys.path.insert(0, {here!r}); import test_vllm_connector as t; "
-            f"t._tp_mla_rank_main(int(sys.argv[1]), {port}, {str(tmp_path / 'store')!r})")
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(r)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for r in (0, 1)]
-    outs = []
-    for p in procs:
-        try:
-            outs.append(p.communicate(timeout=240)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-    for r, (p, out) in enumerate(zip(procs, outs)):
-        assert p.returncode == 0 and f"rank {r} ok" in out, "\n".join(o[-2500:] for o in outs)
+    _run_two_ranks(tmp_path, "_tp_mla_rank_main")
 
 
 # ------------------------------------------------------------------------------- saves written in the background
