@@ -489,7 +489,11 @@ class Store:
                 targets = sorted(by_slot[sl].index for sl in by_slot if bits >> sl & 1 and not rec.tiers >> sl & 1)
                 if targets and any(rec.tiers & t.bit for t in self.tiers[: targets[0]]):
                     todo.append((key, pid, rec, targets))
-                # else: the slots owed belong to another tier chain, or no tier above them here holds the chunk
+                elif targets and not rec.tiers & ~self.mask:
+                    # every copy is in this chain and none above the tiers owed (evicted from there by hand):
+                    # nothing is left to copy down
+                    paid.append((key, bits & ~rec.tiers))
+                # else: the slots owed belong to another tier chain, or a tier of another chain holds the chunk
             for key, slots in paid:
                 self.catalog.forgive([key], slots)
             n = 0

@@ -142,6 +142,27 @@ def test_a_second_outage_soon_after_the_first_is_resynced_too(tmp_path, monkeypa
         assert store.catalog.owed() == []
 
 
+def test_a_copy_owed_by_a_chunk_no_tier_above_holds_any_more_is_forgiven(tmp_path):
+    """Written to the top tier; its copy to the middle tier failed, the one to the bottom tier landed; then it
+    was evicted from the top by hand: nothing above the middle tier holds it, so nothing is owed any more."""
+    root = tmp_path / "files"
+    with kvfs.open(f"memory://::file://{root}::lmdb://{tmp_path}/l") as store:
+        ns = store.namespace(SPEC)
+        toks, kv = _prompt(1, 3)
+        shard = root / ns.keys(toks)[0].path.rsplit("/", 1)[0]
+        shard.parent.mkdir(parents=True, exist_ok=True)
+        shard.write_bytes(b"in the way")
+        ns.put(toks, kv)
+        with pytest.raises(StoreError):
+            store.flush()
+        assert len(store.catalog.owed()) == 1
+        store.evict([ns.keys(toks)[0].path], tier=0)
+        shard.unlink()
+        store.flush()  # resyncs: no source above the file tier; forgiven, not kept forever
+        assert store.catalog.owed() == []
+        np.testing.assert_array_equal(ns.get(toks), kv)  # from the bottom tier
+
+
 _KILLED_WRITER = """
 import os, signal, sys
 import numpy as np
