@@ -11,7 +11,9 @@ Named databases:
 * ``kvfs.cat.children``  ``<model>/<ns-id>/<parent hex>/<first token>/<hex>`` -> token ids
   (finds stored chunks that extend a prefix by fewer tokens than a full chunk)
 * ``kvfs.cat.ns``        ``<model>/<ns-id>`` -> manifest JSON
-* ``kvfs.cat.meta``      tier slots (``tier/<identity>`` -> bit) and bytes used per slot
+* ``kvfs.cat.meta``      tier slots (``tier/<identity>`` -> bit), bytes used per slot, and bytes reserved per
+  slot and process for writes in flight (``room/<slot>/<pid>``), so that processes sharing a tier with a
+  capacity never count the same free space twice
 * ``kvfs.cat.quarantine`` chunk path -> JSON reason (chunks that failed their checks)
 * ``kvfs.cat.pending``   ``<model>/<ns-id>/<hex>`` -> tier slots a copy is still owed to, and the pid of the
   process that queued it (write-backs a crash or an outage lost are queued again: ``Store`` resyncs)
@@ -30,6 +32,7 @@ import os
 import shutil
 import struct
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, replace
 from typing import Iterable, Sequence
@@ -37,6 +40,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from . import _lmdbenv
+from ._proc import process_alive as _alive
 
 log = logging.getLogger("kvfs")
 
@@ -52,6 +56,11 @@ DB_META = "kvfs.cat.meta"
 DB_QUARANTINE = "kvfs.cat.quarantine"
 DB_PENDING = "kvfs.cat.pending"
 _PENDING = struct.Struct("<II")  # slots still owed a copy, pid of the process that queued the copy
+_ROOM = struct.Struct("<Qd")  # bytes a process reserved in a tier for writes in flight, when it last changed
+#: a reservation not changed for this long is left over by a process that died (or hung) mid-write; one whose
+#: process is gone is dropped sooner. A write holds its reservation only until its chunks are recorded.
+ROOM_STALE_S = 600.0
+ROOM_DEAD_S = 30.0
 MAX_TIERS = 32
 
 
@@ -136,6 +145,11 @@ class Catalog:
         #: process only
         self.readonly = readonly
         self._ephemeral: dict[str, int] = {}
+        #: reservations no other process can share: every one of a read-only catalog, and those of the slots in
+        #: ``private_slots`` (a memory tier: no other process writes into it)
+        self._local_room: dict[int, int] = {}
+        self._local_lock = threading.Lock()
+        self.private_slots: set[int] = set()
         self.env = _lmdbenv.acquire(directory, map_size, readonly=readonly)
         try:
             self._chunks = self.env.db(DB_CHUNKS)
@@ -275,6 +289,83 @@ class Catalog:
         cur = _U64.unpack(v)[0] if v else 0
         txn.put(k, _U64.pack(max(0, cur + delta)), db=meta)
 
+    # -- room for writes in flight ---------------------------------------------------------
+    def reserve(self, slot: int, nbytes: int, capacity: int) -> bool:
+        """Reserve ``nbytes`` of tier ``slot`` for a write in flight if they fit in ``capacity`` beside the bytes
+        it holds and those every process sharing this catalog reserved: one write transaction checks and
+        reserves, so no two writers (threads or processes) count the same free space. Given back with
+        :meth:`release` once the write's chunks are recorded (and so counted in :meth:`used`)."""
+        if self.readonly or slot in self.private_slots:  # reservations stay in this process
+            with self._local_lock:
+                if self.used(slot) + self._local_room.get(slot, 0) + nbytes > capacity:
+                    return False
+                self._local_room[slot] = self._local_room.get(slot, 0) + nbytes
+                return True
+        now = time.time()
+        with self.env.write() as txn:
+            v = txn.get(_enc(f"used/{slot}"), db=self._meta)
+            used = _U64.unpack(v)[0] if v else 0
+            if used + self._room_total(txn, slot, now, clean=True) + nbytes > capacity:
+                return False
+            k = _enc(f"room/{slot}/{os.getpid()}")
+            v = txn.get(k, db=self._meta)
+            mine = _ROOM.unpack(v)[0] if v else 0
+            txn.put(k, _ROOM.pack(mine + nbytes, now), db=self._meta)
+            return True
+
+    def release(self, slot: int, nbytes: int) -> None:
+        """Give back ``nbytes`` this process reserved in tier ``slot``."""
+        if self.readonly or slot in self.private_slots:
+            with self._local_lock:
+                left = self._local_room.get(slot, 0) - nbytes
+                if left > 0:
+                    self._local_room[slot] = left
+                else:
+                    self._local_room.pop(slot, None)
+            return
+        with self.env.write() as txn:
+            self._release(txn, slot, nbytes)
+
+    def _release(self, txn, slot: int, nbytes: int) -> None:
+        k = _enc(f"room/{slot}/{os.getpid()}")
+        v = txn.get(k, db=self._meta)
+        left = (_ROOM.unpack(v)[0] if v else 0) - nbytes
+        if left > 0:
+            txn.put(k, _ROOM.pack(left, time.time()), db=self._meta)
+        elif v is not None:
+            txn.delete(k, db=self._meta)
+
+    def reserved(self, slot: int) -> int:
+        """Bytes of tier ``slot`` reserved for writes in flight, by every process sharing this catalog."""
+        if self.readonly or slot in self.private_slots:
+            return self._local_room.get(slot, 0)
+        with self.env.read() as txn:
+            return self._room_total(txn, slot, time.time(), clean=False)
+
+    def _room_total(self, txn, slot: int, now: float, *, clean: bool) -> int:
+        """The bytes reserved in ``slot``, leaving out (``clean``: deleting) what dead processes left."""
+        prefix = _enc(f"room/{slot}/")
+        total = 0
+        me = os.getpid()
+        cur = txn.cursor(db=self._meta)
+        stale = []
+        if cur.set_range(prefix):
+            for k, v in cur:
+                k = bytes(k)
+                if not k.startswith(prefix):
+                    break
+                n, when = _ROOM.unpack(bytes(v))
+                pid = int(k[len(prefix):])
+                age = now - when
+                if pid != me and (age > ROOM_STALE_S or age > ROOM_DEAD_S and not _alive(pid)):
+                    stale.append(k)  # left by a process that died mid-write: never recorded
+                    continue
+                total += n
+        if clean:
+            for k in stale:
+                txn.delete(k, db=self._meta)
+        return total
+
     # -- records --------------------------------------------------------------------------
     def get_many(self, keys: Sequence[str]) -> list[ChunkRecord | None]:
         out: list[ChunkRecord | None] = []
@@ -302,14 +393,26 @@ class Catalog:
         return self.get_many([key])[0]
 
     def add(self, records: Iterable[tuple[ChunkRecord, np.ndarray | None]], slot: int,
-            owed: int = 0) -> list[bool]:
+            owed: int = 0, room: int = 0) -> list[bool]:
         """Record that tier ``slot`` holds these chunks; returns, per chunk, whether the bit was new.
 
         ``tokens`` (the chunk's token ids) feed the children index; give them
         for chunks this node writes or reads. ``owed``: a bitmask of tier slots
         a copy of these chunks was queued to (cleared slot by slot as each copy
         is recorded here), so that copies lost to a crash are queued again.
+        ``room``: bytes this process reserved in ``slot`` for them (:meth:`reserve`),
+        given back in the same transaction that counts them in :meth:`used`.
         """
+        local_room = room if self.readonly or slot in self.private_slots else 0
+        if local_room:
+            room = 0  # not in the catalog: given back once the chunks count in used()
+        out = self._add(records, slot, owed, room)
+        if local_room:  # (on an error the caller still holds it, as for one in the catalog)
+            self.release(slot, local_room)
+        return out
+
+    def _add(self, records: Iterable[tuple[ChunkRecord, np.ndarray | None]], slot: int, owed: int,
+             room: int) -> list[bool]:
         if self.readonly:
             # a read-only store's lookups find chunks the catalog does not know in the tiers themselves
             # (Store._probe), every time: nothing is recorded
@@ -345,6 +448,8 @@ class Catalog:
                 if owed or check_owed:
                     self._owe(txn, k, owed & ~new.tiers, bit, pid)
                 out.append(added)
+            if room:
+                self._release(txn, slot, room)
         return out
 
     def _owe(self, txn, k: bytes, owed: int, paid: int, pid: int) -> None:
@@ -572,7 +677,7 @@ class Catalog:
             txn.drop(self._children, delete=False)
             cur = txn.cursor(db=self._meta)
             for k in list(cur.iternext(keys=True, values=False)):
-                if bytes(k).startswith(b"used/"):
+                if bytes(k).startswith((b"used/", b"room/")):
                     txn.delete(bytes(k), db=self._meta)
 
     def flush(self) -> None:

@@ -302,11 +302,9 @@ class Store:
         self._warned: set[str] = set()
         self._lock = threading.RLock()
         self._evict_lock = threading.Lock()
-        #: room made in a tier with a capacity for a write still in flight (tier index -> bytes), so that writers
-        #: running side by side do not all count the same free space; released once the write is recorded
-        self._reserved: dict[int, int] = {}
-        #: guards _reserved (and waits for reservations to be given back); never held while evicting, so that a
-        #: write that fits is not held up by an eviction in progress
+        #: room made in a tier with a capacity for a write still in flight is reserved in the catalog (per
+        #: process, shared by every process on the node) until the write is recorded; this wakes the writes of
+        #: this process waiting for such room when one is given back (others' are polled)
         self._room = threading.Condition()
         #: parsed headers of chunks read before (chunks are immutable: a path's header never changes
         #: while the chunk exists; entries are dropped on eviction and quarantine)
@@ -350,8 +348,13 @@ class Store:
             if getattr(b, "volatile", False):
                 # process-local storage: its catalog bit must mean nothing to other processes
                 ident += f"#{os.getpid()}." + (t.location or uuid.uuid4().hex[:12])
+                private = True
+            else:
+                private = False
             # the tier holding the catalog keeps its bit wherever it is reached from (moved, copied, symlinked)
             slot = self.catalog.home_slot(ident) if i == home else self.catalog.tier_slot(ident)
+            if private:
+                self.catalog.private_slots.add(slot)  # room made in it is this process's business only
             self.tiers.append(Tier(i, t, b, slot, t.capacity, t.watermark, shared))
             self.tiers[-1].identity = ident
         #: the catalog bits of the tiers this store can read
@@ -1088,9 +1091,12 @@ class Store:
         owed = 0
         for ti in rest:
             owed |= self.tiers[ti].bit
-        self.catalog.add([(rec, toks) for rec, toks, _, _ in entries], tier.slot, owed)
-        if reservation is not None:
-            self._release_room(tier, reservation)
+        room = reservation[0] if reservation and tier.capacity is not None else 0
+        self.catalog.add([(rec, toks) for rec, toks, _, _ in entries], tier.slot, owed, room=room)
+        if room:
+            reservation[0] = 0  # given back by the transaction that counted the chunks
+            with self._room:
+                self._room.notify_all()
         for rec, toks, path, buf in entries:
             if rest:
                 self._writeback.submit(
@@ -1146,12 +1152,8 @@ class Store:
         if not n or tier.capacity is None:
             return
         reservation[0] = 0
+        self.catalog.release(tier.slot, n)
         with self._room:
-            left = self._reserved.get(tier.index, 0) - n
-            if left > 0:
-                self._reserved[tier.index] = left
-            else:
-                self._reserved.pop(tier.index, None)
             self._room.notify_all()
 
     def _make_room(self, tier: Tier, incoming: int, *, wait: bool = True) -> bool:
@@ -1159,9 +1161,10 @@ class Store:
 
         On ``True`` the ``incoming`` bytes are reserved in the tier for the caller, who gives them back with
         :meth:`_release_room` once its chunks are recorded: writers running side by side (threads, the
-        write-back) then never count the same free space twice, and the tier stays within its capacity.
-        ``wait``: when the room is held by such writes in flight, wait (a while) for them to be recorded and
-        evict again, rather than answer ``False`` (for a write that has no other tier to go to).
+        write-back, other processes on the node sharing the catalog) then never count the same free space
+        twice, and the tier stays within its capacity. ``wait``: when the room is held by such writes in
+        flight, wait (a while) for them to be recorded and evict again, rather than answer ``False`` (for a
+        write that has no other tier to go to).
         """
         if tier.capacity is None:
             return True
@@ -1169,32 +1172,20 @@ class Store:
             return False
         deadline = time.monotonic() + ROOM_WAIT_S
         while True:
+            if self.catalog.reserve(tier.slot, incoming, tier.capacity):
+                return True  # the common case: no eviction, one short catalog transaction
+            with self._evict_lock:  # one eviction at a time in this process (the catalog orders processes)
+                freed = self._evict_for(tier, incoming, self.catalog.reserved(tier.slot))
+            if self.catalog.reserve(tier.slot, incoming, tier.capacity):
+                return True
+            if freed and time.monotonic() < deadline:
+                continue  # other writes took the room it made or found (and are recorded): evict again
+            if not wait or not self.catalog.reserved(tier.slot) or time.monotonic() >= deadline:
+                return False
+            # the rest of the room is held by writes in flight: once they are recorded, their chunks (or older
+            # ones) can be evicted in turn (a release in this process wakes this; other processes' are polled)
             with self._room:
-                if self._reserve_if_fits(tier, incoming):
-                    return True  # the common case: no eviction, no lock but this short one
-            with self._evict_lock:  # one eviction at a time
-                with self._room:
-                    reserved = self._reserved.get(tier.index, 0)
-                freed = self._evict_for(tier, incoming, reserved)
-            with self._room:
-                if self._reserve_if_fits(tier, incoming):
-                    return True
-                if freed and time.monotonic() < deadline:
-                    continue  # other writes took the room it made or found (and are recorded): evict again
-                if not wait or not self._reserved.get(tier.index) or time.monotonic() >= deadline:
-                    return False
-                # the rest of the room is held by writes in flight: once they are recorded, their chunks (or
-                # older ones) can be evicted in turn
-                self._room.wait(max(0.0, min(1.0, deadline - time.monotonic())))
-
-    def _reserve_if_fits(self, tier: Tier, incoming: int) -> bool:
-        """Under ``_room``: reserve ``incoming`` bytes of ``tier`` if they fit beside what it holds and what other
-        writes in flight reserved (checking and reserving at once, so two writers never count one free space)."""
-        reserved = self._reserved.get(tier.index, 0)
-        if self.catalog.used(tier.slot) + reserved + incoming > tier.capacity:
-            return False
-        self._reserved[tier.index] = reserved + incoming
-        return True
+                self._room.wait(max(0.0, min(0.25, deadline - time.monotonic())))
 
     def _evict_for(self, tier: Tier, incoming: int, reserved: int) -> int:
         """Under the eviction lock: evict down to the watermark, leaving room for ``incoming`` bytes besides the

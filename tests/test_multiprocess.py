@@ -75,3 +75,100 @@ def test_concurrent_processes_on_one_store(tmp_path, scheme):
         for p in prompts(0)[:5]:
             n, kv = ns.get_prefix(p)
             assert kv.tobytes() == expected_kv(p[:n]).tobytes()
+
+
+_HOLD = """
+import sys, kvfs
+store = kvfs.open(sys.argv[1])
+tier = store.tiers[0]
+n = int(sys.argv[2])
+ok = store._make_room(tier, n, wait=False)
+print("reserved" if ok else "refused", flush=True)
+if sys.argv[3] == "hold":
+    sys.stdin.readline()  # holds the room (a write in flight) until told, or until killed
+    store._release_room(tier, [n])
+store.close()
+"""
+
+
+def _hold(url: str, nbytes: int, mode: str):
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", _HOLD, url, str(nbytes), mode], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+    return p, p.stdout.readline().strip()
+
+
+@pytest.mark.parametrize("scheme", ["lmdb", "file"])
+def test_room_reserved_by_one_process_is_not_taken_by_another(tmp_path, scheme, monkeypatch):
+    """Room made in a tier with a capacity for a write in flight is reserved for every process on the node:
+    a second process does not count the same free space (each used to count only its own writes, so several
+    processes writing into one tier took it over its capacity); a reservation left by a process killed
+    mid-write is dropped once that process is gone."""
+    from kvfs import catalog as catalog_mod
+
+    cap = 1 << 20
+    url = f"{scheme}://{tmp_path}/s?capacity={cap}"
+    with kvfs.open(url) as store:
+        tier = store.tiers[0]
+        holder, said = _hold(url, cap - 4096, "hold")
+        try:
+            assert said == "reserved"
+            assert store.catalog.reserved(tier.slot) == cap - 4096
+            assert not store._make_room(tier, 8192, wait=False), "another process's room was counted as free"
+            assert store._make_room(tier, 4096, wait=False)  # what is left is still free
+            store._release_room(tier, [4096])
+            holder.stdin.write("\n")
+            holder.stdin.flush()
+            assert holder.wait(60) == 0
+        finally:
+            holder.kill()
+        assert store.catalog.reserved(tier.slot) == 0
+        assert store._make_room(tier, 8192, wait=False)
+        store._release_room(tier, [8192])
+
+        killed, said = _hold(url, cap - 4096, "hold")
+        assert said == "reserved"
+        killed.kill()
+        killed.wait(60)
+        monkeypatch.setattr(catalog_mod, "ROOM_DEAD_S", 0.0)
+        assert store._make_room(tier, 8192, wait=False), "a dead process's reservation was kept"
+        assert store.catalog.reserved(tier.slot) == 8192
+        store._release_room(tier, [8192])
+        assert store.catalog.reserved(tier.slot) == 0
+
+
+def _capped_writer(url: str, seed: int, q) -> None:
+    errors, peak = [], 0
+    try:
+        with kvfs.open(url) as store:
+            ns = store.namespace(SPEC)
+            slot = store.tiers[0].slot
+            for p in prompts(100 + seed, 30):
+                ns.put(p, expected_kv(p))
+                peak = max(peak, store.catalog.used(slot))
+    except Exception as e:  # noqa: BLE001
+        errors.append(repr(e))
+    q.put((peak, errors))
+
+
+@pytest.mark.parametrize("scheme", ["lmdb", "file"])
+def test_processes_writing_side_by_side_keep_a_tier_within_its_capacity(tmp_path, scheme):
+    chunk = int(np.prod(SPEC.chunk_shape(SPEC.chunk_tokens))) * 2
+    cap = 24 * chunk
+    url = f"{scheme}://{tmp_path}/s?capacity={cap}"
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_capped_writer, args=(url, i, q)) for i in range(3)]
+    for p in procs:
+        p.start()
+    results = [q.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(30)
+    assert all(not errs for _, errs in results), results
+    peak = max(pk for pk, _ in results)
+    assert peak <= cap, f"the tier held {peak} bytes, over its capacity of {cap}"
+    with kvfs.open(url) as store:
+        assert store.catalog.used(store.tiers[0].slot) <= cap
+        assert store.catalog.reserved(store.tiers[0].slot) == 0
