@@ -69,15 +69,20 @@ def mount(url: str, mountpoint: str, foreground: bool, read_write: bool, allow_o
         pid, log = start(url, mountpoint, read_write=read_write, allow_other=allow_other, debug=debug,
                          log_file=log_file, io_timeout=io_timeout)
     except (OSError, KVFSError) as e:
-        raise CommandError(str(e), 1, "kvfs mount") from None
+        raise CommandError(_message(e), 1, "kvfs mount") from None
     click.echo(f"kvfs: mounted at {mountpoint} (server pid {pid}, log {log})", err=True)
+
+
+def _message(e: BaseException) -> str:
+    """The words of an error, without ``[Errno N]`` (as every other kvfs command shows them)."""
+    return e.strerror if isinstance(e, OSError) and e.strerror else str(e)
 
 
 def _import_hint(e: BaseException) -> str:
     if isinstance(e, ImportError):
         return (f"{e}; FUSE mounts need pyfuse3 and trio: apt-get install fuse3 libfuse3-dev pkg-config gcc, "
                 "then pip install 'kvfs[fuse]' (pyfuse3 builds against libfuse 3)")
-    return str(e)
+    return _message(e)
 
 
 @click.command()
@@ -95,4 +100,4 @@ def umount(mountpoint: str, timeout: float, lazy: bool) -> None:
     try:
         unmount(mountpoint, timeout=timeout, lazy=lazy)
     except (OSError, KVFSError) as e:
-        raise CommandError(str(e), 1, "kvfs umount") from None
+        raise CommandError(_message(e), 1, "kvfs umount") from None

@@ -142,13 +142,30 @@ class KVFileSystem(AbstractFileSystem):
             d["size"] = 0
         return d
 
+    def _sized(self, entry):
+        """A chunk the catalog learned of by probing a tier (written by another node) has no size yet: its
+        size is read from its header (as the FUSE mount does), or reads of it would end at byte 0."""
+        if entry.kind == "chunk" and not entry.size:
+            from .fuse._tree import _fix_size
+
+            try:
+                entry = _fix_size(self.store, entry.path, entry)
+            except ChunkFormatError as e:
+                raise StoreError(errno.EIO, f"{entry.path}: {e}") from e
+        return entry
+
     def ls(self, path: str = "", detail: bool = True, **kwargs: Any):
         path = self._strip_protocol(path)
-        out = [self._as_info(e) for e in self.store.ls(path)]
+        out = []
+        for e in self.store.ls(path):
+            try:
+                out.append(self._as_info(self._sized(e)))
+            except OSError:  # gone from every tier since the catalog listed it, or unreadable: left out (as
+                continue  # the FUSE mount does), one bad chunk must not hide its whole directory
         return out if detail else [o["name"] for o in out]
 
     def info(self, path: str, **kwargs: Any) -> dict[str, Any]:
-        return self._as_info(self.store.stat(self._strip_protocol(path)))
+        return self._as_info(self._sized(self.store.stat(self._strip_protocol(path))))
 
     def exists(self, path: str, **kwargs: Any) -> bool:
         try:
@@ -195,8 +212,10 @@ class KVFileSystem(AbstractFileSystem):
         if not start and end is None or path.endswith("/" + _MANIFEST):
             data = self._cat(path)
             return data if not start and end is None else data[start:end]
-        size = self.info(path)["size"]
-        start, end = _clamp(start, end, size)
+        info = self.info(path)
+        if info["type"] == "directory":
+            raise IsADirectoryError(errno.EISDIR, f"{path!r} is a directory, not a chunk")
+        start, end = _clamp(start, end, info["size"])
         if end <= start:
             return b""
         return _VerifiedRanges(self.store, path).read(start, end)

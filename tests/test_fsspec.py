@@ -93,6 +93,33 @@ def test_fsspec_open_gives_bytes_safetensors_opens(url, filled):
     np.testing.assert_array_equal(tensors["kv"], kv_of(70)[:, :, 16:32])
 
 
+
+def test_a_chunk_the_catalog_knows_no_size_of_reads_whole(url, filled):
+    """A chunk the catalog learned of by probing a tier (another node wrote it) has no size recorded: info,
+    ls and open take its true size from its header, so reads do not end at byte 0."""
+    from kvfs.catalog import key_of_path
+
+    p = filled["p1"][0]
+    with kvfs.open(url) as store:
+        good = store.cat(p)
+        store.catalog.set_size(key_of_path(p), 0)
+    with fsspec.filesystem("kvfs", url=url) as fs:
+        assert fs.info(p)["size"] == len(good)
+        assert {e["name"]: e["size"] for e in fs.ls(p.rsplit("/", 1)[0])}[p] == len(good)
+        with fs.open(p, "rb") as f:
+            assert f.read() == good
+        assert fs.cat_file(p, 4096, 4200) == good[4096:4200]
+    other = filled["p1"][1]  # a probed chunk whose header does not parse: EIO, and left out of listings
+    with kvfs.open(url) as store:
+        store.catalog.set_size(key_of_path(other), 0)
+        store.tiers[0].backend.put(other, b"\xff" * 64)
+    with fsspec.filesystem("kvfs", url=url) as fs:
+        with pytest.raises(OSError) as e:
+            fs.info(other)
+        assert e.value.errno == errno.EIO
+        listing = fs.ls(other.rsplit("/", 1)[0], detail=False)
+        assert other not in listing
+
 @pytest.mark.parametrize("how", ["open", "range", "cat"])
 def test_a_corrupt_chunk_is_never_read_through_fsspec(tmp_path, how):
     """Every way of reading a chunk through fsspec checks it: ranged reads layer by layer, as the FUSE mount."""
@@ -170,6 +197,14 @@ def test_writes_are_refused_with_a_clear_error(fs, filled):
             call()
     with pytest.raises(IsADirectoryError):
         fs.open(filled["ns"], "rb")
+
+
+def test_a_directory_is_not_read_as_an_empty_file(fs, filled):
+    for read in (lambda p: fs.cat_file(p), lambda p: fs.cat_file(p, 0, 10), lambda p: fs.cat_file(p, start=5),
+                 lambda p: fs.cat_ranges([p], [0], [10], on_error="raise")):
+        for p in ("", filled["ns"], filled["p1"][0].rsplit("/", 1)[0]):
+            with pytest.raises(IsADirectoryError):
+                read(p)
 
 
 def test_instances_are_not_cached_and_close_their_store(url, filled):

@@ -395,6 +395,29 @@ def test_a_corrupt_chunk_reads_eio_and_is_quarantined(mounted, store, store_url)
     assert os.listdir(mounted.mnt)  # and the mount carries on
 
 
+def test_an_open_chunk_evicted_elsewhere_keeps_its_attributes_and_reads_estale(mounted, store, store_url):
+    """An open file whose chunk another process evicts: fstat still answers, and a read of bytes not yet
+    served answers ESTALE (as documented), not ENOENT from the kernel's re-check of the attributes."""
+    spec = model_of(WIDE, "stale")
+    path = put(store_url, spec, 64, seed=14)[0]
+    good = store.cat(path)
+    fd = os.open(mounted.path(path), os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no kernel read-ahead: the end is not cached
+        assert os.pread(fd, 4096, 0) == good[:4096]
+        assert store.evict([path]).evicted == [path]
+        time.sleep(1.6)  # past the attribute timeout and the time an open file holds its LMDB view
+        assert os.fstat(fd).st_size == len(good)
+        with pytest.raises(OSError) as e:
+            os.pread(fd, 4096, len(good) - 4096)
+        assert e.value.errno == errno.ESTALE
+    finally:
+        os.close(fd)
+    with open(mounted.mnt.rstrip("/") + ".log") as f:  # the log names the chunk (not the inode its fh number is)
+        assert f"read({path}): the chunk was evicted while open" in f.read()
+    assert wait_for(lambda: not os.path.exists(mounted.path(path)))
+
+
 # ------------------------------------------------------------------------------------------ importing
 @pytest.fixture(scope="module")
 def rw(tmp_path_factory, reaper):
@@ -525,6 +548,98 @@ def test_a_new_namespace_is_made_with_mkdir_and_its_manifest(rw, donor):
     assert rw.store.spec_of(ns) == WIDE
 
 
+def fresh_chunks(tmp_path, n_tokens: int, seed: int) -> dict:
+    """Chunk files of SPEC that no store in this module holds yet: {store path: file}."""
+    url = f"lmdb://{tmp_path}/src"
+    paths = put(url, SPEC, n_tokens, seed=seed)
+    files = {}
+    with kvfs.open(url) as s:
+        for p in paths:
+            files[p] = tmp_path / os.path.basename(p)
+            files[p].write_bytes(s.cat(p))
+    return files
+
+
+def test_shell_redirection_into_the_mount_imports(rw, tmp_path):
+    """`cat chunk > MOUNT/ns/<hash>.safetensors`: the shell closes a descriptor of the new, still empty
+    file before cat writes to its copy; that close must not refuse the file for good."""
+    files = fresh_chunks(tmp_path, 64, seed=30)
+    (path, src), (path2, src2) = files.items()
+    dst = rw.path(f"{SPEC.path}/{os.path.basename(path)}")
+    res = subprocess.run(["sh", "-c", 'cat "$1" > "$2"', "sh", str(src), dst], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert rw.store.cat(path) == src.read_bytes()
+    assert read(rw.path(path)) == src.read_bytes()
+    res = subprocess.run(["sh", "-c", 'cat "$1" > "$2"', "sh", str(src), rw.path(path)], capture_output=True,
+                         text=True)  # over the stored chunk: the same bytes, nothing to do
+    assert res.returncode == 0, res.stderr
+    # the same through dup'ed descriptors, as any program that hands a file to a child does
+    fd = os.open(rw.path(f"{SPEC.path}/{os.path.basename(path2)}"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    fd2 = os.dup(fd)
+    with pytest.raises(OSError) as e:
+        os.close(fd)  # nothing written yet: not a chunk (yet)
+    assert e.value.errno == errno.EINVAL
+    os.write(fd2, src2.read_bytes())
+    os.close(fd2)
+    assert rw.store.cat(path2) == src2.read_bytes()
+    # a file closed for good while empty is still refused, and not left behind
+    name = "0" * 64 + ".safetensors"
+    with pytest.raises(OSError) as e:
+        with open(rw.path(f"{SPEC.path}/{name}"), "wb"):
+            pass
+    assert e.value.errno == errno.EINVAL
+    assert wait_for(lambda: name not in os.listdir(rw.path(SPEC.path)))
+
+
+def test_a_new_file_removed_while_open_is_not_stored(rw, tmp_path):
+    files = fresh_chunks(tmp_path, 32, seed=31)
+    ((path, src),) = files.items()
+    dst = rw.path(f"{SPEC.path}/{os.path.basename(path)}")
+    with open(dst, "wb") as f:
+        f.write(src.read_bytes())
+        f.flush()
+        os.unlink(dst)  # removed before it was closed: gone, as on any filesystem
+    assert os.path.basename(path) not in os.listdir(rw.path(SPEC.path))
+    assert not os.path.exists(rw.path(path))
+    with pytest.raises(NotFound):
+        rw.store.stat(path)
+
+
+@needs_attr
+def test_a_pin_set_on_a_new_file_can_be_taken_back(rw, tmp_path):
+    files = fresh_chunks(tmp_path, 32, seed=32)
+    ((path, src),) = files.items()
+    dst = rw.path(f"{SPEC.path}/{os.path.basename(path)}")
+    with open(dst, "wb") as f:
+        os.setxattr(dst, "user.kvfs.pinned", b"1")
+        os.removexattr(dst, "user.kvfs.pinned")  # setfattr -x: not pinned after all
+        with pytest.raises(OSError) as e:
+            os.removexattr(dst, "user.other")
+        assert e.value.errno == errno.ENODATA
+        f.write(src.read_bytes())
+    assert rw.store.cat(path) == src.read_bytes() and not rw.store.stat(path).pinned
+
+
+def test_cp_into_a_full_store_fails_enospc_and_leaves_no_file(tmp_path, reaper):
+    """The store cannot take the chunk (its only tier is full of pinned chunks): cp reports ENOSPC, and the
+    name is not left in the directory as if it had been stored."""
+    files = fresh_chunks(tmp_path, 64, seed=33)
+    (path, src), _ = files.items()
+    url = f"lmdb://{tmp_path}/store?capacity=30KiB"  # room for one chunk of SPEC (20 KiB)
+    put(url, SPEC, 32, seed=34)
+    with kvfs.open(url) as s:
+        s.pin(SPEC.path)
+    with Mounted(url, str(tmp_path / "mnt"), "--read-write", adopted=reaper) as m:
+        ns_dir = m.path(SPEC.path)
+        res = cp(src, ns_dir + "/")
+        assert res.returncode != 0 and "No space left on device" in res.stderr, res.stderr
+        assert wait_for(lambda: os.path.basename(path) not in os.listdir(ns_dir))
+        assert not os.path.exists(os.path.join(ns_dir, os.path.basename(path)))
+    with kvfs.open(url) as s:
+        with pytest.raises(NotFound):
+            s.stat(path)
+
+
 # ------------------------------------------------------------------------------------------ lifecycle
 def test_umount_waits_for_the_server_and_leaves_no_process(tmp_path, reaper):
     url = f"lmdb://{tmp_path}/store"
@@ -562,6 +677,21 @@ def test_mount_errors_are_reported_and_leave_nothing_running(tmp_path, reaper):
     with Mounted(f"lmdb://{tmp_path}/s", mnt, adopted=reaper):
         res = kvfs_cmd("mount", "--log", log, f"lmdb://{tmp_path}/s", mnt, check=False)
         assert res.returncode != 0 and "already" in res.stderr
+
+
+def test_mount_errors_show_words_and_no_secrets(tmp_path, reaper):
+    """A failed mount names the store as the server's log does (secret-looking options hidden), and the
+    errors read like every other kvfs command's: the words, no ``[Errno N]``."""
+    mnt = str(tmp_path / "mnt")
+    os.makedirs(mnt)
+    url = f"lmdb://{tmp_path}/s?secret_key=hunter2&bogus=1"  # an option LMDB does not take: the server fails
+    res = kvfs_cmd("mount", "--read-write", "--log", str(tmp_path / "server.log"), url, mnt, check=False)
+    assert res.returncode == 1 and mounted_fstype(mnt) is None
+    line = res.stderr.strip().splitlines()[0]
+    assert line.startswith("kvfs mount: cannot mount lmdb://") and "secret_key=***" in line, line
+    assert "hunter2" not in res.stderr and "[Errno" not in res.stderr
+    res = kvfs_cmd("umount", mnt, check=False)
+    assert res.returncode == 1 and res.stderr.strip() == f"kvfs umount: {mnt} is not mounted"
 
 
 def mount_options(mnt: str) -> tuple[str, set[str]]:

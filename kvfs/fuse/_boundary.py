@@ -61,7 +61,7 @@ def boundary(fn):
         except FUSEError:
             raise
         except Exception as e:  # noqa: BLE001 - this is the one boundary
-            raise FUSEError(errno_of(e, f"{fn.__name__}{self._describe(args)}")) from None
+            raise FUSEError(errno_of(e, f"{fn.__name__}{self._describe(args, fn.__name__)}")) from None
 
     return handler
 
@@ -74,6 +74,7 @@ class Node:
     path: str
     kind: str
     lookups: int = 0
+    st: object = None  # the attributes last shown (what an open file shows once its chunk is gone)
 
 
 class Handle:

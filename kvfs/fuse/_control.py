@@ -141,7 +141,17 @@ def mount(
         proc.wait()
     tail = _log_tail(log_file, start)
     reason = message[len("error "):] if message.startswith("error ") else "the mount server exited"
-    raise StoreError(5, f"cannot mount {url} at {mountpoint}: {reason}" + (f"\n{tail}" if tail else ""))
+    raise StoreError(5, f"cannot mount {_redacted(url)} at {mountpoint}: {reason}" + (f"\n{tail}" if tail else ""))
+
+
+def _redacted(url: str) -> str:
+    """The store URL as errors may show it: secret-looking option values hidden (as in the server's log)."""
+    from ..url import parse_url
+
+    try:
+        return "::".join(t.redacted() for t in parse_url(url))
+    except Exception:  # noqa: BLE001 - a URL that does not parse: show no option of it
+        return "::".join(t.split("?", 1)[0] for t in url.split("::"))
 
 
 def _wait_ready(fd: int, proc: subprocess.Popen, timeout: float) -> str:

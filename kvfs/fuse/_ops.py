@@ -45,6 +45,8 @@ log = logging.getLogger("kvfs.fuse")
 
 BLKSIZE = 1 << 20  # tells cp & co. to read in 1 MiB requests
 DIR_TTL = 2.0  # directory sizes/times are sums over chunks: recompute at most this often
+#: handlers whose first argument is a file handle (what the log names is the file it is open on)
+_FH_FIRST = frozenset(("read", "write", "flush", "fsync", "release", "readdir", "releasedir"))
 
 
 class KVFSOperations(WriteOps, XattrOps, pyfuse3.Operations):
@@ -77,8 +79,14 @@ class KVFSOperations(WriteOps, XattrOps, pyfuse3.Operations):
         self._dir_cache: dict[str, tuple[float, Stat]] = {}
 
     # ------------------------------------------------------------------------------ plumbing
-    def _describe(self, args) -> str:
+    def _describe(self, args, op: str = "") -> str:
         parts = []
+        if op in _FH_FIRST and args and isinstance(args[0], int):  # a file handle, not an inode (fh 1 is no root)
+            h = self._handles.get(args[0])
+            node = self._nodes.get(h.ino) if h is not None else None
+            path = h.staged.path if h is not None and h.staged is not None else node.path if node else None
+            parts.append(path if path is not None else f"fh {args[0]}")
+            args = ()  # offsets, sizes and data are not paths
         for a in args[:2]:
             if isinstance(a, int) and a in self._nodes:
                 parts.append(self._nodes[a].path or "/")
@@ -220,6 +228,7 @@ class KVFSOperations(WriteOps, XattrOps, pyfuse3.Operations):
         st = await self._stat(path, kind)
         node = self._remember(path, kind)
         node.lookups += 1
+        node.st = st
         return self._attrs(node.ino, st)
 
     @boundary
@@ -241,7 +250,14 @@ class KVFSOperations(WriteOps, XattrOps, pyfuse3.Operations):
         if staged is not None:
             return self._attrs(ino, self._staged_stat(staged))
         node = self._node(ino)
-        return self._attrs(ino, await self._stat(node.path, node.kind))
+        try:
+            node.st = await self._stat(node.path, node.kind)
+        except (NotFound, FileNotFoundError):
+            # evicted by someone else while open here: an open file keeps its attributes (as an unlinked file
+            # does), so that its reads answer ESTALE (or a copy left in another tier) instead of ENOENT
+            if node.st is None or not any(h.ino == ino and h.reader is not None for h in self._handles.values()):
+                raise
+        return self._attrs(ino, node.st)
 
     @boundary
     async def setattr(self, ino, attr, fields, fh, ctx):
@@ -328,7 +344,9 @@ class KVFSOperations(WriteOps, XattrOps, pyfuse3.Operations):
             ino = self._ino_of(path)
             if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attrs(ino, st), i + 1):
                 return
-            self._remember(path, kind).lookups += 1
+            node = self._remember(path, kind)
+            node.lookups += 1
+            node.st = st
 
     @boundary
     async def releasedir(self, fh):
@@ -396,7 +414,8 @@ class KVFSOperations(WriteOps, XattrOps, pyfuse3.Operations):
         parent = self._node(parent_ino)
         name_s = os.fsdecode(name)
         staged = self._staged.pop((parent_ino, name_s), None)
-        if staged is not None:  # a new file not stored yet: forget it
+        if staged is not None:  # a new file not stored yet: forget it (a writer that still has it open too)
+            staged.removed = True
             self._drop_staged_if_unused(staged)
             return
         path, kind = child_of(parent.path, parent.kind, name_s)

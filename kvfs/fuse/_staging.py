@@ -75,6 +75,7 @@ class StagedFile:
     created: float = field(default_factory=time.time)
     modified: float = field(default_factory=time.time)
     pin: bool | None = None  # user.kvfs.pinned set before the import
+    removed: bool = False  # unlinked while still open: never stored, whatever is written to it
 
     def write(self, off: int, buf: bytes) -> int:
         end = off + len(buf)

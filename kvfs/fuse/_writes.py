@@ -134,21 +134,29 @@ class WriteOps:
 
     async def _close_write(self, h: Handle, *, report: bool) -> None:
         staged = h.staged
-        if staged.kind == "temp" or not staged.dirty:
+        if staged.kind == "temp" or not staged.dirty or staged.removed:
             return
         if h.failed:  # written to again after its import failed: still nothing stored
             staged.dirty = False
             if report:
                 raise FUSEError(errno.EINVAL)
             return
+        if report and not staged.data:
+            # the close of one descriptor of a file nothing was written to yet: `cmd > FILE` in a shell opens
+            # FILE, dup2s it and closes the first descriptor before cmd writes. Nothing to check, nothing
+            # dropped: the last close (release) refuses the file if it is still empty
+            log.info("kvfs mount: %s closed while empty: not a chunk (yet)", staged.path)
+            raise FUSEError(errno.EINVAL)
         try:
             await self._commit(staged)
-        except FUSEError:
+        except Exception as e:  # refused (EINVAL), or the store could not take it (ENOSPC, EIO): nothing stored
             h.failed = True
             self._finish_staged(h)
             await self._drop_name(staged)
             if report:
                 raise
+            if not isinstance(e, FUSEError):
+                log.warning("kvfs mount: could not store %s: %s (nothing stored)", staged.path, e)
             return
         finally:
             self._forget_cached(h.ino)

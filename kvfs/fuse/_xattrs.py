@@ -78,6 +78,12 @@ class XattrOps:
     @boundary
     async def removexattr(self, ino, name, ctx):
         name_s = os.fsdecode(name)
+        staged = self._staged_ino.get(ino)
+        if staged is not None:  # a new file (not in the tree yet): `-x pinned` takes back a pin set on it
+            if name_s != XATTR_PREFIX + "pinned":
+                raise FUSEError(pyfuse3.ENOATTR)
+            staged.pin = False
+            return
         node = self._node(ino)
         if name_s == XATTR_PREFIX + "pinned" and node.kind in ("chunk", "model", "namespace", "shard"):
             await self._io(self._set_pin_sync, node.path, node.kind, False)
