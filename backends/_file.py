@@ -501,20 +501,30 @@ class FileBackend(Backend):
         out = []
         try:
             with self._kvikio.CuFile(path, "r") as f:
-                futures = []
-                for off, buf in parts:
-                    nbytes = _nbytes(buf)
-                    n = max(0, min(nbytes, size - off))
-                    if _is_device_buffer(buf):
-                        futures.append(f.pread(buf, n, off) if n else None)
-                    else:
-                        futures.append(None)
-                        mv = _byte_view(buf, writable=True)
-                        n = self._pread_host(path, mv[:n], off)
-                    out.append(n)
-                for fut in futures:
-                    if fut is not None:
-                        fut.get()
+                futures: list = []
+                try:
+                    for off, buf in parts:
+                        nbytes = _nbytes(buf)
+                        n = max(0, min(nbytes, size - off))
+                        if _is_device_buffer(buf):
+                            futures.append(f.pread(buf, n, off) if n else None)
+                        else:
+                            futures.append(None)
+                            mv = _byte_view(buf, writable=True)
+                            n = self._pread_host(path, mv[:n], off)
+                        out.append(n)
+                finally:
+                    # every read started is waited for before the file closes (and before an error leaves),
+                    # and counts what it read: the file may have been replaced by a shorter one since its stat
+                    errors = []
+                    for i, fut in enumerate(futures):
+                        if fut is not None:
+                            try:
+                                out[i] = int(fut.get())
+                            except (OSError, RuntimeError) as e:
+                                errors.append(e)
+                if errors:
+                    raise errors[0]
         except OSError as e:
             raise self._error(e, "reading (kvikio)", path) from e
         except RuntimeError as e:

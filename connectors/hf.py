@@ -75,6 +75,8 @@ def kv_spec(model: Any, *, model_name: str | None = None, revision: str | None =
         revision = getattr(config, "_commit_hash", None) or local_revision(name) or ""
     heads = text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    if getattr(text, "multi_query", False) and not getattr(text, "new_decoder_architecture", False):
+        kv_heads = 1  # Falcon's multi-query attention caches one KV head (its num_kv_heads stays the query heads)
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     if dtype is None:
         dtype = getattr(model, "dtype", None) or getattr(config, "dtype", None) or torch.float32
@@ -83,6 +85,12 @@ def kv_spec(model: Any, *, model_name: str | None = None, revision: str | None =
 
 
 def _check_full_attention(text_config: Any) -> None:
+    if getattr(text_config, "kv_lora_rank", None):
+        raise InvalidInput(
+            f"kvfs.connectors.hf stores one K and one V of the same shape per token and layer; this "
+            f"{getattr(text_config, 'model_type', 'model')} model uses multi-head latent attention (kv_lora_rank="
+            f"{text_config.kv_lora_rank}), whose K and V differ in size: use the vLLM or SGLang connector"
+        )
     types = getattr(text_config, "layer_types", None) or []
     other = sorted({t for t in types if t != "full_attention"})
     sliding = getattr(text_config, "sliding_window", None) and getattr(text_config, "use_sliding_window", True)

@@ -332,7 +332,8 @@ class PagedCache:
         got = torch.empty(d.shape[:-3] + (idx.flat.numel(),) + d.shape[-2:], dtype=d.dtype, device=view.device)
         self._gather_into(view, flat, idx, got)
         if idx.keep is not None:
-            d.index_copy_(d.dim() - 3, idx.keep.to(d.device), got.to(d.device))
+            raw = _RAW_TORCH[d.element_size()]  # same bytes as raw integers: index_copy_ has no fp8 kernels
+            d.view(raw).index_copy_(d.dim() - 3, idx.keep.to(d.device), got.to(d.device).view(raw))
         else:
             d.copy_(got)
 

@@ -80,6 +80,19 @@ class DeviceReader:
             self.stream = stream if stream is not None else torch.cuda.Stream(self.device)
         #: per item, bytes read straight into device memory (kvikio) and through staging (tests look)
         self.direct_items: set[int] = set()
+        self._writes_after: list[Any] = []  # events kvikio writes wait for on the host (order_after_current_stream)
+
+    def order_after_current_stream(self) -> None:
+        """Order this reader's later writes into device memory after the work queued so far on the calling
+        thread's current stream. Call it once a destination was allocated (or handed over) there: the caching
+        allocator gives a block freed on a stream to that stream's next allocation at once, while kernels
+        queued before may still use it, and a caller's ``out`` may still be read by its previous request."""
+        if not self.cuda:
+            return
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(self.device))
+        self.stream.wait_event(ev)  # staged copies run on the side stream
+        self._writes_after.append(ev)  # kvikio writes are not on a stream: waited for on the host
 
     # ------------------------------------------------------------------------------------------ fill
     def fill(self, layers: range, dest: torch.Tensor, count: int | None = None) -> tuple[list[bool], Any]:
@@ -90,6 +103,7 @@ class DeviceReader:
         Items past ``count`` or failed before are ``False`` and not read.
         """
         count = len(self.plan) if count is None else count
+        _check_layers(self.spec, layers)
         if not _rows_contiguous(dest) or dest.device != self.device:
             raise InvalidInput(f"destination must be a tensor on {self.device} whose [tokens, heads, dim] are "
                                "contiguous")
@@ -178,6 +192,9 @@ class DeviceReader:
         """kvikio reads into device memory, then each layer verified on a pinned host copy."""
         from kvfs import _pool
 
+        while idxs and self._writes_after:
+            self._writes_after.pop().synchronize()
+
         def one(i: int) -> bool:
             tier, h = self.reader.source(i)
             p = self.plan[i]
@@ -236,6 +253,10 @@ class DeviceReader:
             self.pool.close()
 
 
+def _check_layers(spec: Any, layers: range) -> None:
+    spec.check_layers(layers)
+
+
 def _rows_contiguous(t: torch.Tensor) -> bool:
     """``[..., tokens, heads, dim]`` with each plane's tokens contiguous (direct reads need it)."""
     return t.stride(-1) == 1 and t.stride(-2) == t.shape[-1] and t.stride(-3) == t.shape[-1] * t.shape[-2]
@@ -259,6 +280,7 @@ def load(ns: Any, tokens: Any, *, device: Any = "cpu", layers: range | None = No
     spec = ns.spec
     plan = ns.plan(as_tokens(tokens))
     layers = range(spec.num_layers) if layers is None else layers
+    _check_layers(spec, layers)
     total = plan[-1].end if plan else 0
     dev = as_device(device if out is None else out.device)
     shape = (len(layers),) + spec.chunk_shape(total)[1:]
@@ -277,6 +299,7 @@ def load(ns: Any, tokens: Any, *, device: Any = "cpu", layers: range | None = No
         return n, out[:, :, :n]
     reader = DeviceReader(ns, plan, dev, pool=pool, direct=direct)
     try:
+        reader.order_after_current_stream()  # out may still be in use by work queued on the caller's stream
         ok, ev = reader.fill(layers, dest)
         if ev is not None:
             torch.cuda.current_stream(dev).wait_event(ev)

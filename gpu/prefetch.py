@@ -131,6 +131,10 @@ class Prefetcher:
         elif self.max_layers == L and slot_pool is None:
             # one tensor for every layer, allocated on the caller's thread and stream
             self._all = empty((L,) + self.layer_shape, self.dtype, self.device)
+        if self._reader is not None:
+            # the loader's writes wait for the work the caller queued so far: it may still use out, or the
+            # memory the allocator just gave _all
+            self._reader.order_after_current_stream()
         if not self._done and start:
             self.start()
 
@@ -214,6 +218,8 @@ class Prefetcher:
                 if self._state[j] == _READY:
                     self.release_layer(j)
         with self._cond:
+            if self._closed:  # every buffer was dropped, loaded layers' too
+                raise PrefetchCancelled(f"prefetch of {self.num_tokens} tokens is closed; layer {i} is gone")
             while self._state[i] == _PENDING:
                 if self._closed or self._cancelled:
                     raise PrefetchCancelled(f"prefetch of {self.num_tokens} tokens was cancelled before layer {i} "
@@ -239,8 +245,8 @@ class Prefetcher:
             stream = torch.cuda.current_stream(self.device)
             if ev is not None:
                 stream.wait_event(ev)
-            if self._all is None:
-                slot.record_stream(stream)  # allocated on the loader's thread: keep it until this stream is done
+            if not self._caller_out:
+                slot.record_stream(stream)  # ours, allocated on another stream: kept until this stream is done
         return slot[:, :n]
 
     def release_layer(self, i: int) -> None:
@@ -250,23 +256,30 @@ class Prefetcher:
                 return
             self._state[i] = _RELEASED
             slot, self._slot[i] = self._slot[i], None
-            self._event[i] = None
+            copied, self._event[i] = self._event[i], None
             if slot is not None and self._all is None:
                 done = None
                 if self.device.type == "cuda":  # the caller's queued kernels may still read it
+                    stream = torch.cuda.current_stream(self.device)
+                    if copied is not None:  # a layer released unread: its copies must land before reuse
+                        stream.wait_event(copied)
                     done = torch.cuda.Event()
-                    done.record(torch.cuda.current_stream(self.device))
+                    done.record(stream)
                 self._free.append((slot, done))
                 self._cond.notify_all()
 
     def wait(self, timeout: float | None = None) -> int:
-        """Wait until every layer is loaded (or the prefetch stopped); returns ``valid_tokens``."""
+        """Wait until every layer is loaded; returns ``valid_tokens``. Raises :class:`PrefetchCancelled` if the
+        prefetch was cancelled or closed first, ``CacheMiss`` if its loader failed."""
         with self._cond:
             while not self._done and not self._cancelled and self._error is None:
                 if not self._cond.wait(timeout):
                     raise TimeoutError(f"prefetch not finished after {timeout} s ({self!r})")
         if self._error is not None and not self._done:
             raise CacheMiss(f"prefetch failed: {self._error}") from self._error
+        if not self._done:  # cancelled: the layers not loaded hold no KV
+            raise PrefetchCancelled(f"prefetch of {self.num_tokens} tokens was cancelled before every layer was "
+                                    "loaded")
         return self._valid
 
     def result(self) -> tuple[int, torch.Tensor]:
@@ -277,9 +290,12 @@ class Prefetcher:
                 return 0, torch.empty((len(self._state),) + self.layer_shape, dtype=self.dtype, device=self.device)
             raise InvalidInput("result() needs an unbounded prefetch (max_bytes=None) that is not closed")
         if self.device.type == "cuda":
+            stream = torch.cuda.current_stream(self.device)
             for ev in self._event:
                 if ev is not None:
-                    torch.cuda.current_stream(self.device).wait_event(ev)
+                    stream.wait_event(ev)
+            if not self._caller_out:
+                self._all.record_stream(stream)
         return n, self._all[:, :, :n]
 
     # ------------------------------------------------------------------------------------------ loader
@@ -296,7 +312,9 @@ class Prefetcher:
                 if self._allocated < self.max_layers:
                     self._allocated += 1
                     if self._slot_pool is None:
-                        return empty(self.layer_shape, self.dtype, self.device)
+                        slot = empty(self.layer_shape, self.dtype, self.device)
+                        self._reader.order_after_current_stream()  # allocated on this thread's stream
+                        return slot
                     slot = self._slot_pool.take(self.layer_shape, self.dtype)
                     self._pooled.append(slot)
                     return slot

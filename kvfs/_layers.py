@@ -131,6 +131,7 @@ class LayerReader:
             return self._read(layers, dests)
 
     def _read(self, layers: range, dests: Sequence[np.ndarray | None]) -> list[bool]:
+        self.spec.check_layers(layers)
         if len(dests) != len(self.plan):
             raise ValueError(f"{len(dests)} destinations for {len(self.plan)} chunks")
         ok = [False] * len(self.plan)

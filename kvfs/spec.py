@@ -213,6 +213,16 @@ class KVSpec:
     def chunk_shape(self, tokens: int) -> tuple[int, int, int, int, int]:
         return (self.num_layers, self.kv_planes, tokens, self.num_kv_heads, self.head_dim)
 
+    def check_layers(self, layers: Any) -> None:
+        """Refuse a ``layers`` argument a read cannot serve: reads take ``layers.start`` to ``layers.stop`` as one
+        byte range of each chunk, so anything but consecutive layers of this namespace is the caller's mistake,
+        refused before a read could take good chunks for truncated ones (and quarantine them)."""
+        if not isinstance(layers, range) or layers.step != 1:
+            raise InvalidInput(f"layers={layers!r}: give a range of consecutive layers (no step)")
+        if len(layers) and not 0 <= layers.start < layers.stop <= self.num_layers:
+            raise IndexError(f"layers {layers.start}..{layers.stop - 1} are out of range: the namespace has "
+                             f"{self.num_layers} layers")
+
     @property
     def bytes_per_token(self) -> int:
         """KV bytes one token takes over all layers (the capacity-planning number)."""

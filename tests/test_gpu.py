@@ -8,6 +8,8 @@ scatter/gather with device slot mappings.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -118,6 +120,54 @@ def test_prefetch_on_a_side_stream_orders_the_consumer(url):
             consumer.synchronize()
             for i in range(L):
                 assert torch.equal(outs[i].cpu(), kv[i])
+
+
+def test_writes_into_device_memory_wait_for_the_callers_queued_work(url):
+    """A caller's stream that still uses ``out`` (a previous request's kernels) when a load or prefetch into it
+    starts: the side-stream copies and kvikio writes land after that work, not under it."""
+    with kvfs.open(url) as store:
+        ns = store.namespace(SPEC)
+        kv = _kv(3 * C, seed=6)
+        ns.put(_toks(3 * C), kv)
+        out = torch.empty((L,) + SPEC.chunk_shape(3 * C)[1:], dtype=torch.bfloat16, device="cuda")
+        caller = torch.cuda.Stream()
+        with torch.cuda.stream(caller):
+            torch.cuda._sleep(200_000_000)  # the caller's stream is busy for a while ...
+            out.fill_(7)  # ... then the last use of out by its previous request
+            n, got = load(ns, _toks(3 * C), out=out)
+            assert n == 3 * C and torch.equal(got.cpu(), kv)
+            torch.cuda._sleep(200_000_000)
+            out.fill_(7)
+            with ns.prefetch(_toks(3 * C), out=out) as pf:  # layer 0 staged, later ones direct on file://
+                n, got = pf.result()
+                assert n == 3 * C and torch.equal(got.cpu(), kv)
+        assert ns.lookup(_toks(3 * C)) == 3 * C  # nothing was taken for corrupt
+
+
+def test_a_layer_released_unread_is_not_overwritten_by_its_own_late_copy(tmp_path):
+    """Bounded prefetch, one buffer: layer 0 (staged, its copy still queued on the side stream) is released
+    without being read, and its buffer is reused for layer 1 (a kvikio write): the late copy of layer 0 must
+    land first, or it overwrites layer 1 and the chunk is quarantined as corrupt although it is intact."""
+    if not _kvikio_usable():
+        pytest.skip("kvikio is not installed or not usable here")
+    with kvfs.open(f"file://{tmp_path}/files") as store:
+        ns = store.namespace(SPEC)
+        kv = _kv(2 * C, seed=7)
+        ns.put(_toks(2 * C), kv)
+        layer_bytes = 2 * C * SPEC.bytes_per_token // L
+        with ns.prefetch(_toks(2 * C), device="cuda", max_bytes=layer_bytes, start=False) as pf:
+            with torch.cuda.stream(pf._reader.stream):
+                torch.cuda._sleep(200_000_000)  # the side stream is busy: layer 0's copy waits behind this
+            pf.start()
+            deadline = time.monotonic() + 10
+            while pf._state[0] == 0 and time.monotonic() < deadline:  # layer 0 queued, not read by anyone
+                time.sleep(0.001)
+            k, v = pf.wait_layer(1, release_previous=True)
+            assert torch.equal(torch.stack([k, v]).cpu(), kv[1])
+            for i in range(2, L):
+                pf.wait_layer(i, release_previous=True)
+            assert pf.valid_tokens == 2 * C
+        assert ns.lookup(_toks(2 * C)) == 2 * C
 
 
 def test_bounded_prefetch_on_device_reuses_buffers():

@@ -244,6 +244,26 @@ def test_bfloat16_model(tmp_path):
     torch.testing.assert_close(warm.logits, full, atol=0.05, rtol=0.05)
 
 
+def test_multi_query_falcon_stores_its_one_kv_head(tmp_path):
+    """Falcon's multi-query attention caches one KV head, which its config says only through ``multi_query``
+    (``num_kv_heads`` keeps the query head count): the namespace must have one head, or nothing is stored."""
+    from transformers import FalconConfig, FalconForCausalLM
+
+    cfg = FalconConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, multi_query=True,
+                       new_decoder_architecture=False, bos_token_id=None, eos_token_id=None)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        falcon = FalconForCausalLM(cfg).eval()
+    falcon.generation_config.eos_token_id = falcon.generation_config.pad_token_id = None
+    assert kv_spec(falcon, model_name="me/falcon").num_kv_heads == 1
+    prompt = CONTEXT + QUESTIONS[0]
+    with CachedLM(falcon, f"lmdb://{tmp_path}/s", model_name="me/falcon", chunk_tokens=CHUNK) as lm:
+        cold = lm.generate(prompt, 6)
+        warm = lm.generate(prompt, 6)
+    assert cold.stored_chunks == 5 and warm.prefill.reused == len(prompt) - 1
+    assert cold.tokens == warm.tokens == reference(falcon, prompt, 6)
+
+
 def test_models_without_a_name_or_with_sliding_windows_are_refused(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig
 
@@ -257,6 +277,13 @@ def test_models_without_a_name_or_with_sliding_windows_are_refused(tmp_path):
     sliding._name_or_path = "me/mistral"
     with pytest.raises(kvfs.InvalidInput, match="full-attention"):
         kv_spec(sliding)
+    from transformers import DeepseekV3Config
+
+    mla = DeepseekV3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                           v_head_dim=12, n_routed_experts=2, num_experts_per_tok=1)
+    with pytest.raises(kvfs.InvalidInput, match="latent attention"):  # K and V of other sizes: not one tensor
+        kv_spec(mla, model_name="me/deepseek")
     with CachedLM(anon, f"lmdb://{tmp_path}/s", model_name="me/anon") as lm:
         with pytest.raises(kvfs.InvalidInput, match="one prompt at a time"):
             lm.prefill(torch.zeros((2, 4), dtype=torch.long))

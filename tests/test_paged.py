@@ -218,6 +218,23 @@ def test_fp8_and_float32_caches():
                            kv.view(torch.uint8 if dtype != torch.float32 else torch.float32))
 
 
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_fp8_gather_with_padded_slots(dtype):
+    """vLLM pads slot mappings with -1 and runs fp8 KV caches: the skipped tokens stay as they were."""
+    cache = [torch.randn(2, 6, 4, H, D).to(dtype) for _ in range(L)]
+    kv = torch.randn(L, 2, 7, H, D).to(dtype)
+    slots = torch.tensor([5, -1, 9, 0, -1, 23, 12])
+    scatter(kv, cache, slots, layout="flash")
+    keep = slots >= 0
+    got = gather(cache, slots, layout="flash")
+    assert torch.equal(got[:, :, keep].view(torch.uint8), kv[:, :, keep].view(torch.uint8))
+    assert not got[:, :, ~keep].view(torch.uint8).any()
+    out = torch.full_like(kv.view(torch.uint8), 3).view(dtype)
+    gather(cache, slots, layout="flash", layer=2, out=out[2])
+    assert torch.equal(out[2][:, keep].view(torch.uint8), kv[2][:, keep].view(torch.uint8))
+    assert (out[2][:, ~keep].view(torch.uint8) == 3).all()
+
+
 def test_empty_mapping_is_a_no_op():
     cache = _alloc("flash", 4, 4)
     pc = PagedCache(cache, "flash")

@@ -96,6 +96,23 @@ def test_load_returns_exactly_the_stored_prefix(url):
         assert load(ns, _toks(10, base=5000))[0] == 0
 
 
+def test_a_layer_range_load_cannot_read_is_refused_and_destroys_nothing(url):
+    """Layers past the model's, or a range with a step, are the caller's mistake: an error before any read,
+    never good chunks quarantined as truncated, never layers 0 and 1 handed out as layers 0 and 2."""
+    with kvfs.open(url) as store:
+        ns = store.namespace(SPEC)
+        kv = _kv(2 * C + 5, seed=3)
+        ns.put(_toks(2 * C + 5), kv)
+        for bad in (range(2, L + 2), range(-1, 2)):
+            with pytest.raises(IndexError, match="out of range"):
+                load(ns, _toks(2 * C + 5), layers=bad)
+        with pytest.raises(InvalidInput, match="step"):
+            load(ns, _toks(2 * C + 5), layers=range(0, L, 2))
+        assert ns.lookup(_toks(2 * C + 5)) == 2 * C + 5 and not store.catalog.quarantined()
+        n, some = load(ns, _toks(2 * C + 5), layers=range(L - 2, L))
+        assert n == 2 * C + 5 and torch.equal(some, kv[L - 2 :])
+
+
 def test_cpu_load_reads_into_the_callers_memory():
     with kvfs.open("memory://zero-copy") as store:
         ns = store.namespace(SPEC)
@@ -283,6 +300,30 @@ def test_cancel_and_close_free_the_buffers(monkeypatch):
         assert buf() is None  # the layer tensor itself is gone
         with pytest.raises(PrefetchCancelled):
             pf.wait_layer(L - 1)
+
+
+def test_a_cancelled_prefetch_never_hands_out_layers_it_did_not_load(monkeypatch):
+    """wait() and result() on a prefetch cancelled before its last layer raise: the layers not loaded are
+    uninitialized memory, never KV; after close() even a loaded layer's wait raises (its buffer is gone)."""
+    with kvfs.open("memory://cancel-result") as store:
+        ns = store.namespace(SPEC)
+        ns.put(_toks(4 * C), _kv(4 * C))
+        pf = ns.prefetch(_toks(4 * C), start=False)  # nothing loaded yet
+        pf.cancel()
+        with pytest.raises(PrefetchCancelled):
+            pf.wait()
+        with pytest.raises(PrefetchCancelled):
+            pf.result()
+        pf.close()
+        _slow(store, 0.2, monkeypatch)
+        with ns.prefetch(_toks(4 * C)) as pf:
+            pf.wait_layer(0)
+            pf.cancel()  # layer 0 is loaded; the last layer will not be
+            with pytest.raises(PrefetchCancelled):
+                pf.result()
+            assert pf.wait_layer(0)[0].shape[0] == 4 * C  # what is loaded stays readable until close
+        with pytest.raises(PrefetchCancelled):
+            pf.wait_layer(0)
 
 
 def test_bounded_prefetch_holds_at_most_max_bytes(monkeypatch):
