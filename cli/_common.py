@@ -103,14 +103,17 @@ def refuse_missing_store(url: str, command: str, hint: str) -> None:
 
 
 def open_store(url: str | None = None, *, read_only: bool = False, create: bool = False,
-               signing_key: bytes | None = None, unsigned: bool = False):
+               signing_key: bytes | None = None, unsigned: bool = False, hint: str = "check --url or $KVFS_URL"):
     """Open a store for the running command; it is closed (and flushed) when the command ends.
 
     ``url=None`` is the global ``--url`` (``$KVFS_URL``, else the embedded
     default). A local tier whose directory does not exist is an error unless
     ``create`` or the URL is the embedded default: a mistyped path must not
-    silently become a new, empty store.
+    silently become a new, empty store. ``hint``: where the URL came from, for
+    errors (``kvfs cp`` takes its URLs as arguments, not from ``--url``).
     """
+    from kvfs.errors import InvalidURL
+
     ctx = click.get_current_context()
     explicit = True
     if url is None:
@@ -120,13 +123,15 @@ def open_store(url: str | None = None, *, read_only: bool = False, create: bool 
 
         explicit = bool(os.environ.get("KVFS_URL", "").strip())
         url = default_url()
-    if explicit and not create:
-        refuse_missing_store(url, ctx.command_path, "check --url or $KVFS_URL")
     from kvfs.store import Store
 
     try:
+        if explicit and not create:
+            refuse_missing_store(url, ctx.command_path, hint)
         # unsigned: no signatures required (checksums still apply)
         store = Store(url, read_only=read_only, signing_key=False if unsigned else signing_key)
+    except InvalidURL as e:
+        raise CommandError(f"bad store URL: {e} ({hint})", EXIT_USAGE, ctx.command_path) from None
     except TypeError as e:  # a backend given an option it does not take
         from kvfs.url import parse_url
 

@@ -27,17 +27,36 @@ def verify(path: str, quarantine: bool, as_json: bool) -> None:
     with progress(total, "verifying") as update:
         results = store.verify_chunks(path, quarantine=quarantine, progress=update)
     bad = [r for r in results if not r["ok"]]
+    # only copies that were read and failed their checks are quarantined: not a copy gone from its tier or one
+    # that could not be read (nothing to remove, or nothing known to be wrong with it), nor one in a newer format
+    # or without a valid signature for this node's key (other nodes may read it)
+    kinds = [r["problem"] for r in bad]
+    corrupt, gone, unread = kinds.count("corrupt"), kinds.count("missing"), kinds.count("io")
+    unsigned, newer = kinds.count("unsigned"), kinds.count("newer")
     if as_json:
         echo_json({"path": path.strip("/"), "checked": len(results), "failed": len(bad),
-                   "quarantined": quarantine and bool(bad), "results": results})
+                   "quarantined": quarantine and corrupt > 0, "results": results})
     else:
         if bad:
             table(["TIER", "PATH", "PROBLEM"], [[r["tier"].split("?", 1)[0], r["path"], r["error"]] for r in bad])
         click.echo(f"checked {len(results)} cop{'y' if len(results) == 1 else 'ies'} of {len(recs)} chunk(s) "
                    f"({size(sum(r.size for r in recs))}): {len(results) - len(bad)} ok, {len(bad)} failed"
-                   + ("; failed copies quarantined" if quarantine and bad else ""))
+                   + (f"; {corrupt} failing cop{'y' if corrupt == 1 else 'ies'} quarantined"
+                      if quarantine and corrupt else ""))
     if bad:
-        hint = "" if quarantine else " (run with --quarantine to remove them)"
+        hints = []
+        if corrupt and not quarantine:
+            hints.append("run with --quarantine to remove the failing copies")
+        if gone:
+            hints.append(f"{gone} missing from their tier: run `kvfs fsck` to drop them from the catalog")
+        if unread:
+            hints.append(f"{unread} could not be read: check the tier and run `kvfs verify` again")
+        if unsigned:
+            hints.append(f"{unsigned} without a valid signature for this node's key, left in place: if that is "
+                         "every chunk, $KVFS_SIGNING_KEY is not the key they were written with")
+        if newer:
+            hints.append(f"{newer} in a newer chunk format, left in place: upgrade kvfs to read them")
+        hint = f" ({'; '.join(hints)})" if hints else ""
         raise CommandError(f"{len(bad)} cop{'y' if len(bad) == 1 else 'ies'} failed verification{hint}", 1,
                            "kvfs verify")
 
@@ -75,6 +94,11 @@ def fsck(verify: bool, dry_run: bool, as_json: bool) -> None:
         if report.newer:
             warn(f"kvfs fsck: {len(report.newer)} chunk(s) in a newer chunk format than this kvfs reads were left "
                  f"alone (a newer kvfs reads them; upgrade to use them here; first: {report.newer[0]})")
+        if report.unsigned:
+            warn(f"kvfs fsck: {len(report.unsigned)} chunk(s) without a valid signature for this node's key were left "
+                 f"alone and are not in the catalog (unsigned, another deployment's key, or altered; first: "
+                 f"{report.unsigned[0]}); if that is every chunk, $KVFS_SIGNING_KEY is not the key they were "
+                 "written with")
         if report.unmanifested:
             nss = sorted({k.split(":", 1)[1].rsplit("/", 2)[0] for k in report.unmanifested})
             warn(f"kvfs fsck: {len(report.unmanifested)} chunk(s) in {len(nss)} namespace(s) with no manifest.json in "

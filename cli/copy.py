@@ -54,11 +54,16 @@ def cp(src_url: str, dst_url: str, path: str, source_key_file: str | None, sourc
         except OSError as e:
             raise CommandError(f"cannot read --source-key-file {source_key_file}: {e.strerror}", 2,
                                "kvfs cp") from None
-    src = open_store(src_url, read_only=True, signing_key=src_key, unsigned=source_unsigned)
-    dst = open_store(dst_url, create=True)
-    if path.strip("/"):
-        src.stat(path)  # NotFound when the source has nothing there
+    src = open_store(src_url, read_only=True, signing_key=src_key, unsigned=source_unsigned, hint="check SRC_URL")
+    if path.strip("/") and src.stat(path).kind == "manifest":  # NotFound when the source has nothing there
+        ns = path.strip().strip("/").rsplit("/", 1)[0]
+        raise CommandError(f"{path.strip()} is a manifest, not a chunk: copy the namespace ({ns}); its "
+                           "manifest.json goes along with its chunks", 1, "kvfs cp")
     recs = src.records(path)
+    if not recs and not path.strip("/"):
+        warn("kvfs cp: the source's catalog is empty: nothing to copy (if another node wrote the source, run "
+             "`kvfs --url SRC_URL fsck` first to rebuild this node's catalog of it)")
+    dst = open_store(dst_url, create=True, hint="check DST_URL")
     manifests: dict[str, bytes] = {}
     for ns in sorted({r.namespace for r in recs}):
         try:

@@ -30,6 +30,8 @@ def ls(path: str, long: bool, recursive: bool, as_json: bool) -> None:
     nothing lists the models.
     """
     store = open_store(read_only=True)
+    if recursive and path.strip().strip("/"):
+        store.stat(path)  # a path that is not there is an error, as without -R, not an empty listing
     entries = store.ls(path, recursive=recursive)
     if as_json:
         echo_json({"url": store.redacted_url, "path": path.strip("/"), "entries": [e.to_dict() for e in entries]})
@@ -74,6 +76,14 @@ def stat(path: str, verify: bool, as_json: bool) -> None:
     For a namespace: its manifest (the KV configuration) and totals.
     """
     store = open_store(read_only=True)
+    if verify:
+        kind = store.stat(path).kind
+        if kind != "chunk":  # nothing would be read: exit 0 would vouch for chunks never checked
+            target = path.strip().strip("/")
+            if kind == "manifest":
+                target = target.rsplit("/", 1)[0]
+            raise click.UsageError(f"--verify checks one chunk, and {path.strip() or '/'} is a {kind}: "
+                                   f"`kvfs verify{' ' + target if target else ''}` checks the chunks there")
     info = store.info(path, verify=verify)
     failed = str(info.get("checksum", "")).startswith("failed")
     if as_json:

@@ -58,9 +58,25 @@ def _targets(store, paths: tuple[str, ...], tokens_file: str | None, ns_path: st
     if not out:
         raise click.UsageError("give chunk or directory paths, or --tokens-file with --namespace")
     _no_root(paths, command)
-    for p in paths:
-        store.stat(p)  # a path that is not there is an error
+    _check_paths(store, paths, command)
     return out, note
+
+
+def _check_paths(store, paths, command: str) -> None:
+    """A path that is not there is an error; so is a manifest, which holds no chunks to act on (not a silent
+    "0 chunk(s)")."""
+    for p in paths:
+        if store.stat(p).kind == "manifest":
+            ns = p.strip().strip("/").rsplit("/", 1)[0]
+            raise CommandError(f"{p.strip()} is the manifest of namespace {ns}, not a chunk; give {ns} to {command} "
+                               "the namespace's chunks", 1, f"kvfs {command}")
+
+
+def _outermost(paths: list[str]) -> list[str]:
+    """``paths`` without repeats and without paths inside another one given (``NS`` and ``NS/hh/x.safetensors``,
+    ``NS`` and ``NS/``): each chunk is pinned or unpinned once, and counted once."""
+    parts = {tuple(q for q in p.strip().strip("/").split("/") if q): p for p in paths}
+    return [p for k, p in parts.items() if not any(k[:i] in parts for i in range(len(k)))]
 
 
 @click.command()
@@ -75,7 +91,7 @@ def pin(paths: tuple[str, ...], tokens_file: str | None, ns_path: str | None) ->
     """
     store = open_store()
     targets, note = _targets(store, paths, tokens_file, ns_path, "pin")
-    n = sum(store.pin(p) for p in dict.fromkeys(targets))
+    n = sum(store.pin(p) for p in _outermost(targets))
     click.echo(f"pinned {n} chunk(s){note}")
 
 
@@ -88,7 +104,7 @@ def unpin(paths: tuple[str, ...], tokens_file: str | None, ns_path: str | None, 
     """Remove a pin from chunks (a chunk, a directory, or a prompt's chunks)."""
     store = open_store()
     targets, note = _targets(store, paths, tokens_file, ns_path, "unpin")
-    n = sum(store.unpin(p, all_pins=reset) for p in dict.fromkeys(targets))
+    n = sum(store.unpin(p, all_pins=reset) for p in _outermost(targets))
     click.echo(f"unpinned {n} chunk(s){note}")
 
 
@@ -116,8 +132,7 @@ def evict(paths: tuple[str, ...], all_: bool, to_size: int | None, older_than: f
         raise click.UsageError("say what to evict: PATH..., --all, --to-size SIZE or --older-than DURATION")
     _no_root(paths, "evict")
     store = open_store(read_only=dry_run)
-    for p in paths:
-        store.stat(p)
+    _check_paths(store, paths, "evict")
     plan = store.evict(paths, all=all_, to_size=to_size, older_than=older_than, force=force, dry_run=True,
                        tier=tier)
     refused = list(plan.refused)

@@ -130,7 +130,7 @@ class LayerSaver:
         self.num_tokens = len(toks)
         keys = ns.keys(toks)
         recs = store._records(keys)
-        todo = [i for i, r in enumerate(recs) if r is None or not r.tiers & store.mask]
+        todo = [i for i, r in enumerate(recs) if not store._held_bits(r)]
         if todo:
             found = store._exists_anywhere([keys[i] for i in todo], lambda k: toks[k.start : k.end])
             todo = [i for i, f in zip(todo, found) if not f]
@@ -207,7 +207,7 @@ class LayerSaver:
         entries = []
         recs = store._records(self.keys)
         for b, rec in zip(self._builders, recs):
-            if rec is not None and rec.tiers & store.mask:
+            if store._held_bits(rec):
                 continue  # someone stored it meanwhile
             buf = b.finish()
             entries.append((store._record_for(b.key, b.tokens, len(buf)), None if b.key.segment else b.tokens,

@@ -29,6 +29,7 @@ _LAZY = {
     "CacheMiss": ("kvfs.errors", "CacheMiss"),
     "ChunkFormatError": ("kvfs.errors", "ChunkFormatError"),
     "IntegrityError": ("kvfs.errors", "IntegrityError"),
+    "SignatureError": ("kvfs.errors", "SignatureError"),
     "InvalidURL": ("kvfs.errors", "InvalidURL"),
     "InvalidInput": ("kvfs.errors", "InvalidInput"),
     "StoreError": ("kvfs.errors", "StoreError"),
@@ -42,7 +43,7 @@ __all__ = sorted(_LAZY) + ["__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .errors import (CacheMiss, ChunkFormatError, IntegrityError, InvalidInput, InvalidURL, KVFSError,
-                         NotFound, PinnedError, StoreError)
+                         NotFound, PinnedError, SignatureError, StoreError)
     from .keys import ChunkKey
     from .namespace import Namespace, PlanItem
     from .spec import KVSpec

@@ -30,6 +30,12 @@ class IntegrityError(ChunkFormatError):
     """A chunk whose checksum, signature, tokens, key or namespace do not match."""
 
 
+class SignatureError(IntegrityError):
+    """A well-formed chunk without a valid signature for this store's deployment key: unsigned, signed with
+    another key, or altered. A miss, never deleted: a node given the wrong key must not wipe a shared bucket
+    (storing the same chunk again replaces it)."""
+
+
 class UnsupportedVersion(ChunkFormatError):
     """A chunk written in a newer format than this kvfs reads: a miss, never deleted (newer nodes use it)."""
 

@@ -179,7 +179,7 @@ class Namespace:
         store = self.store
         store._check_writable()
         recs = store._records(keys)
-        todo = [i for i, r in enumerate(recs) if r is None or not r.tiers & store.mask]
+        todo = [i for i, r in enumerate(recs) if not store._held_bits(r)]
         if todo:
             found = store._exists_anywhere([keys[i] for i in todo], lambda k: toks[k.start : k.end])
             todo = [i for i, f in zip(todo, found) if not f]
@@ -216,7 +216,7 @@ class Namespace:
         keys = chunk_keys(spec.seed, self.path, toks, spec.chunk_tokens)
         recs = self.store._records(keys)
         n = 0
-        while n < len(keys) and recs[n] is not None and recs[n].tiers & self.store.mask:
+        while n < len(keys) and self.store._held_bits(recs[n]):
             n += 1
         if n < len(keys):
             n += self.store._probe(keys[n:], lambda k: toks[k.start : k.end])
@@ -229,7 +229,7 @@ class Namespace:
             cands = self.store.catalog.children(self.path, parent.hex if parent else "", int(rest[0]))
             held = self.store.catalog.get_many([f"{self.path}/{h}" for h, _ in cands])
             for (hexd, ctoks), rec in zip(cands, held):
-                if rec is None or not rec.tiers & self.store.mask:
+                if not self.store._held_bits(rec):
                     continue
                 cp = common_prefix_length(ctoks, rest[: len(ctoks)])
                 if cp and (best is None or cp > best[0]):
@@ -246,7 +246,8 @@ class Namespace:
         self.store._check_open()
         toks = as_tokens(tokens)
         digests = chain(self.spec.seed, toks, self.spec.chunk_tokens)
-        if self.store.catalog.count_present(self.path, digests, self.store.mask) == len(digests):
+        if self.store.catalog.count_present(self.path, digests, self.store.mask) == len(digests) \
+                and not self.store._unsigned:
             return len(toks)  # every chunk is known: the common case needs no objects and no probing
         return sum(p.take for p in self.plan(toks))
 
@@ -288,6 +289,7 @@ class Namespace:
         """Read planned chunks into ``dest`` (raw-typed ``[layers, planes, tokens, heads, dim]``, token
         axis covering the plan from 0). Returns, per plan item, whether it was read and verified."""
         layers = range(self.spec.num_layers) if layers is None else layers
+        self.spec.check_layers(layers)
         base = plan[0].start if plan else 0
         items = [
             ReadItem(p.key, p.take, dest[:, :, p.start - base : p.end - base], layers, p.tokens, p.whole)
@@ -332,7 +334,7 @@ class Namespace:
     def has_segment(self, tokens: Any) -> bool:
         keys = self.segment_keys(tokens)
         recs = self.store._records(keys)
-        if all(r is not None and r.tiers & self.store.mask for r in recs):
+        if all(self.store._held_bits(r) for r in recs):
             return True
         return all(self.store._exists_anywhere(keys, lambda k: None))
 

@@ -7,7 +7,9 @@ With a deployment key (``signing_key=``, ``$KVFS_SIGNING_KEY`` or
 metadata includes the layer digests, so the signature authenticates every
 byte, and a single layer read on its own is checked against its signed
 digest. Every chunk read must carry a valid signature: unsigned, wrongly
-signed or altered chunks are misses. Without a key, checksums still catch corruption,
+signed or altered chunks are misses (:class:`~kvfs.errors.SignatureError`),
+left in place, so that a node given the wrong key does not delete every chunk
+it reads from a shared bucket; storing the chunk again replaces it. Without a key, checksums still catch corruption,
 but anyone who can write the storage can plant KV (see docs/reliability.md).
 """
 
@@ -17,7 +19,7 @@ import hashlib
 import hmac
 import os
 
-from .errors import IntegrityError, InvalidInput
+from .errors import InvalidInput, SignatureError
 
 PREFIX = "b2mac:"
 
@@ -67,8 +69,8 @@ class Signer:
         sig = header.metadata.get("signature")
         where = f" {path}" if path else ""
         if not sig:
-            raise IntegrityError(f"chunk{where} is not signed, and this store requires signatures")
+            raise SignatureError(f"chunk{where} is not signed, and this store requires signatures")
         if header.layer_digests is None and header.shape[0]:
-            raise IntegrityError(f"chunk{where} is signed without layer digests: not a valid signed chunk")
+            raise SignatureError(f"chunk{where} is signed without layer digests: not a valid signed chunk")
         if not hmac.compare_digest(sig, self._mac(_canonical_meta(header.metadata))):
-            raise IntegrityError(f"chunk{where} has a wrong signature: not written with this deployment's key")
+            raise SignatureError(f"chunk{where} has a wrong signature: not written with this deployment's key")

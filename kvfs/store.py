@@ -10,6 +10,7 @@ quarantine, never data.
 
 from __future__ import annotations
 
+import collections
 import errno
 import hashlib
 import json
@@ -46,6 +47,7 @@ from .errors import (
     KVFSError,
     ForeignChunk,
     IntegrityError,
+    SignatureError,
     UnsupportedVersion,
     InvalidInput,
     InvalidURL,
@@ -67,6 +69,7 @@ DEFAULT_WRITEBACK_BYTES = 1 << 30
 HEADER_PROBE = 4096
 CLOSE_WAIT_S = 30.0  # how long close() waits for reads in flight
 RESYNC_INTERVAL_S = 60.0  # copies owed to a tier that came back are queued again at most this often
+UNSIGNED_REMEMBERED = 65536  # chunks without a valid signature a store remembers (to replace them on put)
 ROOM_WAIT_S = 30.0  # how long a write waits for room held by other writes in flight in a full tier
 PENDING_BATCH_BYTES = 256 << 20  # puts written straight from the caller's KV: bytes a batch
 DIRECT_READ_BYTES = 2 << 20  # direct reads: bytes read per call, then hashed while in cache
@@ -147,6 +150,8 @@ class FsckReport:
     orphans: list[str] = field(default_factory=list)  # keys that are neither chunks nor manifests
     newer: list[str] = field(default_factory=list)  # chunks in a newer format (kept: a newer kvfs reads them)
     unmanifested: list[str] = field(default_factory=list)  # chunks in a namespace no manifest.json describes
+    #: chunks without a valid signature for a signing store's key (kept: other nodes may hold that key)
+    unsigned: list[str] = field(default_factory=list)
     size_fixed: int = 0
 
     @property
@@ -165,6 +170,7 @@ class FsckReport:
             "orphans": self.orphans,
             "newer": self.newer,
             "unmanifested": self.unmanifested,
+            "unsigned": self.unsigned,
             "size_fixed": self.size_fixed,
         }
 
@@ -300,6 +306,9 @@ class Store:
         self.verify = verify
         self._closed = False
         self._warned: set[str] = set()
+        #: chunks found without a valid signature for this store's key (left in place, see _quarantine) -> the
+        #: tiers' bits: lookups and puts treat them as absent there, so that storing them again replaces them
+        self._unsigned: collections.OrderedDict[str, int] = collections.OrderedDict()
         self._lock = threading.RLock()
         self._evict_lock = threading.Lock()
         #: room made in a tier with a capacity for a write still in flight is reserved in the catalog (per
@@ -630,6 +639,16 @@ class Store:
             window *= 4
         return found_n
 
+    def _held_bits(self, rec: ChunkRecord | None) -> int:
+        """The tiers of this store holding a chunk it can serve, by its catalog record (not those where it was
+        found without a valid signature for this store's key)."""
+        if rec is None:
+            return 0
+        bits = rec.tiers & self.mask
+        if self._unsigned and bits:
+            bits &= ~self._unsigned.get(rec.path, 0)
+        return bits
+
     def _exists_anywhere(self, keys: Sequence[ChunkKey], tokens_of) -> list[bool]:
         """Whether some tier holds each key (one batched query per tier); found ones enter the catalog."""
         masks = [0] * len(keys)
@@ -643,7 +662,7 @@ class Store:
                 self._warn_once(f"probe:{t.index}", f"kvfs: cannot query {t.url.redacted()}: {e}")
                 continue
             for i, ok in zip(todo, exists):
-                if ok:
+                if ok and not (self._unsigned and self._unsigned.get(keys[i].path, 0) & t.bit):
                     masks[i] |= 1 << t.index
         now = time.time()
         for k, m in zip(keys, masks):
@@ -1091,6 +1110,10 @@ class Store:
         owed = 0
         for ti in rest:
             owed |= self.tiers[ti].bit
+        if self._unsigned:
+            with self._lock:
+                for _, _, path, _ in entries:  # replaced by a chunk signed with this store's key
+                    self._unsigned.pop(path, None)
         room = reservation[0] if reservation and tier.capacity is not None else 0
         self.catalog.add([(rec, toks) for rec, toks, _, _ in entries], tier.slot, owed, room=room)
         if room:
@@ -1246,6 +1269,21 @@ class Store:
             self._warn_once(f"v:{path}", f"kvfs: chunk {path} in {tier.url.redacted()} is in a newer format "
                                          f"({reason}); treated as a miss and left in place")
             return False
+        if isinstance(reason, SignatureError):
+            # a miss, never deleted: the chunk may be good for the nodes that wrote it (a node given another key
+            # would otherwise delete every chunk it reads from a shared bucket). It stays in the catalog (space,
+            # eviction, ls); this store's lookups no longer count it and a put of the same chunk replaces it
+            self._warn_once(f"sig:{tier.index}", f"kvfs: chunk {path} in {tier.url.redacted()} has no valid "
+                            f"signature for this store's key ({reason}); treated as a miss and left in place (a "
+                            "put of the same tokens replaces it). If every chunk fails so, this node's signing key "
+                            "is not the one the chunks were written with: check $KVFS_SIGNING_KEY")
+            log.debug("kvfs: chunk %s in %s: %s", path, tier.url.redacted(), reason)
+            with self._lock:
+                self._unsigned[path] = self._unsigned.get(path, 0) | tier.bit
+                self._unsigned.move_to_end(path)
+                while len(self._unsigned) > UNSIGNED_REMEMBERED:
+                    self._unsigned.popitem(last=False)
+            return False
         reason = str(reason)
         if self.read_only:
             self._warn_once(f"q:{path}", f"kvfs: chunk {path} in {tier.url.redacted()} failed its checks "
@@ -1316,14 +1354,17 @@ class Store:
         self._check_open()
         parts = self._split(path)
         if recursive:
-            if len(parts) == 4:
+            if len(parts) == 4 or len(parts) == 3 and parts[2] == MANIFEST_NAME:
                 return [self.stat(path)]
-            out = [self._entry(r) for r in self.records(path)]
-            nss = {r.namespace for r in self.records(path)} | {
-                n for n in self.catalog.namespaces() if n.startswith("/".join(parts))
-            }
-            out += [Entry(f"{n}/{MANIFEST_NAME}", "manifest", len(self.catalog.manifest(n) or b""))
-                    for n in sorted(nss) if self.catalog.manifest(n) is not None]
+            recs = self.records(path)
+            out = [self._entry(r) for r in recs]
+            if len(parts) <= 2:  # manifests live in namespaces, not in shards
+                under = "/".join(parts)
+                nss = {r.namespace for r in recs} | {
+                    n for n in self.catalog.namespaces() if not under or n == under or n.startswith(under + "/")
+                }
+                out += [Entry(f"{n}/{MANIFEST_NAME}", "manifest", len(self.catalog.manifest(n) or b""))
+                        for n in sorted(nss) if self.catalog.manifest(n) is not None]
             return sorted(out, key=lambda e: e.path)
         if len(parts) == 0:
             groups: dict[str, list[ChunkRecord]] = {}
@@ -1493,7 +1534,7 @@ class Store:
                 self._quarantine(t, path, e)
                 if failure is None:
                     # what the caller is told when no tier has a good copy: the reason, not "no such chunk"
-                    kept = self.read_only or isinstance(e, UnsupportedVersion)
+                    kept = self.read_only or isinstance(e, (UnsupportedVersion, SignatureError))
                     failure = type(e)(f"{path} in {t.url.redacted()} failed its checks: {e}"
                                       + ("" if kept else " (quarantined)"))
                 continue
@@ -1574,7 +1615,7 @@ class Store:
         resigning = resign and self.signer is not None
         header = self.validate_chunk(data, path, spec, check_signature=not resigning)
         rec = self.catalog.get(key_of_path("/".join(parts)))
-        if rec is not None and rec.tiers & self.mask:
+        if self._held_bits(rec):
             return False
         if resigning:
             try:
@@ -1734,6 +1775,7 @@ class Store:
         known = {r.key: r for r in self.catalog.scan()}
         present: dict[str, int] = {}
         info: dict[str, tuple[ChunkHeader, int]] = {}
+        failed: dict[str, int] = {}  # catalog key -> tiers whose copy was reported failing (not stale as well)
         listings: list[tuple[Tier, list[str]]] = []
         for t in self.tiers:
             try:
@@ -1789,11 +1831,19 @@ class Store:
                     problem = ("foreign", e)
                 except UnsupportedVersion as e:
                     problem = ("newer", e)
+                except SignatureError as e:
+                    # well formed, only not signed with this store's key: left in place and kept in the catalog
+                    # (space, eviction), never served here
+                    report.unsigned.append(f"{t.index}:{k}")
+                    self._quarantine(t, k, e)
+                    header, size = parse_header(memoryview(bytes(data))), len(data)
                 except ChunkFormatError as e:
                     problem = ("corrupt", e)
                 if problem is not None:
                     {"foreign": report.foreign, "newer": report.newer, "corrupt": report.corrupt}[problem[0]].append(
                         f"{t.index}:{k}")
+                    if problem[0] != "newer":  # (quarantined with repair: reported once, as what it is)
+                        failed[key_of_path(k)] = failed.get(key_of_path(k), 0) | t.bit
                     if repair:
                         self._quarantine(t, k, problem[1])
                     continue
@@ -1822,7 +1872,7 @@ class Store:
             if rec.size != size:
                 self.catalog.set_size(ck, size)
         for ck, rec in known.items():
-            stale_bits = rec.tiers & ~present.get(ck, 0)
+            stale_bits = rec.tiers & ~present.get(ck, 0) & ~failed.get(ck, 0)
             own = sum(t.bit for t in self.tiers)
             stale_bits &= own
             if stale_bits:
@@ -1849,7 +1899,10 @@ class Store:
     def verify_chunks(self, path: str = "", *, quarantine: bool = False, progress=None) -> list[dict[str, Any]]:
         """Read and fully check every copy of every chunk at or under ``path``.
 
-        Returns one entry per copy: ``{"path", "tier", "ok", "error"}``.
+        Returns one entry per copy: ``{"path", "tier", "ok", "error", "problem"}``; ``problem`` is None for a
+        good copy, else ``"corrupt"`` (failed its checks: removed with ``quarantine``), ``"unsigned"`` (no valid
+        signature for this store's key: never removed), ``"newer"`` (a newer format: never removed),
+        ``"missing"`` (the catalog lists it, the tier does not hold it) or ``"io"`` (could not be read).
         """
         self._check_open()
         out = []
@@ -1857,20 +1910,23 @@ class Store:
             for t in self.tiers:
                 if not rec.tiers & t.bit:
                     continue
-                err = None
+                err = problem = None
                 try:
                     data = t.backend.get(rec.path)
                     if data is None:
-                        err = "missing from the tier"
+                        err, problem = "missing from the tier", "missing"
                     else:
                         self.validate_chunk(bytes(data), rec.path)
                 except ChunkFormatError as e:
                     err = str(e)
+                    problem = ("unsigned" if isinstance(e, SignatureError) else
+                               "newer" if isinstance(e, UnsupportedVersion) else "corrupt")
                     if quarantine:
                         self._quarantine(t, rec.path, e)
                 except OSError as e:
-                    err = f"I/O error: {e}"
-                out.append({"path": rec.path, "tier": t.url.redacted(), "ok": err is None, "error": err})
+                    err, problem = f"I/O error: {e}", "io"
+                out.append({"path": rec.path, "tier": t.url.redacted(), "ok": err is None, "error": err,
+                            "problem": problem})
                 if progress is not None:
                     progress(rec.size)
         return out

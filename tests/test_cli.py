@@ -403,6 +403,103 @@ def test_unpin_counts_only_chunks_it_unpinned(store_url, filled):
     assert "unpinned 0 chunk(s)" in invoke("unpin", filled["ns"], url=store_url).stdout
 
 
+def test_overlapping_paths_pin_and_count_each_chunk_once(store_url, filled):
+    """A directory and a chunk inside it (or NS and NS/) name some chunks twice: each is pinned once."""
+    one = filled["p1"][0]
+    shard = one.rsplit("/", 1)[0]
+    r = invoke("pin", filled["ns"], shard, one, filled["ns"] + "/", url=store_url)
+    assert f"pinned {len(filled['paths'])} chunk(s)" in r.stdout
+    doc = json.loads(invoke("ls", "-R", "--json", filled["ns"], url=store_url).stdout)
+    assert {e["pins"] for e in doc["entries"] if e["type"] == "chunk"} == {1}
+    r = invoke("unpin", one, "/", url=store_url)
+    assert f"unpinned {len(filled['paths'])} chunk(s)" in r.stdout
+    doc = json.loads(invoke("ls", "-R", "--json", filled["ns"], url=store_url).stdout)
+    assert {e["pins"] for e in doc["entries"] if e["type"] == "chunk"} == {0}
+
+
+def test_a_manifest_path_is_refused_not_a_silent_zero(store_url, filled):
+    """A manifest holds no chunks: evict, pin, unpin and prefetch of it say so instead of acting on 0 chunks."""
+    manifest = f"{filled['ns']}/manifest.json"
+    for args in (["evict"], ["evict", "--dry-run"], ["pin"], ["unpin"], ["prefetch"]):
+        p = run(*args, manifest, url=store_url, check=1)
+        line = one_error_line(p.stderr)
+        assert line.startswith(f"kvfs {args[0]}:") and "manifest" in line and "not a chunk" in line
+        assert p.stdout == ""
+    assert chunk_paths(store_url) == set(filled["paths"])
+    assert json.loads(invoke("stat", "--json", manifest, url=store_url).stdout)["type"] == "manifest"
+
+
+def test_stat_verify_of_a_directory_is_refused_not_a_silent_success(store_url, filled):
+    """`stat --verify` reads one chunk; on a directory it would read nothing and exit 0."""
+    for path, where in ((filled["ns"], f"kvfs verify {filled['ns']}"), ("/", "kvfs verify`"),
+                        (f"{filled['ns']}/manifest.json", f"kvfs verify {filled['ns']}`")):
+        p = run("stat", "--verify", path, url=store_url, check=2)
+        line = one_error_line(p.stderr)
+        assert "--verify checks one chunk" in line and where in line and p.stdout == ""
+    st = json.loads(invoke("stat", "--verify", "--json", filled["p1"][0], url=store_url).stdout)
+    assert st["checksum"] == "verified"
+
+
+def test_ls_recursive_of_a_missing_path_is_an_error(store_url, filled):
+    model = SPEC.model_dir
+    for path in ("no-such-model", model[:-2], f"{model}/no-such-ns", f"{filled['ns']}/zz"):
+        for flags in (["-R"], ["-R", "--json"], ["-lR"]):
+            p = run("ls", *flags, path, url=store_url, check=1)
+            assert "no such" in one_error_line(p.stderr) and path in p.stderr and p.stdout == ""
+    assert invoke("ls", "-R", model, url=store_url).stdout.split().count(filled["paths"][0]) == 1
+
+
+def test_cp_of_a_path_the_source_lacks_creates_no_destination(store_url, filled, tmp_path):
+    dst = tmp_path / "typo-dst"
+    p = run("cp", store_url, f"file://{dst}", "no-such-model", check=1)
+    assert "no-such-model" in one_error_line(p.stderr)
+    assert not dst.exists()  # refused before anything was created
+    # a manifest alone is no chunk to copy: said, not "copied 0 chunk(s)"
+    p = run("cp", store_url, f"file://{dst}", f"{filled['ns']}/manifest.json", check=1)
+    assert "not a chunk" in one_error_line(p.stderr) and filled["ns"] in p.stderr
+    assert not dst.exists()
+
+
+def test_cp_names_its_own_urls_in_errors_not_url_option(store_url, filled, tmp_path):
+    """cp ignores --url: a bad SRC_URL or DST_URL is named as such."""
+    p = run("cp", f"lmdb://{tmp_path}/no-such-src", f"lmdb://{tmp_path}/d", check=1)
+    line = one_error_line(p.stderr)
+    assert "no kvfs store" in line and "SRC_URL" in line and "--url" not in line
+    p = run("cp", "s4://bucket/kv", f"lmdb://{tmp_path}/d", check=2)
+    line = one_error_line(p.stderr)
+    assert "bad store URL" in line and "SRC_URL" in line and "--url" not in line
+    p = run("cp", store_url, "s4://bucket/kv", check=2)
+    line = one_error_line(p.stderr)
+    assert "bad store URL" in line and "DST_URL" in line and "--url" not in line
+    assert "--url" in one_error_line(run("--url", "s4://bucket/kv", "ls", check=2).stderr)
+
+
+def test_cp_from_a_store_whose_catalog_is_empty_says_so(tmp_path):
+    src = f"file://{tmp_path}/files"
+    fill(src)
+    shutil.rmtree(f"{tmp_path}/files/.kvfs/catalog")  # as on a node that never saw these writes
+    p = run("cp", src, f"lmdb://{tmp_path}/copy")
+    assert "copied 0 chunk(s)" in p.stdout
+    assert "catalog is empty" in one_error_line(p.stderr) and "fsck" in p.stderr
+
+
+def test_verify_quarantine_reports_only_what_it_removed(tmp_path):
+    url = f"file://{tmp_path}/files"
+    filled = fill(url)
+    gone = filled["p1"][2]
+    os.remove(f"{tmp_path}/files/{gone}")  # deleted by hand: the catalog still lists it
+    r = invoke("verify", url=url, code=1)
+    assert "missing from the tier" in r.stdout
+    line = one_error_line(r.stderr)
+    assert "kvfs fsck" in line and "--quarantine" not in line  # --quarantine would not fix it
+    r = invoke("verify", "--quarantine", url=url, code=1)
+    assert "quarantined" not in r.stdout
+    doc = json.loads(invoke("verify", "--quarantine", "--json", url=url, code=1).stdout)
+    assert doc["failed"] == 1 and doc["quarantined"] is False
+    invoke("fsck", url=url)
+    assert f"{len(filled['paths']) - 1} ok, 0 failed" in invoke("verify", url=url).stdout
+
+
 @pytest.mark.parametrize("scheme", ["lmdb", "file"])
 def test_a_moved_or_symlinked_store_still_serves_and_evicts_its_chunks(tmp_path, scheme):
     """The catalog lives inside the store; which tier it belongs to must not depend on the path it was opened by

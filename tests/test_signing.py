@@ -60,11 +60,46 @@ def test_wrong_key_and_unsigned_chunks_are_misses(tmp_path):
     with kvfs.open(url, signing_key=KEY) as s:
         with pytest.raises(CacheMiss):
             s.namespace(SPEC).get(tokens)
-        s.namespace(SPEC).put(tokens, kv(3))  # the unsigned chunks were quarantined: write signed ones
+        assert s.namespace(SPEC).lookup(tokens) == 0  # not counted once found unsigned
+        s.namespace(SPEC).put(tokens, kv(3))  # the unsigned chunks were left in place: the put replaces them
         assert s.namespace(SPEC).get(tokens).tobytes() == kv(3).tobytes()
     with kvfs.open(url, signing_key=b"another key") as other:
         with pytest.raises(CacheMiss):
             other.namespace(SPEC).get(tokens)
+
+
+def test_a_node_with_the_wrong_key_deletes_nothing(tmp_path, caplog):
+    """A node given another signing key (or none where the writers sign nothing) finds every chunk without a
+    valid signature: misses, left in place, never deleted (each read used to quarantine, that is delete, the
+    chunk: one misconfigured node wiped the store its team shares); fsck and verify --quarantine keep them."""
+    from click.testing import CliRunner
+
+    from kvfs.cli import main
+
+    url = f"file://{tmp_path}/s"
+    tokens = list(range(48))
+    with kvfs.open(url, signing_key=KEY) as good:
+        good.namespace(SPEC).put(tokens, kv(4, 48))
+        paths = [k.path for k in good.namespace(SPEC).keys(tokens)]
+    files = [tmp_path / "s" / p for p in paths]
+    with kvfs.open(url, signing_key=b"a mistyped key") as wrong:
+        ns = wrong.namespace(SPEC)
+        assert ns.get_prefix(tokens)[0] == 0
+        assert ns.lookup(tokens) == 0
+        report = wrong.fsck(verify=True)
+        assert len(report.unsigned) == 3 and not report.corrupt, report.to_dict()
+        results = wrong.verify_chunks(quarantine=True)
+        assert all(f.exists() for f in files)
+    assert "no valid signature for this store's key" in caplog.text and "KVFS_SIGNING_KEY" in caplog.text
+    r = CliRunner().invoke(main, ["--url", url, "verify", "--quarantine"], env={"KVFS_SIGNING_KEY": "mistyped"})
+    assert r.exit_code == 1 and "without a valid signature" in r.output and "quarantined" not in r.output, r.output
+    r = CliRunner().invoke(main, ["--url", url, "fsck", "--verify"], env={"KVFS_SIGNING_KEY": "mistyped"})
+    assert "without a valid signature" in r.output, r.output
+    assert all(f.exists() for f in files)
+    assert all(not r["ok"] and r["problem"] == "unsigned" for r in results) or not results
+    with kvfs.open(url, signing_key=KEY) as good:  # the team's nodes still read everything
+        ns = good.namespace(SPEC)
+        assert ns.get(tokens).tobytes() == kv(4, 48).tobytes()
 
 
 def test_signing_key_from_environment(tmp_path, monkeypatch):

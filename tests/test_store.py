@@ -699,3 +699,64 @@ def test_opening_a_named_database_while_other_threads_write_does_not_deadlock():
     except subprocess.TimeoutExpired:
         raise AssertionError("deadlocked: a named database opened while other threads write") from None
     assert p.returncode == 0, p.stderr
+
+
+@pytest.mark.parametrize("layers", [range(2, 6), range(0, 2, 2), range(-1, 1)])
+def test_a_layer_range_a_read_cannot_serve_is_refused_and_quarantines_nothing(tmp_path, layers):
+    """``Namespace.read`` (and the layer-wise reader under prefetches) with layers past the namespace's last
+    one, or with a step, used to take every good chunk for a truncated one and quarantine (delete) it."""
+    from kvfs._layers import LayerReader
+    from kvfs.errors import InvalidInput
+
+    spec = kvfs.KVSpec("m/layers", num_layers=2, num_kv_heads=2, head_dim=8, dtype="float16", chunk_tokens=16)
+    toks = list(range(32))
+    kv = np.random.default_rng(0).standard_normal(spec.chunk_shape(32)).astype(np.float16)
+    with kvfs.open(f"lmdb://{tmp_path}/s") as store:
+        ns = store.namespace(spec)
+        ns.put(toks, kv)
+        plan = ns.plan(toks)
+        dest = np.zeros((4, 2, 32, 2, 8), dtype=np.uint16)
+        with pytest.raises((IndexError, InvalidInput)):
+            ns.read(plan, dest, layers=layers)
+        reader = LayerReader(store, spec, plan)
+        with pytest.raises((IndexError, InvalidInput)):
+            reader.read(layers, [dest[:, :, :16], dest[:, :, 16:]])
+        reader.close()
+        assert ns.lookup(toks) == 32 and not store.catalog.quarantined()
+        np.testing.assert_array_equal(ns.get(toks), kv)
+
+
+def test_recursive_ls_lists_what_is_under_the_path_only(tmp_path):
+    """``ls(recursive=True)`` matched namespaces by string prefix: a model name's prefix listed another model's
+    manifest, a shard listed its namespace's manifest, and a manifest's own path listed nothing."""
+    a = kvfs.KVSpec("team/m", num_layers=1, num_kv_heads=1, head_dim=8, dtype="float16", chunk_tokens=16)
+    b = kvfs.KVSpec("team/m-large", num_layers=1, num_kv_heads=1, head_dim=8, dtype="float16", chunk_tokens=16)
+    with kvfs.open(f"lmdb://{tmp_path}/s") as store:
+        for spec in (a, b):
+            store.namespace(spec).put(list(range(16)), np.zeros(spec.chunk_shape(16), np.float16))
+        model_a = a.path.split("/")[0]
+        assert all(e.path.startswith(model_a + "/") for e in store.ls(model_a, recursive=True))
+        assert {e.kind for e in store.ls(model_a, recursive=True)} == {"chunk", "manifest"}
+        chunk = next(e for e in store.ls(a.path, recursive=True) if e.kind == "chunk")
+        shard = chunk.path.rsplit("/", 1)[0]
+        assert [e.path for e in store.ls(shard, recursive=True)] == [chunk.path]
+        manifest = f"{a.path}/manifest.json"
+        assert [(e.path, e.kind) for e in store.ls(manifest, recursive=True)] == [(manifest, "manifest")]
+        assert len(store.ls("", recursive=True)) == 4
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_fsck_reports_a_corrupt_chunk_as_corrupt_only(tmp_path, dry_run):
+    """A corrupt chunk was also reported (and counted) as a stale catalog entry."""
+    from bitrot import flip_bit
+
+    with kvfs.open(f"file://{tmp_path}/s") as store:
+        ns = store.namespace(SPEC)
+        toks = list(range(2 * SPEC.chunk_tokens))
+        ns.put(toks, rand_kv(SPEC, len(toks)))
+        bad = ns.keys(toks)[1]
+        flip_bit(str(tmp_path / "s" / bad.path), -9, 0x10)
+        report = store.fsck(verify=True, repair=not dry_run)
+        assert [c.split(":", 1)[1] for c in report.corrupt] == [bad.path]
+        assert report.stale == [], report.to_dict()
+        assert ns.lookup(toks) == (2 * SPEC.chunk_tokens if dry_run else SPEC.chunk_tokens)
