@@ -608,7 +608,8 @@ class FsspecBackend(Backend):
             return await self._afs._find(base)
 
         async def go():
-            if self._is_s3:
+            if self._is_s3 and hasattr(self._afs, "_iterdir"):
+                # (s3fs's page-by-page listing; an s3fs without it lists through _find, the timeout bounding all)
                 return [await self._list_s3(base, tail, prefix or "/")]
             return await self._batch("listing", [(prefix or "/", find)])
 
