@@ -96,9 +96,9 @@ def fsck(verify: bool, dry_run: bool, as_json: bool) -> None:
                  f"alone (a newer kvfs reads them; upgrade to use them here; first: {report.newer[0]})")
         if report.unsigned:
             warn(f"kvfs fsck: {len(report.unsigned)} chunk(s) without a valid signature for this node's key were left "
-                 f"alone and are not in the catalog (unsigned, another deployment's key, or altered; first: "
-                 f"{report.unsigned[0]}); if that is every chunk, $KVFS_SIGNING_KEY is not the key they were "
-                 "written with")
+                 f"in place, kept in the catalog and never served here (unsigned, another deployment's key, or "
+                 f"altered; first: {report.unsigned[0]}); if that is every chunk, $KVFS_SIGNING_KEY is not the key "
+                 "they were written with")
         if report.unmanifested:
             nss = sorted({k.split(":", 1)[1].rsplit("/", 2)[0] for k in report.unmanifested})
             warn(f"kvfs fsck: {len(report.unmanifested)} chunk(s) in {len(nss)} namespace(s) with no manifest.json in "

@@ -218,7 +218,7 @@ class KVFSHiCacheStorage(HiCacheStorage):
     def _present(self, ckeys: list[ChunkKey]) -> list[bool]:
         store = self.store
         recs = store._records(ckeys)
-        have = [r is not None and bool(r.tiers) for r in recs]
+        have = [bool(store._held_bits(r)) for r in recs]  # (in this store's tiers, servable by it)
         todo = [i for i, h in enumerate(have) if not h]
         if todo:  # another node may have written them to a shared tier
             found = store._exists_anywhere([ckeys[i] for i in todo], lambda k: None)

@@ -12,8 +12,8 @@ Named databases:
   (finds stored chunks that extend a prefix by fewer tokens than a full chunk)
 * ``kvfs.cat.ns``        ``<model>/<ns-id>`` -> manifest JSON
 * ``kvfs.cat.meta``      tier slots (``tier/<identity>`` -> bit), bytes used per slot, and bytes reserved per
-  slot and process for writes in flight (``room/<slot>/<pid>``), so that processes sharing a tier with a
-  capacity never count the same free space twice
+  slot and process for writes in flight (``room/<slot>/<pid>.<incarnation>``), so that processes sharing a
+  tier with a capacity never count the same free space twice
 * ``kvfs.cat.quarantine`` chunk path -> JSON reason (chunks that failed their checks)
 * ``kvfs.cat.pending``   ``<model>/<ns-id>/<hex>`` -> tier slots a copy is still owed to, and the pid of the
   process that queued it (write-backs a crash or an outage lost are queued again: ``Store`` resyncs)
@@ -62,6 +62,18 @@ _ROOM = struct.Struct("<Qd")  # bytes a process reserved in a tier for writes in
 ROOM_STALE_S = 600.0
 ROOM_DEAD_S = 30.0
 MAX_TIERS = 32
+
+
+def _new_incarnation() -> None:
+    global _INCARNATION
+    _INCARNATION = int.from_bytes(os.urandom(8), "little")
+
+
+#: tells this process's reservations (``room/<slot>/<pid>.<incarnation>``) from those of another process with the
+#: same pid: one that ran before (a container's server is pid 1 after every restart) and left some, or one in
+#: another pid namespace; those age out as any other process's do
+_new_incarnation()
+os.register_at_fork(after_in_child=_new_incarnation)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +129,11 @@ def _enc(s: str) -> bytes:
 
 def _dec(b) -> str:
     return bytes(b).decode("utf-8", "surrogateescape")
+
+
+def _room_key(slot: int) -> bytes:
+    """This process's reservations in ``slot``."""
+    return _enc(f"room/{slot}/{os.getpid()}.{_INCARNATION:016x}")
 
 
 def _child_key(rec_key: str, parent: str, first_token: int) -> bytes:
@@ -307,7 +324,7 @@ class Catalog:
             used = _U64.unpack(v)[0] if v else 0
             if used + self._room_total(txn, slot, now, clean=True) + nbytes > capacity:
                 return False
-            k = _enc(f"room/{slot}/{os.getpid()}")
+            k = _room_key(slot)
             v = txn.get(k, db=self._meta)
             mine = _ROOM.unpack(v)[0] if v else 0
             txn.put(k, _ROOM.pack(mine + nbytes, now), db=self._meta)
@@ -327,7 +344,7 @@ class Catalog:
             self._release(txn, slot, nbytes)
 
     def _release(self, txn, slot: int, nbytes: int) -> None:
-        k = _enc(f"room/{slot}/{os.getpid()}")
+        k = _room_key(slot)
         v = txn.get(k, db=self._meta)
         left = (_ROOM.unpack(v)[0] if v else 0) - nbytes
         if left > 0:
@@ -346,7 +363,7 @@ class Catalog:
         """The bytes reserved in ``slot``, leaving out (``clean``: deleting) what dead processes left."""
         prefix = _enc(f"room/{slot}/")
         total = 0
-        me = os.getpid()
+        me = _room_key(slot)
         cur = txn.cursor(db=self._meta)
         stale = []
         if cur.set_range(prefix):
@@ -355,9 +372,9 @@ class Catalog:
                 if not k.startswith(prefix):
                     break
                 n, when = _ROOM.unpack(bytes(v))
-                pid = int(k[len(prefix):])
+                pid = int(k[len(prefix):].split(b".", 1)[0])
                 age = now - when
-                if pid != me and (age > ROOM_STALE_S or age > ROOM_DEAD_S and not _alive(pid)):
+                if k != me and (age > ROOM_STALE_S or age > ROOM_DEAD_S and not _alive(pid)):
                     stale.append(k)  # left by a process that died mid-write: never recorded
                     continue
                 total += n

@@ -246,8 +246,10 @@ class Namespace:
         self.store._check_open()
         toks = as_tokens(tokens)
         digests = chain(self.spec.seed, toks, self.spec.chunk_tokens)
-        if self.store.catalog.count_present(self.path, digests, self.store.mask) == len(digests) \
-                and not self.store._unsigned:
+        unsigned = self.store._unsigned  # (chunks found without a valid signature: not counted)
+        if self.store.catalog.count_present(self.path, digests, self.store.mask) == len(digests) and not (
+                unsigned and any(f"{self.path}/{h[:2]}/{h}.safetensors" in unsigned
+                                 for h in map(bytes.hex, digests))):
             return len(toks)  # every chunk is known: the common case needs no objects and no probing
         return sum(p.take for p in self.plan(toks))
 

@@ -315,6 +315,7 @@ class Store:
         #: process, shared by every process on the node) until the write is recorded; this wakes the writes of
         #: this process waiting for such room when one is given back (others' are polled)
         self._room = threading.Condition()
+        self._unreleased: dict[int, int] = {}  # tier index -> room a failed release still holds (see _release_room)
         #: parsed headers of chunks read before (chunks are immutable: a path's header never changes
         #: while the chunk exists; entries are dropped on eviction and quarantine)
         self._headers: _HeaderCache = _HeaderCache(8192)
@@ -1175,7 +1176,16 @@ class Store:
         if not n or tier.capacity is None:
             return
         reservation[0] = 0
-        self.catalog.release(tier.slot, n)
+        with self._room:
+            n += self._unreleased.pop(tier.index, 0)
+        try:
+            self.catalog.release(tier.slot, n)
+        except Exception as e:  # noqa: BLE001 - the catalog cannot be written (full, closed): never hides the
+            # write's own error; the room is given back with this process's next release that works
+            with self._room:
+                self._unreleased[tier.index] = self._unreleased.get(tier.index, 0) + n
+            log.warning("kvfs: could not give back %d bytes of room reserved in %s: %s", n, tier.url.redacted(), e)
+            return
         with self._room:
             self._room.notify_all()
 

@@ -320,3 +320,20 @@ def test_hostpool_pools_kvfs_cannot_keep_apart_are_refused(tmp_path):
     with pytest.raises(ValueError, match="handles MHATokenToKVPoolHost pools, not ScaledPool"):
         b.register_mem_pool_host(pool)
     b.close()
+
+
+@pytest.mark.skipif(IN_HOSTPOOL_PROCESS, reason="runs in the main test process")
+def test_a_page_without_a_valid_signature_is_replaced_by_the_next_set(tmp_path, monkeypatch):
+    """A signing server finds an unsigned page (left in place, a miss): its next set of that page writes it
+    signed. It used to count the page as stored by its catalog record and skip it, a miss forever."""
+    url = f"file://{tmp_path}/store"
+    unsigned = backend(url, **GEOMETRY)
+    assert unsigned.set(KEYS[0], page(0))
+    unsigned.close()
+    monkeypatch.setenv("KVFS_SIGNING_KEY", "team key")
+    signed = backend(url, **GEOMETRY)
+    assert signed.get(KEYS[0], torch.zeros_like(page(0))) is None
+    assert signed.batch_exists(KEYS[:1]) == 0
+    assert signed.set(KEYS[0], page(0))
+    assert torch.equal(signed.get(KEYS[0], torch.zeros_like(page(0))), page(0))
+    signed.close()

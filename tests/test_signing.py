@@ -88,18 +88,43 @@ def test_a_node_with_the_wrong_key_deletes_nothing(tmp_path, caplog):
         assert ns.lookup(tokens) == 0
         report = wrong.fsck(verify=True)
         assert len(report.unsigned) == 3 and not report.corrupt, report.to_dict()
+        assert len(wrong.records(SPEC.path)) == 3  # kept in the catalog (space, eviction), never served here
         results = wrong.verify_chunks(quarantine=True)
         assert all(f.exists() for f in files)
     assert "no valid signature for this store's key" in caplog.text and "KVFS_SIGNING_KEY" in caplog.text
     r = CliRunner().invoke(main, ["--url", url, "verify", "--quarantine"], env={"KVFS_SIGNING_KEY": "mistyped"})
     assert r.exit_code == 1 and "without a valid signature" in r.output and "quarantined" not in r.output, r.output
     r = CliRunner().invoke(main, ["--url", url, "fsck", "--verify"], env={"KVFS_SIGNING_KEY": "mistyped"})
-    assert "without a valid signature" in r.output, r.output
+    assert "without a valid signature" in r.output and "kept in the catalog" in r.output, r.output
     assert all(f.exists() for f in files)
-    assert all(not r["ok"] and r["problem"] == "unsigned" for r in results) or not results
+    assert len(results) == 3 and all(not r["ok"] and r["problem"] == "unsigned" for r in results), results
     with kvfs.open(url, signing_key=KEY) as good:  # the team's nodes still read everything
         ns = good.namespace(SPEC)
         assert ns.get(tokens).tobytes() == kv(4, 48).tobytes()
+
+
+
+def test_one_unsigned_chunk_does_not_slow_every_lookup(tmp_path, monkeypatch):
+    """Once a store had found one chunk without a valid signature (anywhere), every lookup of a fully stored
+    prompt left the one-query fast path for a full plan, for the rest of the process (about 3 times slower)."""
+    from kvfs.namespace import Namespace
+
+    url = f"lmdb://{tmp_path}/s"
+    other = list(range(10_000, 10_016))
+    with kvfs.open(url) as unsigned:
+        unsigned.namespace(SPEC).put(other, kv(5, 16))
+    toks = list(range(16 * 64))
+    plans = []
+    real_plan = Namespace.plan
+    monkeypatch.setattr(Namespace, "plan", lambda self, t: plans.append(1) or real_plan(self, t))
+    with kvfs.open(url, signing_key=KEY) as s:
+        ns = s.namespace(SPEC)
+        ns.put(toks, kv(6, len(toks)))
+        assert ns.get_prefix(other)[0] == 0 and ns.lookup(other) == 0  # found unsigned: a miss
+        plans.clear()
+        assert ns.lookup(toks) == len(toks)
+        assert not plans, "a lookup of a prompt whose chunks are all stored left the one-query fast path"
+        assert ns.lookup(other) == 0 and plans  # the unsigned one is not counted
 
 
 def test_signing_key_from_environment(tmp_path, monkeypatch):
