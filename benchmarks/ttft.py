@@ -39,7 +39,7 @@ import torch  # noqa: E402
 
 import kvfs  # noqa: E402
 from kvfs.connectors.demo_model import build_model  # noqa: E402
-from kvfs.connectors.hf import CachedLM  # noqa: E402
+from kvfs.connectors.hf import CachedLM, output_cache, run_model  # noqa: E402
 
 QUESTION = 32
 
@@ -47,8 +47,8 @@ QUESTION = 32
 def warm_up(model) -> None:
     with torch.inference_mode():
         ids = torch.arange(256).unsqueeze(0)
-        out = model(input_ids=ids, use_cache=True)
-        model(input_ids=ids[:, :QUESTION], past_key_values=out.past_key_values, use_cache=True)
+        out = run_model(model, ids)
+        run_model(model, ids[:, :QUESTION], output_cache(out))
 
 
 def main() -> None:

@@ -109,10 +109,12 @@ def _warm_up(model, vocab: int) -> None:
     """One short prefill and one cached step, so that one-time setup (allocator, kernels) is not timed."""
     import torch
 
+    from kvfs.connectors.hf import output_cache, run_model
+
     with torch.inference_mode():
         ids = torch.arange(64).remainder(vocab).unsqueeze(0)
-        out = model(input_ids=ids, use_cache=True)
-        model(input_ids=ids[:, :8], past_key_values=out.past_key_values, use_cache=True)
+        out = run_model(model, ids)
+        run_model(model, ids[:, :8], output_cache(out))
 
 
 def _print_listing(store, spec) -> None:

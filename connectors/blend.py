@@ -50,7 +50,7 @@ from ..keys import as_tokens
 from ..namespace import PlanItem
 from ..spec import KVSpec
 from ..store import Store
-from .hf import CachedLM, kv_from_cache
+from .hf import CachedLM, kv_from_cache, output_cache
 
 #: model types whose decoder layer is exactly norm -> attention -> residual -> norm -> MLP -> residual,
 #: with separate q/k/v projections and rotate-half RoPE (Qwen3 adds per-head q/k norms, handled)
@@ -475,7 +475,7 @@ class BlendedLM:
         self.rotation.check_positions(len(ids) - 1)
         out = self.model(input_ids=torch.from_numpy(ids).unsqueeze(0).to(self.device), use_cache=True,
                          logits_to_keep=1)
-        return kv_from_cache(out.past_key_values)[:, :, self.segment_start :].contiguous()
+        return kv_from_cache(output_cache(out))[:, :, self.segment_start :].contiguous()
 
     def store_segment(self, tokens: Any, kv: torch.Tensor | None = None) -> int:
         """Store a segment (computing it if ``kv`` is not given); returns the chunks written."""

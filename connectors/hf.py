@@ -30,6 +30,7 @@ name and revision, layers, KV heads, head size, KV dtype.
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -120,6 +121,36 @@ def cache_from_kv(kv: torch.Tensor) -> DynamicCache:
         layers.append(layer)
     cache.layers = layers
     return cache
+
+
+_CACHE_ARG: dict[Any, str] = {}
+
+
+def cache_arg(model: Any) -> str:
+    """The name a transformers model's ``forward`` takes its KV cache under: ``cache`` in the transformers
+    versions that deprecate ``past_key_values`` (5.2x, removing it in 5.40), ``past_key_values`` before."""
+    fwd = type(model).forward
+    name = _CACHE_ARG.get(fwd)
+    if name is None:
+        try:
+            params = inspect.signature(fwd).parameters
+        except (TypeError, ValueError):
+            params = {}
+        name = _CACHE_ARG[fwd] = "cache" if "cache" in params else "past_key_values"
+    return name
+
+
+def run_model(model: Any, input_ids: torch.Tensor, cache: Any = None, **kwargs: Any) -> Any:
+    """``model(input_ids, use_cache=True, ...)`` with ``cache`` passed under the name this transformers takes."""
+    if cache is not None:
+        kwargs[cache_arg(model)] = cache
+    return model(input_ids=input_ids, use_cache=True, **kwargs)
+
+
+def output_cache(out: Any) -> Any:
+    """The KV cache a forward pass returned (``out.cache`` in newer transformers, ``out.past_key_values``)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
 
 
 def kv_from_cache(cache: DynamicCache, ntokens: int | None = None) -> torch.Tensor:
@@ -309,7 +340,7 @@ class CachedLM:
                         out = self._forward(toks[n:], cache)
                         if prefetch.valid_tokens == n:
                             t2 = time.perf_counter()
-                            return Prefill(out.past_key_values, out.logits[0, -1], len(toks), n, t1 - t0, t2 - t1)
+                            return Prefill(output_cache(out), out.logits[0, -1], len(toks), n, t1 - t0, t2 - t1)
                     except _PrefixShrank:
                         pass
                     # a chunk failed its checks after earlier layers had used it (kvfs warned and quarantined
@@ -321,11 +352,11 @@ class CachedLM:
         t1 = time.perf_counter()
         out = self._forward(toks[n:], cache)
         t2 = time.perf_counter()
-        return Prefill(out.past_key_values, out.logits[0, -1], len(toks), n, t1 - t0, t2 - t1)
+        return Prefill(output_cache(out), out.logits[0, -1], len(toks), n, t1 - t0, t2 - t1)
 
     def _forward(self, tokens: np.ndarray, cache: DynamicCache):
         ids = torch.from_numpy(tokens.astype(np.int64)).unsqueeze(0).to(self.device)
-        return self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return run_model(self.model, ids, cache, logits_to_keep=1)
 
     @torch.inference_mode()
     def generate(self, input_ids: Any, max_new_tokens: int = 16) -> Generation:
@@ -352,8 +383,8 @@ class CachedLM:
         new = [tok]
         while len(new) < max_new_tokens and tok not in eos:
             step = torch.tensor([[tok]], dtype=torch.long, device=self.device)
-            out = self.model(input_ids=step, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = run_model(self.model, step, cache)
+            cache = output_cache(out)
             tok = int(torch.argmax(out.logits[0, -1]))
             new.append(tok)
         return new

@@ -23,7 +23,7 @@ import kvfs  # noqa: E402
 from kvfs.connectors.blend import (  # noqa: E402
     BlendedLM, CausalTail, KeyRotation, attend, causal_mask, rotate_keys)
 from kvfs.connectors.demo_model import build_model  # noqa: E402
-from kvfs.connectors.hf import kv_from_cache  # noqa: E402
+from kvfs.connectors.hf import kv_from_cache, output_cache, run_model  # noqa: E402
 from kvfs.errors import InvalidInput  # noqa: E402
 
 from bitrot import flip_bit  # noqa: E402
@@ -92,7 +92,7 @@ def test_rotating_keys_by_a_delta_equals_computing_them_there(rope):
     model = small_llama(ROPES[rope])
     ids = torch.tensor([rand_tokens(1, 40, 128)])
     with torch.no_grad():
-        at = {p: model(ids, position_ids=torch.arange(p, p + 40)[None], use_cache=True).past_key_values
+        at = {p: output_cache(model(ids, position_ids=torch.arange(p, p + 40)[None], use_cache=True))
               for p in (1, 700, 3001)}
     for src, dst in [(1, 3001), (3001, 1), (1, 700), (700, 3001)]:
         for layer in range(3):
@@ -102,7 +102,7 @@ def test_rotating_keys_by_a_delta_equals_computing_them_there(rope):
     # scattered positions, moved to consecutive ones
     src = torch.randperm(3000, generator=torch.Generator().manual_seed(2))[:40]
     with torch.no_grad():
-        scattered = model(ids, position_ids=src[None], use_cache=True).past_key_values
+        scattered = output_cache(model(ids, position_ids=src[None], use_cache=True))
     moved = rotate_keys(model, scattered.layers[0].keys, src, 1)
     torch.testing.assert_close(moved, at[1].layers[0].keys, atol=1e-5, rtol=0)
 
@@ -176,17 +176,17 @@ def test_plain_reuse_is_the_stored_kv_moved_to_its_positions(sparse):
         assert b.recomputed == 0 and b.ratio == 0.0
         # the reference, by hand: transformers computes every piece, kvfs is not involved
         with torch.no_grad():
-            pre = kv_from_cache(sparse(torch.tensor([prefix]), use_cache=True).past_key_values)
+            pre = kv_from_cache(output_cache(sparse(torch.tensor([prefix]), use_cache=True)))
             parts, pos = [pre], len(prefix)
             for s in segs:
-                kv = kv_from_cache(sparse(torch.tensor([[BOS] + s]), use_cache=True).past_key_values)[:, :, 1:]
+                kv = kv_from_cache(output_cache(sparse(torch.tensor([[BOS] + s]), use_cache=True)))[:, :, 1:]
                 kv[:, 0] = rotate_keys(sparse, kv[:, 0].transpose(1, 2), 1, pos).transpose(1, 2)
                 parts.append(kv)
                 pos += len(s)
             kv = torch.cat(parts, dim=2)
             cache = DynamicCache([(kv[i, 0].transpose(0, 1)[None], kv[i, 1].transpose(0, 1)[None])
                                   for i in range(kv.shape[0])])
-            ref = sparse(torch.tensor([query]), past_key_values=cache).logits[0, -1]
+            ref = run_model(sparse, torch.tensor([query]), cache).logits[0, -1]
         torch.testing.assert_close(b.logits, ref, atol=1e-5, rtol=0)
         assert b.prompt_tokens == pos + len(query) == b.cache.get_seq_length()
 
@@ -320,8 +320,8 @@ def test_a_segment_stored_at_other_positions_is_moved_from_there(sparse):
         # another writer computed segment 2 (after its BOS) at positions from 40 and recorded that
         seg = segs[2]
         with torch.no_grad():
-            cache = sparse(torch.tensor([[BOS] + seg]), position_ids=torch.arange(39, 40 + len(seg))[None],
-                           use_cache=True).past_key_values
+            cache = output_cache(sparse(torch.tensor([[BOS] + seg]), position_ids=torch.arange(39, 40 + len(seg))[None],
+                                        use_cache=True))
         lm.ns.put_segment(seg, kv_from_cache(cache)[:, :, 1:].contiguous(), positions=40, extra=lm._extra)
         got = lm.prefill(prefix, segs, query, ratio=0)
         assert (got.segments_loaded, got.segments_computed) == (1, 3)

@@ -20,7 +20,7 @@ pytest.importorskip("transformers")
 
 import kvfs  # noqa: E402
 from kvfs.connectors.demo_model import build_model, demo_spec  # noqa: E402
-from kvfs.connectors.hf import CachedLM, kv_from_cache, kv_spec  # noqa: E402
+from kvfs.connectors.hf import CachedLM, kv_from_cache, kv_spec, output_cache, run_model  # noqa: E402
 
 from bitrot import flip_bit  # noqa: E402
 from s3servers import moto_server, s3_bucket_url  # noqa: E402,F401
@@ -142,15 +142,15 @@ def test_a_loaded_prefix_is_viewed_not_copied_again(model, tmp_path):
         assert cache.get_seq_length() == n
         torch.testing.assert_close(kv_from_cache(cache), torch.from_numpy(lm.ns.get(prompt[:n])), atol=0, rtol=0)
         with torch.inference_mode():
-            out = model(torch.tensor([prompt[n:]]), past_key_values=cache, use_cache=True)
+            out = run_model(model, torch.tensor([prompt[n:]]), cache)
             ref = model(torch.tensor([prompt]), use_cache=True)
     torch.testing.assert_close(out.logits[0, -1], ref.logits[0, -1], atol=1e-4, rtol=1e-4)
-    assert out.past_key_values.get_seq_length() == len(prompt)
+    assert output_cache(out).get_seq_length() == len(prompt)
 
 def test_stored_kv_is_what_the_model_computed(model, url):
     prompt = CONTEXT + QUESTIONS[1]
     with torch.inference_mode():
-        ref = model(torch.tensor([prompt]), use_cache=True).past_key_values
+        ref = output_cache(model(torch.tensor([prompt]), use_cache=True))
     with CachedLM(model, url, chunk_tokens=CHUNK) as lm:
         lm.generate(prompt, 1)
         got = lm.ns.get(prompt)
