@@ -8,6 +8,8 @@ scatter/gather with device slot mappings.
 
 from __future__ import annotations
 
+import contextlib
+
 import time
 
 import numpy as np
@@ -68,13 +70,20 @@ def test_load_to_device_is_exact(url):
         assert torch.equal(two.cpu(), kv[2:4])
 
 
-def test_file_backend_reads_straight_into_device_memory(tmp_path):
+@contextlib.contextmanager
+def _kvikio_file_store(tmp_path, ntokens: int, seed: int):
+    """A ``file://`` store (read through kvikio) holding ``ntokens`` of seeded KV: ``(store, ns, kv)``."""
     if not _kvikio_usable():
         pytest.skip("kvikio is not installed or not usable here")
     with kvfs.open(f"file://{tmp_path}/files") as store:
         ns = store.namespace(SPEC)
-        kv = _kv(4 * C, seed=1)
-        ns.put(_toks(4 * C), kv)
+        kv = _kv(ntokens, seed=seed)
+        ns.put(_toks(ntokens), kv)
+        yield store, ns, kv
+
+
+def test_file_backend_reads_straight_into_device_memory(tmp_path):
+    with _kvikio_file_store(tmp_path, 4 * C, seed=1) as (store, ns, kv):
         plan = ns.plan(_toks(4 * C))
         reader = DeviceReader(ns, plan, "cuda")
         dest = torch.empty((1,) + SPEC.chunk_shape(4 * C)[1:], dtype=torch.bfloat16, device="cuda")
@@ -88,12 +97,7 @@ def test_file_backend_reads_straight_into_device_memory(tmp_path):
 
 
 def test_direct_read_of_a_corrupt_layer_is_a_miss(tmp_path):
-    if not _kvikio_usable():
-        pytest.skip("kvikio is not installed or not usable here")
-    with kvfs.open(f"file://{tmp_path}/files") as store:
-        ns = store.namespace(SPEC)
-        kv = _kv(3 * C, seed=2)
-        ns.put(_toks(3 * C), kv)
+    with _kvikio_file_store(tmp_path, 3 * C, seed=2) as (store, ns, kv):
         bad = ns.plan(_toks(3 * C))[1]
         header = store._read_header(bad.key.path)
         path = f"{tmp_path}/files/{bad.key.path}"
@@ -148,12 +152,7 @@ def test_a_layer_released_unread_is_not_overwritten_by_its_own_late_copy(tmp_pat
     """Bounded prefetch, one buffer: layer 0 (staged, its copy still queued on the side stream) is released
     without being read, and its buffer is reused for layer 1 (a kvikio write): the late copy of layer 0 must
     land first, or it overwrites layer 1 and the chunk is quarantined as corrupt although it is intact."""
-    if not _kvikio_usable():
-        pytest.skip("kvikio is not installed or not usable here")
-    with kvfs.open(f"file://{tmp_path}/files") as store:
-        ns = store.namespace(SPEC)
-        kv = _kv(2 * C, seed=7)
-        ns.put(_toks(2 * C), kv)
+    with _kvikio_file_store(tmp_path, 2 * C, seed=7) as (store, ns, kv):
         layer_bytes = 2 * C * SPEC.bytes_per_token // L
         with ns.prefetch(_toks(2 * C), device="cuda", max_bytes=layer_bytes, start=False) as pf:
             with torch.cuda.stream(pf._reader.stream):
