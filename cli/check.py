@@ -87,7 +87,8 @@ def fsck(verify: bool, dry_run: bool, as_json: bool) -> None:
         click.echo(f"{report.chunks} chunk(s) in {report.namespaces} namespace(s); "
                    + ("catalog is up to date" if report.clean else
                       f"catalog entries: {add} {len(report.added)}, {drop} {len(report.stale)} stale, "
-                      f"{fix} {report.size_fixed} size(s)"))
+                      f"{fix} {report.size_fixed} size(s)"
+                      + (f", {fix} the usage counter of {report.usage_fixed} tier(s)" if report.usage_fixed else "")))
         for label, items in (("corrupt", report.corrupt), ("foreign", report.foreign)):
             for item in items:
                 warn(f"kvfs fsck: {label}: {item}" + ("" if dry_run else " (quarantined)"))

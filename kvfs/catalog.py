@@ -306,6 +306,28 @@ class Catalog:
         cur = _U64.unpack(v)[0] if v else 0
         txn.put(k, _U64.pack(max(0, cur + delta)), db=meta)
 
+    def recount_used(self, slots: Sequence[int], *, repair: bool = True) -> int:
+        """Check each slot's usage counter against the sizes of the chunks recorded in it (one transaction, so
+        writers in other processes cannot skew it); ``repair`` sets the counters that disagree. Returns how many
+        disagreed."""
+        if self.readonly:
+            repair = False
+        totals = dict.fromkeys(slots, 0)
+        with (self.env.write() if repair else self.env.read()) as txn:
+            for k, v in txn.cursor(db=self._chunks):
+                rec = ChunkRecord.unpack(_dec(k), v)
+                for slot in totals:
+                    if rec.tiers >> slot & 1:
+                        totals[slot] += rec.size
+            wrong = 0
+            for slot, total in totals.items():
+                v = txn.get(_enc(f"used/{slot}"), db=self._meta)
+                if (_U64.unpack(v)[0] if v else 0) != total:
+                    wrong += 1
+                    if repair:
+                        txn.put(_enc(f"used/{slot}"), _U64.pack(total), db=self._meta)
+        return wrong
+
     # -- room for writes in flight ---------------------------------------------------------
     def reserve(self, slot: int, nbytes: int, capacity: int) -> bool:
         """Reserve ``nbytes`` of tier ``slot`` for a write in flight if they fit in ``capacity`` beside the bytes
@@ -443,7 +465,9 @@ class Catalog:
                 k = _enc(rec.key)
                 v = txn.get(k, db=self._chunks)
                 if v is None:
-                    new = replace(rec, tiers=rec.tiers | bit)
+                    # only ``slot`` holds it as far as this transaction knows: a record read earlier (a resync's,
+                    # whose copy lands after the chunk was evicted) names tiers that no longer hold it
+                    new = replace(rec, tiers=bit)
                     added = True
                 else:
                     old = ChunkRecord.unpack(rec.key, v)
@@ -515,8 +539,12 @@ class Catalog:
             for key in keys:
                 self._owe(txn, _enc(key), 0, slots & 0xFFFFFFFF, 0)
 
-    def remove_from(self, keys: Sequence[str], slot: int) -> list[ChunkRecord]:
-        """Clear tier ``slot`` of these chunks; a chunk held nowhere any more leaves the catalog."""
+    def remove_from(self, keys: Sequence[str], slot: int, *, kept: list[str] | None = None) -> list[ChunkRecord]:
+        """Clear tier ``slot`` of these chunks; a chunk held nowhere any more leaves the catalog.
+
+        ``kept``: an eviction that chose its victims unpinned: chunks pinned since (by this or another process)
+        are left alone, checked in the same transaction that removes the others, and their keys appended to it.
+        """
         if self.readonly:
             return []  # bookkeeping of reads (a stale record) is skipped in a read-only catalog
         bit = 1 << slot
@@ -528,6 +556,9 @@ class Catalog:
                 if v is None:
                     continue
                 rec = ChunkRecord.unpack(key, v)
+                if kept is not None and rec.pins:
+                    kept.append(key)
+                    continue
                 if not rec.tiers & bit:
                     continue
                 self._add_used(txn, self._meta, slot, -rec.size)

@@ -153,10 +153,12 @@ class FsckReport:
     #: chunks without a valid signature for a signing store's key (kept: other nodes may hold that key)
     unsigned: list[str] = field(default_factory=list)
     size_fixed: int = 0
+    #: tiers whose usage counter (``du``, capacity) disagreed with the sizes of the chunks recorded in them
+    usage_fixed: int = 0
 
     @property
     def clean(self) -> bool:
-        return not (self.added or self.stale or self.corrupt or self.foreign or self.size_fixed)
+        return not (self.added or self.stale or self.corrupt or self.foreign or self.size_fixed or self.usage_fixed)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -172,6 +174,7 @@ class FsckReport:
             "unmanifested": self.unmanifested,
             "unsigned": self.unsigned,
             "size_fixed": self.size_fixed,
+            "usage_fixed": self.usage_fixed,
         }
 
 
@@ -1157,7 +1160,8 @@ class Store:
         """Copy a queued chunk into a lower tier and record it there (returns True: recorded)."""
         tier = self.tiers[tier_index]
         if not self._make_room(tier, job.nbytes):
-            raise NoSpace(f"tier {tier.url.redacted()} is full of pinned chunks")
+            raise NoSpace(f"tier {tier.url.redacted()} is full and nothing in it can be evicted (pinned, or not yet "
+                          "copied to a lower tier, or its room is held by writes in flight)")
         reservation = [job.nbytes]
         try:
             nsp = key_of_path(job.path).rsplit("/", 1)[0]
@@ -1241,16 +1245,23 @@ class Store:
             victims.append(r)
             used -= r.size
         if victims:
-            self._drop_from_tier(tier, victims)
+            kept = self._drop_from_tier(tier, victims, keep_pinned=True)
+            victims = [r for r in victims if r.key not in kept]
         return sum(r.size for r in victims)
 
-    def _drop_from_tier(self, tier: Tier, records: Sequence[ChunkRecord]) -> None:
+    def _drop_from_tier(self, tier: Tier, records: Sequence[ChunkRecord], *, keep_pinned: bool = False) -> set[str]:
+        """Remove chunks from a tier; ``keep_pinned``: leave those pinned since they were chosen (an eviction
+        picks its victims from a scan: a pin taken meanwhile must hold). Returns the keys left for their pins."""
+        kept: list[str] | None = [] if keep_pinned else None
         # catalog first: a crash in between leaves an orphan (fsck finds it), never a dangling entry
-        self.catalog.remove_from([r.key for r in records], tier.slot)
-        paths = [r.path for r in records]
+        self.catalog.remove_from([r.key for r in records], tier.slot, kept=kept)
+        kept_keys = set(kept or ())
+        paths = [r.path for r in records if r.key not in kept_keys]
         for p in paths:
             self._headers.pop(p, None)
-        tier.backend.delete_many(paths)
+        if paths:
+            tier.backend.delete_many(paths)
+        return kept_keys
 
     # ---------------------------------------------------------------------------------- integrity
     def _warn_once(self, key: str, message: str) -> None:
@@ -1729,10 +1740,17 @@ class Store:
                 result.freed_bytes += r.size
         if dry_run or not victims:
             return result
+        kept: set[str] = set()
         for t in tiers:
             held = [r for r in victims if r.tiers & t.bit or t.shared]
             if held:
-                self._drop_from_tier(t, held)
+                kept |= self._drop_from_tier(t, held, keep_pinned=not force)
+        if kept:  # pinned since they were chosen: left in place (in every tier it reached after the pin)
+            for r in victims:
+                if r.key in kept:
+                    result.evicted.remove(r.path)
+                    result.refused.append(r.path)
+                    result.freed_bytes -= r.size
         return result
 
     # ---------------------------------------------------------------------------------- usage
@@ -1891,6 +1909,9 @@ class Store:
                     for t in self.tiers:
                         if stale_bits & t.bit:
                             self.catalog.remove_from([ck], t.slot)
+        # the usage counters (du, capacity) against the records just checked: a counter that drifted (a crash
+        # between two transactions, a bug) would otherwise keep a tier over its capacity or evicting early
+        report.usage_fixed = self.catalog.recount_used([t.slot for t in self.tiers], repair=repair)
         return report
 
     def _read_header_from(self, tier: Tier, path: str) -> ChunkHeader:

@@ -760,3 +760,22 @@ def test_fsck_reports_a_corrupt_chunk_as_corrupt_only(tmp_path, dry_run):
         assert [c.split(":", 1)[1] for c in report.corrupt] == [bad.path]
         assert report.stale == [], report.to_dict()
         assert ns.lookup(toks) == (2 * SPEC.chunk_tokens if dry_run else SPEC.chunk_tokens)
+
+
+def test_fsck_recounts_a_tier_usage_counter_that_drifted(tmp_path):
+    """A tier's usage counter (du, capacity) that disagrees with the chunks recorded in it survived fsck."""
+    from kvfs.catalog import _U64, _enc
+
+    with kvfs.open(f"lmdb://{tmp_path}/s") as store:
+        ns = store.namespace(SPEC)
+        ns.put(prompt(64), rand_kv(SPEC, 64))
+        slot = store.tiers[0].slot
+        right = store.catalog.used(slot)
+        assert right > 0 and store.fsck().usage_fixed == 0
+        with store.catalog.env.write() as txn:
+            txn.put(_enc(f"used/{slot}"), _U64.pack(right - 1000), db=store.catalog._meta)
+        dry = store.fsck(repair=False)
+        assert dry.usage_fixed == 1 and not dry.clean and store.catalog.used(slot) == right - 1000
+        report = store.fsck()
+        assert report.usage_fixed == 1 and store.catalog.used(slot) == right
+        assert store.fsck().clean

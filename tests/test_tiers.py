@@ -432,6 +432,51 @@ def test_last_tier_full_of_pinned_chunks_is_nospace(tmp_path):
         np.testing.assert_array_equal(ns.get(more), kv2)
 
 
+
+def test_a_chunk_pinned_while_an_eviction_runs_is_not_evicted(tmp_path):
+    # an eviction chooses its victims from the catalog before it removes them: a pin taken in between must hold
+    # (the removal checks pins in its own transaction), else a pin that returned is silently lost
+    tiny = kvfs.KVSpec("pin-race", num_layers=1, num_kv_heads=1, head_dim=8, dtype="float16", chunk_tokens=16)
+    with kvfs.open(f"lmdb://{tmp_path}/s") as store:
+        ns = store.namespace(tiny)
+        filler = list(range(100_000, 100_000 + 16 * 100))  # pinned (refused): they keep each eviction busy
+        ns.put(filler, np.ones(tiny.chunk_shape(len(filler)), np.float16))
+        ns.pin(filler)
+        toks = list(range(16))
+        kv = np.full(tiny.chunk_shape(16), 3, np.float16)
+        path = ns.keys(toks)[0].path
+        paths = [path] + [k.path for k in ns.keys(filler)]  # the chunk's record is read first
+        stop = threading.Event()
+
+        def evictor():
+            while not stop.is_set():
+                try:
+                    store.evict(paths)
+                except kvfs.errors.NotFound:
+                    pass  # not stored again yet
+
+        th = threading.Thread(target=evictor)
+        th.start()
+        lost = 0
+        try:
+            for _ in range(60):
+                ns.put(toks, kv)
+                try:
+                    pinned = store.pin(path)
+                except kvfs.errors.NotFound:
+                    continue  # evicted before the pin: nothing was pinned
+                time.sleep(0.01)
+                try:
+                    store.unpin(path)
+                except kvfs.errors.NotFound:
+                    pinned = 0
+                lost += not pinned
+        finally:
+            stop.set()
+            th.join()
+        assert lost == 0, f"{lost} pinned chunk(s) evicted"
+
+
 # ------------------------------------------------------------------------------------ a lower tier goes away
 @pytest.mark.s3
 @pytest.mark.skipif(not seaweed_available(), reason="SeaweedFS is not installed")
@@ -479,3 +524,23 @@ def test_store_stays_usable_while_the_s3_tier_is_down_and_recovers():
             ns = fresh.namespace(SPEC)
             for t, k in ((toks, kv), (fourth, kv4)):
                 np.testing.assert_array_equal(ns.get(t), k)
+
+
+def test_a_copy_landing_after_its_chunk_was_evicted_records_only_that_tier(tmp_path):
+    # a resync reads a chunk's record, queues its owed copy and records it with that record once written; if the
+    # chunk was evicted meanwhile, the record made again must name only the tier written, or the tiers it names
+    # from before hold bytes their usage never counted (and a later put there is not counted either)
+    with kvfs.open(f"lmdb://{tmp_path}/a::file://{tmp_path}/b") as store:
+        ns = store.namespace(SPEC)
+        toks, kv = _prompt(1, 70)
+        ns.put(toks, kv)
+        store.flush()
+        key = f"{ns.path}/{ns.keys(toks)[0].hex}"
+        rec = store.catalog.get(key)  # as a resync holds it while the copy is on its way
+        assert rec.tiers == store.tiers[0].bit | store.tiers[1].bit
+        store.evict(all=True)
+        store.catalog.add([(rec, None)], store.tiers[1].slot)  # the copy lands: the write-back records it
+        assert store.catalog.get(key).tiers == store.tiers[1].bit
+        ns.put(toks, kv)  # stored again in the top tier: counted there
+        for t in store.tiers:
+            assert store.catalog.used(t.slot) == sum(r.size for r in store.catalog.scan() if r.tiers & t.bit)
