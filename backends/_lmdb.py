@@ -77,6 +77,9 @@ class LMDBBackend(Backend):
         if size is not None and size <= 0:
             raise InvalidURL(f"lmdb:// option map_size={map_size} must be positive (e.g. 64GiB); leave it out for "
                              "the default, 1TiB")
+        if size is not None and size >= 1 << 63:  # (LMDB takes a size_t; an address space holds far less anyway)
+            raise InvalidURL(f"lmdb:// option map_size={str(map_size)[:40]} is larger than any address space; use "
+                             "a size such as 4TiB")
         self._env = _lmdbenv.acquire(self.path, size, readonly=self.readonly)
         self._db = self._env.db(DATA_DB)
         self._closed = False

@@ -633,14 +633,19 @@ class Catalog:
                     self._add_used(txn, self._meta, slot, size - rec.size)
             txn.put(_enc(key), replace(rec, size=size).pack(), db=self._chunks)
 
-    def pin(self, keys: Sequence[str], delta: int = 1, *, reset: bool = False) -> list[ChunkRecord]:
-        """Add ``delta`` pins (negative unpins, never below 0); ``reset`` sets them to 0."""
+    def pin(self, keys: Sequence[str], delta: int = 1, *, reset: bool = False,
+            leading: bool = False) -> list[ChunkRecord]:
+        """Add ``delta`` pins (negative unpins, never below 0); ``reset`` sets them to 0. ``leading``: ``keys`` are
+        a prompt's chunks in order, and only those before the first one no longer recorded are changed (a
+        chunk evicted since they were planned cuts the prefix: pins past it could never be reached again)."""
         changed = []
         with self.env.write() as txn:
             for key in keys:
                 k = _enc(key)
                 v = txn.get(k, db=self._chunks)
                 if v is None:
+                    if leading:
+                        break
                     continue
                 rec = ChunkRecord.unpack(key, v)
                 pins = 0 if reset else max(0, rec.pins + delta)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +49,9 @@ FORMAT_NAME = "kvfs"
 FORMAT_VERSION = 1
 ALIGN = 4096
 MAX_HEADER = 1 << 20  # a header claiming more is corrupt, not a big chunk
+MAX_FILE = (1 << 63) - 1  # a chunk larger than any file offset is corrupt (and would overflow a pread)
+_KEY_HEX = re.compile(r"[0-9a-f]{64}")
+_DECIMAL = re.compile(r"[0-9]+")  # ASCII digits only: int() would also take signs, spaces, "_" and other scripts
 _HEX16 = "0" * 16
 _RAW = {1: np.uint8, 2: np.uint16, 4: np.uint32}
 _REQUIRED = ("format", "version", "namespace", "key", "parent", "kind", "start", "positions", "tokens",
@@ -438,6 +442,8 @@ def _parse_header(buf, file_size: int | None) -> ChunkHeader:
     missing = [k for k in _REQUIRED if k not in meta]
     if missing:
         raise ChunkFormatError(f"chunk metadata lacks {', '.join(missing)}")
+    if not _DECIMAL.fullmatch(meta["version"]):
+        raise ChunkFormatError(f"chunk format version {meta['version'][:40]!r} is not a decimal number")
     version = int(meta["version"])
     if version > FORMAT_VERSION:
         raise UnsupportedVersion(
@@ -460,8 +466,10 @@ def _parse_header(buf, file_size: int | None) -> ChunkHeader:
         raise ChunkFormatError(f"tensor shape {shape!r}: planes must be 2 (K, V) or 1 (MLA)")
     nbytes = math.prod(shape) * DTYPES[dtype][1]
     offs = tensor["data_offsets"]
-    if not isinstance(offs, list) or offs != [0, nbytes]:
+    if not isinstance(offs, list) or not all(type(o) is int for o in offs) or offs != [0, nbytes]:
         raise ChunkFormatError(f"data_offsets {offs!r} do not match shape {shape} ({nbytes} bytes)")
+    if data_offset + nbytes > MAX_FILE:
+        raise ChunkFormatError(f"tensor shape {shape} describes {nbytes} bytes, more than any file holds: corrupt")
     if file_size is None and len(mv) > data_offset:
         file_size = len(mv)
     if file_size is not None and file_size != data_offset + nbytes:
@@ -475,7 +483,15 @@ def _parse_header(buf, file_size: int | None) -> ChunkHeader:
         raise ChunkFormatError(f"chunk holds {len(tokens_list)} token ids but KV for {shape[2]} tokens")
     if meta["kind"] not in ("prefix", "segment"):
         raise ChunkFormatError(f"unknown chunk kind {meta['kind']!r}")
-    int(meta["start"]), int(meta["positions"])
+    for name in ("start", "positions"):
+        if not _DECIMAL.fullmatch(meta[name]):
+            raise ChunkFormatError(f"chunk metadata {name} {meta[name][:40]!r} is not a decimal number")
+    if int(meta["start"]) >= 2**32:
+        raise ChunkFormatError(f"chunk start {meta['start'][:40]} is not a token index (at most 2**32 - 1)")
+    if not _KEY_HEX.fullmatch(meta["key"]):
+        raise ChunkFormatError(f"chunk key {meta['key'][:70]!r} is not 64 lowercase hex digits")
+    if meta["parent"] and not _KEY_HEX.fullmatch(meta["parent"]):
+        raise ChunkFormatError(f"chunk parent {meta['parent'][:70]!r} is neither '' nor 64 lowercase hex digits")
     if not meta["checksum"].startswith("xxh3-64:"):
         raise ChunkFormatError(f"unknown checksum {meta['checksum']!r}")
     if len(meta["layer_checksums"].split(",")) != shape[0] and shape[0]:

@@ -70,8 +70,10 @@ def as_tokens(tokens: Any, *, allow_empty: bool = False) -> np.ndarray:
     """Token ids as a contiguous little-endian uint32 array, validated.
 
     Accepts a list/tuple of ints, a 1-D numpy integer array or a 1-D torch
-    tensor. Negative ids, ids >= 2**32, floats, bools and nesting are refused
-    with :class:`InvalidInput`.
+    tensor. Negative ids, ids >= 2**32, floats, bool arrays and nesting are
+    refused with :class:`InvalidInput` (in a list, ``True`` and ``False`` are
+    Python ints, read as 1 and 0: checking every element's type would make
+    converting a list several times slower).
     """
     if isinstance(tokens, np.ndarray):
         arr = tokens

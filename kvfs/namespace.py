@@ -19,12 +19,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .chunk import _REQUIRED
 from .errors import CacheMiss, ChunkFormatError, InvalidInput, NotFound
 from .keys import ChunkKey, as_tokens, chain, chunk_keys, common_prefix_length, segment_keys
 from .spec import KVSpec, canonical_dtype
 from .store import ReadItem, Store
 
 _RAW = {1: np.uint8, 2: np.uint16, 4: np.uint32}
+_RESERVED = frozenset(_REQUIRED) | {"layer_digests", "signature"}
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,13 @@ class PlanItem:
 def _prefix_positions(positions: Any) -> None:
     """A prefix's KV is computed at positions 0..n-1: its keys do not include positions, so KV computed
     anywhere else must not be stored under them."""
-    if positions not in (None, 0):
+    if positions is None:
+        return
+    try:
+        p = _segment_positions(positions)  # a whole number (an array, a float or a string is refused too)
+    except InvalidInput:
+        p = None
+    if p != 0:
         raise InvalidInput(f"positions={positions!r}: a prefix's KV is the KV computed at positions 0..n-1 (its "
                            "chunk keys do not include positions); store KV computed elsewhere with put_segment")
 
@@ -69,6 +77,19 @@ def _segment_positions(positions: Any) -> int:
     if p < 0:
         raise InvalidInput(f"positions={positions!r}: positions start at 0")
     return p
+
+
+def _check_extra(extra: Any) -> None:
+    """More chunk metadata: a dict of strings to strings, not naming an entry kvfs writes itself."""
+    if extra is None:
+        return
+    if not isinstance(extra, dict):
+        raise InvalidInput(f"extra must be a dict of metadata strings, got {type(extra).__name__}")
+    for k, v in extra.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise InvalidInput(f"extra metadata {k!r}: {v!r}: names and values must be strings")
+        if k in _RESERVED:
+            raise InvalidInput(f"extra metadata {k!r} is an entry kvfs writes itself; use another name")
 
 
 class Namespace:
@@ -131,6 +152,8 @@ class Namespace:
             return arr, arr.view(_RAW[self.spec.itemsize])
         if type(out).__module__.startswith("torch") and out.device.type != "cpu":
             raise InvalidInput("out must be a CPU tensor here; kvfs.gpu loads into device memory")
+        if isinstance(out, np.ndarray) and not out.flags.writeable:
+            raise InvalidInput("out is a read-only array: give a writable one (or leave out to get a new array)")
         return out, self.as_raw_kv(out, ntokens)
 
     # ---------------------------------------------------------------------------------- writes
@@ -167,6 +190,7 @@ class Namespace:
         A segment's chunks are one computation: if chunks of it are stored from a computation at other
         positions, every chunk is written again from this one (else a read would stitch two together)."""
         positions = _segment_positions(positions)
+        _check_extra(extra)
         toks = as_tokens(tokens)
         raw = self.as_raw_kv(kv, len(toks))
         keys = segment_keys(self.spec.seed, self.path, toks, self.spec.chunk_tokens)
@@ -360,18 +384,27 @@ class Namespace:
         """Pin the stored chunks of ``tokens`` (never evicted while pinned); returns how many."""
         plan = self.plan(tokens)
         self.store._check_writable()
-        return len(self.store.catalog.pin([f"{p.key.namespace}/{p.key.hex}" for p in plan], 1))
+        return len(self.store.catalog.pin([f"{p.key.namespace}/{p.key.hex}" for p in plan], 1, leading=True))
 
     def unpin(self, tokens: Any) -> int:
+        """Take one pin off the stored chunks of ``tokens``; returns how many had one."""
         plan = self.plan(tokens)
         self.store._check_writable()
-        return len(self.store.catalog.pin([f"{p.key.namespace}/{p.key.hex}" for p in plan], -1))
+        return len(self.store.catalog.pin([f"{p.key.namespace}/{p.key.hex}" for p in plan], -1, leading=True))
 
     def evict(self, tokens: Any, *, force: bool = False):
         """Evict the stored chunks of ``tokens`` from every tier (pinned ones only with ``force``)."""
         from .store import EvictResult
 
-        plan = self.plan(tokens)
-        if not plan:
-            return EvictResult()
-        return self.store.evict([p.key.path for p in plan], force=force)
+        for attempt in range(3):
+            plan = self.plan(tokens)
+            if not plan:
+                return EvictResult()
+            try:
+                return self.store.evict([p.key.path for p in plan], force=force)
+            except NotFound:
+                # a chunk of the plan left meanwhile (evicted for room by a write-back that the eviction waited
+                # for, or by another process): plan again from what is stored now
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")

@@ -68,7 +68,13 @@ def parse_size(text: str | int, what: str | None = None, error: type[Exception] 
     m = _SIZE_RE.match(str(text))
     if not m or m.group(2).lower() not in _SIZE_UNITS:
         raise error(f"{at}not a size: {text!r} (use a number with an optional unit, e.g. 512MiB, 8GiB, 2TB)")
-    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+    number, unit = m.group(1), _SIZE_UNITS[m.group(2).lower()]
+    if number.isdigit():
+        return int(number) * unit  # exact, however large (a float would round above 2**53, or overflow)
+    try:
+        return int(float(number) * unit)
+    except OverflowError:
+        raise error(f"{at}not a size: {text!r} (too large)") from None
 
 
 def format_size(n: int | float) -> str:

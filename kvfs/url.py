@@ -23,6 +23,12 @@ STORE_OPTIONS = ("capacity", "watermark", "shared")
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.\-]*)://(.*)$", re.S)
 _SECRET = re.compile(r"secret|password|passwd|token|credential|key", re.I)
 _NOT_SECRET = {"key_prefix"}
+_USERINFO = re.compile(r"^((?:[a-zA-Z][a-zA-Z0-9+.\-]*://)?[^/?#@:]*):[^/?#@]*@")  # user:password@ (a location or value)
+
+
+def _hide_password(text: str) -> str:
+    """``user:password@host...`` -> ``user:***@host...`` (a location, or an option value that is a URL)."""
+    return _USERINFO.sub(r"\1:***@", text)
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,9 @@ class TierURL:
         if v in (None, ""):
             return None
         n = parse_size(v, "capacity", InvalidURL)
+        if n >= 1 << 63:
+            raise InvalidURL(f"capacity={v[:40]} is larger than any device; leave capacity out for a tier without "
+                             "a limit")
         if n <= 0:
             # not "unlimited": a tier that may hold nothing is a mistake (and 0 read as no limit would be the
             # opposite of what it says)
@@ -72,13 +81,15 @@ class TierURL:
     def redacted(self) -> str:
         """The URL with secret-looking option values replaced by ``***``."""
         opts = {**self.backend_options, **self.store_options}
+        loc = self.location if self.scheme in ("lmdb", "file", "memory") else _hide_password(self.location)
         if not opts:
-            return f"{self.scheme}://{self.location}"
+            return f"{self.scheme}://{loc}"
         q = "&".join(
-            f"{k}={'***' if _SECRET.search(k) and k not in _NOT_SECRET else quote(v, safe='/:.,@')}"
+            f"{quote(k, safe='')}="
+            f"{'***' if _SECRET.search(k) and k not in _NOT_SECRET else quote(_hide_password(v), safe='/:.,@*')}"
             for k, v in opts.items()
         )
-        return f"{self.scheme}://{self.location}?{q}"
+        return f"{self.scheme}://{loc}?{q}"
 
     def __str__(self) -> str:
         return self.redacted()
@@ -131,7 +142,7 @@ def parse_url(url: str) -> list[TierURL]:
     for t in tiers:
         if t.scheme != "memory" or t.location:
             if t.identity in seen:
-                raise InvalidURL(f"tier {t.identity} appears twice in the store URL")
+                raise InvalidURL(f"tier {_hide_password(t.identity)} appears twice in the store URL")
             seen.add(t.identity)
     return tiers
 

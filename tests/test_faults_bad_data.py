@@ -14,6 +14,7 @@ import pytest
 
 import fault_report
 import kvfs
+from bitrot import stored_chunk
 from kvfs import chunk
 from kvfs.errors import CacheMiss, ChunkFormatError, NotFound
 from kvfs.keys import as_tokens
@@ -76,11 +77,7 @@ def test_every_bad_chunk_is_a_miss_and_is_quarantined(tmp_path, scheme, caplog):
     for case_i in range(len(list(_cases_names()))):
         url = f"{scheme}://{tmp_path}/s{case_i}"
         with kvfs.open(url) as store:
-            ns = store.namespace(SPEC)
-            ns.put(TOKENS, good_kv)
-            key = ns.keys(TOKENS)[1]
-            backend = store.tiers[0].backend
-            good = bytes(backend.get(key.path))
+            ns, key, backend, good = stored_chunk(store, SPEC, TOKENS, good_kv)
             name, bad = list(_cases(ns, good))[case_i]
             backend.put(key.path, bad)
             store._headers.clear()
