@@ -307,26 +307,43 @@ class Catalog:
         txn.put(k, _U64.pack(max(0, cur + delta)), db=meta)
 
     def recount_used(self, slots: Sequence[int], *, repair: bool = True) -> int:
-        """Check each slot's usage counter against the sizes of the chunks recorded in it (one transaction, so
-        writers in other processes cannot skew it); ``repair`` sets the counters that disagree. Returns how many
-        disagreed."""
+        """Check each slot's usage counter against the sizes of the chunks recorded in it; ``repair`` sets the
+        counters that disagree. Returns how many disagreed.
+
+        Checked in a read transaction (a scan of every record: seconds for millions, which a write transaction
+        would hold every writer of every process for); only counters found wrong are counted again and set in
+        one write transaction, so that writers in other processes cannot skew them."""
         if self.readonly:
             repair = False
+        with self.env.read(buffers=True) as txn:
+            wrong = self._wrong_used(txn, slots)
+        if not wrong or not repair:
+            return len(wrong)
+        with self.env.write() as txn:
+            for slot, total in self._wrong_used(txn, wrong).items():
+                txn.put(_enc(f"used/{slot}"), _U64.pack(total), db=self._meta)
+        return len(wrong)
+
+    def _wrong_used(self, txn, slots: Sequence[int]) -> dict[int, int]:
+        """The slots whose usage counter differs from the sizes of the records holding them, with those sums."""
         totals = dict.fromkeys(slots, 0)
-        with (self.env.write() if repair else self.env.read()) as txn:
-            for k, v in txn.cursor(db=self._chunks):
-                rec = ChunkRecord.unpack(_dec(k), v)
+        mask = 0
+        for slot in totals:
+            mask |= 1 << slot
+        size_of, tiers_of = _U64.unpack_from, _TIERS.unpack_from
+        for v in txn.cursor(db=self._chunks).iternext(keys=False, values=True):
+            bits = tiers_of(v, _TIERS_AT)[0] & mask
+            if bits:
+                size = size_of(v, 0)[0]
                 for slot in totals:
-                    if rec.tiers >> slot & 1:
-                        totals[slot] += rec.size
-            wrong = 0
-            for slot, total in totals.items():
-                v = txn.get(_enc(f"used/{slot}"), db=self._meta)
-                if (_U64.unpack(v)[0] if v else 0) != total:
-                    wrong += 1
-                    if repair:
-                        txn.put(_enc(f"used/{slot}"), _U64.pack(total), db=self._meta)
-        return wrong
+                    if bits >> slot & 1:
+                        totals[slot] += size
+        out = {}
+        for slot, total in totals.items():
+            v = txn.get(_enc(f"used/{slot}"), db=self._meta)
+            if (_U64.unpack(v)[0] if v else 0) != total:
+                out[slot] = total
+        return out
 
     # -- room for writes in flight ---------------------------------------------------------
     def reserve(self, slot: int, nbytes: int, capacity: int) -> bool:
@@ -467,7 +484,7 @@ class Catalog:
                 if v is None:
                     # only ``slot`` holds it as far as this transaction knows: a record read earlier (a resync's,
                     # whose copy lands after the chunk was evicted) names tiers that no longer hold it
-                    new = replace(rec, tiers=bit)
+                    new = replace(rec, tiers=bit, pins=0)  # (nor its pins: they went with its eviction)
                     added = True
                 else:
                     old = ChunkRecord.unpack(rec.key, v)

@@ -390,7 +390,9 @@ class Namespace:
         """Take one pin off the stored chunks of ``tokens``; returns how many had one."""
         plan = self.plan(tokens)
         self.store._check_writable()
-        return len(self.store.catalog.pin([f"{p.key.namespace}/{p.key.hex}" for p in plan], -1, leading=True))
+        # not ``leading``: past a chunk evicted since the plan, the pins :meth:`pin` took are still to take back
+        # (no later plan of these tokens reaches those chunks again)
+        return len(self.store.catalog.pin([f"{p.key.namespace}/{p.key.hex}" for p in plan], -1))
 
     def evict(self, tokens: Any, *, force: bool = False):
         """Evict the stored chunks of ``tokens`` from every tier (pinned ones only with ``force``)."""

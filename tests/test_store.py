@@ -779,3 +779,30 @@ def test_fsck_recounts_a_tier_usage_counter_that_drifted(tmp_path):
         report = store.fsck()
         assert report.usage_fixed == 1 and store.catalog.used(slot) == right
         assert store.fsck().clean
+
+
+def test_fsck_recount_of_usage_holds_no_write_transaction_when_the_counters_agree(tmp_path, monkeypatch):
+    """Recounting the usage counters scans every record (seconds for millions): a write transaction held for it
+    stalls every writer of every process on the node, though a clean catalog has nothing to set."""
+    with kvfs.open(f"lmdb://{tmp_path}/s") as store:
+        ns = store.namespace(SPEC)
+        ns.put(prompt(64), rand_kv(SPEC, 64))
+        store.flush()
+        cat = store.catalog
+        real_write, writes = cat.env.write, []
+
+        def counting_write():
+            writes.append(1)
+            return real_write()
+
+        monkeypatch.setattr(cat.env, "write", counting_write)
+        assert cat.recount_used([t.slot for t in store.tiers], repair=True) == 0
+        assert writes == []
+        monkeypatch.undo()
+        slot = store.tiers[0].slot
+        right = cat.used(slot)
+        from kvfs.catalog import _U64, _enc
+
+        with cat.env.write() as txn:
+            txn.put(_enc(f"used/{slot}"), _U64.pack(right + 7), db=cat._meta)
+        assert cat.recount_used([slot], repair=True) == 1 and cat.used(slot) == right

@@ -537,11 +537,39 @@ def test_a_copy_landing_after_its_chunk_was_evicted_records_only_that_tier(tmp_p
         ns.put(toks, kv)
         store.flush()
         key = f"{ns.path}/{ns.keys(toks)[0].hex}"
+        store.pin(ns.keys(toks)[0].path)
         rec = store.catalog.get(key)  # as a resync holds it while the copy is on its way
-        assert rec.tiers == store.tiers[0].bit | store.tiers[1].bit
-        store.evict(all=True)
+        assert rec.tiers == store.tiers[0].bit | store.tiers[1].bit and rec.pins == 1
+        store.evict(all=True, force=True)
         store.catalog.add([(rec, None)], store.tiers[1].slot)  # the copy lands: the write-back records it
         assert store.catalog.get(key).tiers == store.tiers[1].bit
+        assert store.catalog.get(key).pins == 0  # (the pin went with the eviction: not brought back by it)
         ns.put(toks, kv)  # stored again in the top tier: counted there
         for t in store.tiers:
             assert store.catalog.used(t.slot) == sum(r.size for r in store.catalog.scan() if r.tiers & t.bit)
+
+
+def test_an_unpin_racing_an_eviction_still_takes_back_the_pins_past_it(tmp_path, monkeypatch):
+    """``ns.unpin`` takes back the pins ``ns.pin`` took: a chunk force-evicted between the unpin's plan and its
+    pin change must not leave the chunks after it pinned (no later plan of the prompt reaches them again)."""
+    from kvfs.namespace import Namespace
+
+    spec = kvfs.KVSpec("race/unpin", num_layers=1, num_kv_heads=1, head_dim=8, dtype="float16", chunk_tokens=4)
+    toks = list(range(16))
+    with kvfs.open(f"lmdb://{tmp_path}/s") as store:
+        ns = store.namespace(spec)
+        ns.put(toks, np.zeros(spec.chunk_shape(16), np.float16))
+        paths = [k.path for k in ns.keys(toks)]
+        assert ns.pin(toks) == 4
+        real_plan = Namespace.plan
+
+        def plan_then_evict(self, tokens):
+            plan = real_plan(self, tokens)
+            store.evict([paths[1]], force=True)  # another thread's forced eviction, between the plan and the unpin
+            return plan
+
+        monkeypatch.setattr(Namespace, "plan", plan_then_evict)
+        ns.unpin(toks)
+        monkeypatch.undo()
+        pins = {e.path: e.pins for e in store.ls(spec.path, recursive=True) if e.kind == "chunk"}
+        assert pins == {paths[0]: 0, paths[2]: 0, paths[3]: 0}, pins
