@@ -668,28 +668,3 @@ def test_sizes_too_large_for_a_float_are_errors_not_overflows(tmp_path):
         parse_size("9" * 400 + ".5")
     with pytest.raises(InvalidURL, match="map_size"):
         kvfs.open(f"lmdb://{tmp_path}/s?map_size=99999999999999999999999PiB")
-
-
-def test_a_chunk_evicted_between_plan_and_pin_cuts_the_pins_there(tmp_path, monkeypatch):
-    """``Namespace.pin`` pinned every chunk it had planned, also those after one evicted meanwhile: a prefix
-    cut there never reaches them again, so no unpin of the prompt could take those pins back."""
-    from kvfs.namespace import Namespace
-
-    spec = kvfs.KVSpec("fuzz/pins", num_layers=1, num_kv_heads=1, head_dim=8, dtype="float16", chunk_tokens=4)
-    toks = list(range(16))
-    with kvfs.open(f"lmdb://{tmp_path}/s") as store:
-        ns = store.namespace(spec)
-        ns.put(toks, np.zeros(spec.chunk_shape(16), np.float16))
-        paths = [k.path for k in ns.keys(toks)]
-        real_plan = Namespace.plan
-
-        def plan_then_evict(self, tokens):
-            plan = real_plan(self, tokens)
-            store.evict([paths[1]])  # another thread's eviction, between the plan and the pin
-            return plan
-
-        monkeypatch.setattr(Namespace, "plan", plan_then_evict)
-        assert ns.pin(toks) == 1
-        monkeypatch.undo()
-        pins = {e.path: e.pins for e in store.ls(spec.path, recursive=True) if e.kind == "chunk"}
-        assert pins == {paths[0]: 1, paths[2]: 0, paths[3]: 0}, pins

@@ -549,27 +549,30 @@ def test_a_copy_landing_after_its_chunk_was_evicted_records_only_that_tier(tmp_p
             assert store.catalog.used(t.slot) == sum(r.size for r in store.catalog.scan() if r.tiers & t.bit)
 
 
-def test_an_unpin_racing_an_eviction_still_takes_back_the_pins_past_it(tmp_path, monkeypatch):
-    """``ns.unpin`` takes back the pins ``ns.pin`` took: a chunk force-evicted between the unpin's plan and its
-    pin change must not leave the chunks after it pinned (no later plan of the prompt reaches them again)."""
+@pytest.mark.parametrize("op", ["pin", "unpin"])
+def test_a_chunk_evicted_between_the_plan_and_the_pin_change(tmp_path, monkeypatch, op):
+    """``ns.pin`` stops at a chunk evicted since its plan: a prefix cut there never reaches the chunks after it,
+    so no unpin of the prompt could take pins on them back (it pinned them all). ``ns.unpin`` goes past it: it
+    takes back the pins ``ns.pin`` took, which no later plan of the prompt would reach again."""
     from kvfs.namespace import Namespace
 
-    spec = kvfs.KVSpec("race/unpin", num_layers=1, num_kv_heads=1, head_dim=8, dtype="float16", chunk_tokens=4)
+    spec = kvfs.KVSpec("race/pins", num_layers=1, num_kv_heads=1, head_dim=8, dtype="float16", chunk_tokens=4)
     toks = list(range(16))
     with kvfs.open(f"lmdb://{tmp_path}/s") as store:
         ns = store.namespace(spec)
         ns.put(toks, np.zeros(spec.chunk_shape(16), np.float16))
         paths = [k.path for k in ns.keys(toks)]
-        assert ns.pin(toks) == 4
+        if op == "unpin":
+            assert ns.pin(toks) == 4
         real_plan = Namespace.plan
 
         def plan_then_evict(self, tokens):
             plan = real_plan(self, tokens)
-            store.evict([paths[1]], force=True)  # another thread's forced eviction, between the plan and the unpin
+            store.evict([paths[1]], force=True)  # another thread's eviction, between the plan and the pin change
             return plan
 
         monkeypatch.setattr(Namespace, "plan", plan_then_evict)
-        ns.unpin(toks)
+        getattr(ns, op)(toks)
         monkeypatch.undo()
         pins = {e.path: e.pins for e in store.ls(spec.path, recursive=True) if e.kind == "chunk"}
-        assert pins == {paths[0]: 0, paths[2]: 0, paths[3]: 0}, pins
+        assert pins == {paths[0]: int(op == "pin"), paths[2]: 0, paths[3]: 0}, pins
