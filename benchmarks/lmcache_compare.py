@@ -509,8 +509,12 @@ def markdown(res: dict[str, Any], command: str, when: str | None = None, where: 
         "below); even unverified, kvfs's copy (numpy, layer by layer, over its thread pool) trails LMCache's "
         "strided torch copy at its best moments, and its store copies into the chunk format before keeping it. "
         "LMCache's CPU-path figures swing up to 4x between rounds on this shared machine (noise column); over "
-        "the recorded runs kvfs reached 0.65-0.88x LMCache on the CPU-tier store and 0.71-0.87x on its "
-        "retrieve. "
+        "the recorded runs kvfs reached 0.65-0.88x LMCache on the CPU-tier store and 0.67-0.87x on its "
+        "retrieve (a re-run of `python benchmarks/lmcache_compare.py --rounds 3` on 2026-11-25 08:00 at commit "
+        "75be7fc, after the capacity-reservation and signature changes: store 0.71x, retrieve 0.67x, store until "
+        "written 0.82x `file://` and 0.64x `lmdb://` against an LMCache run at 6.25 GB/s, its fastest recorded, "
+        "warm retrieve 1.54x and 1.57x, cold 1.07x and 1.19x, lookup 1.18-1.21x; an interleaved A/B of a 1 GiB "
+        "put against the previous tree moved neither `lmdb://` nor `file://` beyond noise). "
         "Store until written to `file://`: kvfs writes each chunk straight from the caller's KV (`pwritev` of "
         "the caller's planes, each layer hashed right before the kernel copies it into the page cache, the header "
         "last), one copy as in a raw write; on top of that copy it hashes every byte (about 65 of each writer "
@@ -531,7 +535,8 @@ def markdown(res: dict[str, Any], command: str, when: str | None = None, where: 
         "unforgeable), LMCache one Python `hash` per chunk; the target holds against LMCache's vLLM-connector "
         "path and with array ids. A SHA-256 chain (this CPU has the SHA extensions) took 1.00-1.03 us a chunk "
         "against BLAKE2b's 1.43, which would make about 2.55 us in all, 1.41x LMCache's list lookup: short of "
-        "the target still, so the key scheme keeps BLAKE2b.",
+        "the target still, so the key scheme keeps BLAKE2b. BLAKE3 (the `blake3` wheel) took 1.70 us a chunk: "
+        "on 1 KiB inputs its Python binding costs more than the hash saves.",
         "",
     ]
     lines += ["**Where kvfs's time goes** (measured in the same kvfs process):", ""] + diagnostics(res) + [
