@@ -351,7 +351,7 @@ class Catalog:
         it holds and those every process sharing this catalog reserved: one write transaction checks and
         reserves, so no two writers (threads or processes) count the same free space. Given back with
         :meth:`release` once the write's chunks are recorded (and so counted in :meth:`used`)."""
-        if self.readonly or slot in self.private_slots:  # reservations stay in this process
+        if self._local(slot):  # reservations stay in this process
             with self._local_lock:
                 if self.used(slot) + self._local_room.get(slot, 0) + nbytes > capacity:
                     return False
@@ -369,9 +369,13 @@ class Catalog:
             txn.put(k, _ROOM.pack(mine + nbytes, now), db=self._meta)
             return True
 
+    def _local(self, slot: int) -> bool:
+        """Whether reservations in ``slot`` stay in this process (see ``_local_room``)."""
+        return self.readonly or slot in self.private_slots
+
     def release(self, slot: int, nbytes: int) -> None:
         """Give back ``nbytes`` this process reserved in tier ``slot``."""
-        if self.readonly or slot in self.private_slots:
+        if self._local(slot):
             with self._local_lock:
                 left = self._local_room.get(slot, 0) - nbytes
                 if left > 0:
@@ -393,7 +397,7 @@ class Catalog:
 
     def reserved(self, slot: int) -> int:
         """Bytes of tier ``slot`` reserved for writes in flight, by every process sharing this catalog."""
-        if self.readonly or slot in self.private_slots:
+        if self._local(slot):
             return self._local_room.get(slot, 0)
         with self.env.read() as txn:
             return self._room_total(txn, slot, time.time(), clean=False)
@@ -459,7 +463,7 @@ class Catalog:
         ``room``: bytes this process reserved in ``slot`` for them (:meth:`reserve`),
         given back in the same transaction that counts them in :meth:`used`.
         """
-        local_room = room if self.readonly or slot in self.private_slots else 0
+        local_room = room if self._local(slot) else 0
         if local_room:
             room = 0  # not in the catalog: given back once the chunks count in used()
         out = self._add(records, slot, owed, room)

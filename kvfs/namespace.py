@@ -19,14 +19,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .chunk import _REQUIRED
+from .chunk import _STANDARD as _RESERVED  # metadata entries kvfs writes itself
 from .errors import CacheMiss, ChunkFormatError, InvalidInput, NotFound
-from .keys import ChunkKey, as_tokens, chain, chunk_keys, common_prefix_length, segment_keys
+from .keys import ChunkKey, as_tokens, chain, chunk_keys, chunk_path, common_prefix_length, segment_keys
 from .spec import KVSpec, canonical_dtype
 from .store import ReadItem, Store
 
 _RAW = {1: np.uint8, 2: np.uint16, 4: np.uint32}
-_RESERVED = frozenset(_REQUIRED) | {"layer_digests", "signature"}
 
 
 @dataclass(frozen=True)
@@ -272,8 +271,7 @@ class Namespace:
         digests = chain(self.spec.seed, toks, self.spec.chunk_tokens)
         unsigned = self.store._unsigned  # (chunks found without a valid signature: not counted)
         if self.store.catalog.count_present(self.path, digests, self.store.mask) == len(digests) and not (
-                unsigned and any(f"{self.path}/{h[:2]}/{h}.safetensors" in unsigned
-                                 for h in map(bytes.hex, digests))):
+                unsigned and any(chunk_path(self.path, d.hex()) in unsigned for d in digests)):
             return len(toks)  # every chunk is known: the common case needs no objects and no probing
         return sum(p.take for p in self.plan(toks))
 
