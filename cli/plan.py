@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
@@ -78,13 +79,24 @@ def _parse_line(path: str, lineno: int, text: str) -> Request:
                 raise _fail(path, lineno, f"{k!r} is an empty string")
             return Request(lineno, text, None, v, decode)
     names = ", ".join(repr(f) for f in TOKEN_FIELDS + TEXT_FIELDS)
+    if "messages" in fields:  # a chat request: its tokens depend on the engine's chat template
+        raise _fail(path, lineno, f"chat 'messages' are not planned (the tokens depend on the chat template): apply "
+                                  f"the template and give the prompt as text or token ids in one of {names}")
     raise _fail(path, lineno, f"no prompt: give token ids or text in one of {names}")
 
 
 def read_batch(path: str) -> list[Request]:
     """The requests of a JSONL batch file (``-``: stdin), validated line by line."""
     if path == "-":
-        return _read_lines(sys.stdin, path)
+        # decoded like a file: a leading BOM is dropped, whatever the locale's encoding
+        buf = getattr(sys.stdin, "buffer", None)
+        if buf is None:
+            return _read_lines(sys.stdin, path)
+        f = io.TextIOWrapper(buf, encoding="utf-8-sig")
+        try:
+            return _read_lines(f, path)
+        finally:
+            f.detach()  # stdin's buffer stays open
     try:
         f = open(path, encoding="utf-8-sig")  # a leading BOM (Windows editors) is not part of the JSON
     except OSError as e:
@@ -141,10 +153,10 @@ def _with_fields(raw: str, extra: dict[str, Any]) -> str:
         if isinstance(obj, list):
             obj = {"prompt_token_ids": obj}
         obj.update(extra)
-        return json.dumps(obj)
+        return json.dumps(obj, ensure_ascii=False)  # text stays as written, not \u-escaped
     add = ", ".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in extra.items())
-    if s.startswith("["):
-        return f'{{"prompt_token_ids": {s}, {add}}}'
+    if s.lstrip().startswith("["):  # a bare list (JSON allows whitespace before it)
+        return f'{{"prompt_token_ids": {s.lstrip()}, {add}}}'
     body = s[:-1].rstrip()
     return f"{body}{', ' if body != '{' else ''}{add}}}"
 

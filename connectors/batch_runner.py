@@ -32,6 +32,7 @@ group's prefix pinned; ``kvfs unpin --reset MODEL/NS`` clears it.
 from __future__ import annotations
 
 import logging
+import numbers
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -300,13 +301,20 @@ class BatchRunner:
 
 
 def _per_request(max_new_tokens: int | Sequence[int], n: int) -> list[int]:
-    if isinstance(max_new_tokens, int) and not isinstance(max_new_tokens, bool):
+    # numpy integers count as integers (a 0-d array or np.int64 is one count, a 1-D array one per request)
+    if isinstance(max_new_tokens, numbers.Integral) or getattr(max_new_tokens, "ndim", None) == 0:
         vals = [max_new_tokens] * n
+    elif not hasattr(max_new_tokens, "__len__") or isinstance(max_new_tokens, (str, bytes)):
+        raise InvalidInput(f"max_new_tokens must be an integer or one integer per request, got {max_new_tokens!r}")
     else:
         vals = list(max_new_tokens)
         if len(vals) != n:
             raise InvalidInput(f"max_new_tokens has {len(vals)} entries for {n} requests; give one per request")
+    out = []
     for i, v in enumerate(vals):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        if getattr(v, "ndim", None) == 0 and hasattr(v, "item"):
+            v = v.item()
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
             raise InvalidInput(f"request {i}: max_new_tokens must be an integer >= 1, got {v!r}")
-    return vals
+        out.append(int(v))
+    return out

@@ -50,7 +50,7 @@ from ..keys import as_tokens
 from ..namespace import PlanItem
 from ..spec import KVSpec
 from ..store import Store
-from .hf import CachedLM, kv_from_cache, output_cache
+from .hf import CachedLM, _check_full_attention, kv_from_cache, output_cache
 
 #: model types whose decoder layer is exactly norm -> attention -> residual -> norm -> MLP -> residual,
 #: with separate q/k/v projections and rotate-half RoPE (Qwen3 adds per-head q/k norms, handled)
@@ -77,6 +77,9 @@ def _check_model(model: Any) -> None:
     if mtype not in SUPPORTED_MODEL_TYPES:
         raise InvalidInput(f"CacheBlend runs the decoder layers itself and knows {', '.join(SUPPORTED_MODEL_TYPES)} "
                            f"models; this one is {mtype!r}")
+    # the config's sliding window too: Mistral's attention modules do not carry it (its mask does), and a
+    # spec= passed in skips the CachedLM check
+    _check_full_attention(config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config)
     inner = _decoder(model)
     if len(inner.layers) < 2:
         raise InvalidInput("CacheBlend needs at least 2 layers (layer 0 and a check layer)")
@@ -418,6 +421,14 @@ class BlendedLM:
         _check_model(model)
         self.model = model
         self.lm = CachedLM(model, store, spec=spec, model_name=model_name, chunk_tokens=chunk_tokens, save=save)
+        try:
+            self._setup(model, ratio, check_layer, deviation, min_ratio, bos, save)
+        except BaseException:
+            self.lm.close()  # a store opened from a URL for a refused model is not left open
+            raise
+
+    def _setup(self, model: Any, ratio: Any, check_layer: Any, deviation: Any, min_ratio: Any, bos: Any,
+               save: bool) -> None:
         self.spec = self.lm.spec
         self.ns = self.lm.ns
         self.store = self.lm.store
@@ -526,10 +537,7 @@ class BlendedLM:
         c = self.check_layer if check_layer is None else self._check_layer(check_layer)
         _check_choice("selection", selection, ("deviation", "random"))
         pre_toks = as_tokens(prefix, allow_empty=True) if prefix is not None else np.zeros(0, np.uint32)
-        segs = [as_tokens(s, allow_empty=True) for s in segments]
-        for i, s in enumerate(segs):
-            if len(s) == 0:
-                raise InvalidInput(f"segment {i} is empty; pass segments of at least one token")
+        segs = _segment_list(segments)
         q_toks = as_tokens(query, allow_empty=True)
         if len(q_toks) == 0:
             raise InvalidInput("the query must hold at least one token: its last token's logits are the output")
@@ -749,6 +757,28 @@ def _attend_mlp(layer: Any, attn: Any, h: torch.Tensor, q: torch.Tensor, K: torc
 def _deviation(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
     """Per token, the squared distance between fresh and reused ``[1, H, S, D]`` (summed over heads and dims)."""
     return (new.float() - old.float()).pow(2).sum(dim=(0, 1, 3))
+
+
+def _segment_list(segments: Any) -> list[np.ndarray]:
+    """The segments as token arrays: a list of token-id sequences, one per document, none empty."""
+    if isinstance(segments, (str, bytes)) or not hasattr(segments, "__iter__"):
+        raise InvalidInput(f"segments must be a list of token-id sequences (one per document), got "
+                           f"{type(segments).__name__}")
+    segs = list(segments)
+    if segs and all(isinstance(s, (int, np.integer)) or (isinstance(s, torch.Tensor) and s.dim() == 0)
+                    for s in segs):
+        raise InvalidInput("segments must be a list of token-id sequences (one per document), got one flat sequence "
+                           "of token ids: pass [tokens] for a single document")
+    out = []
+    for i, s in enumerate(segs):
+        try:
+            toks = as_tokens(s, allow_empty=True)
+        except InvalidInput as e:
+            raise InvalidInput(f"segment {i}: {e}") from None
+        if len(toks) == 0:
+            raise InvalidInput(f"segment {i} is empty; pass segments of at least one token")
+        out.append(toks)
+    return out
 
 
 def _check_ratio(ratio: Any) -> float | str:

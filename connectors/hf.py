@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import inspect
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -201,6 +202,9 @@ class _PrefetchedLayer(DynamicLayer):
 
 
 def _prompt_tokens(input_ids: Any) -> np.ndarray:
+    if isinstance(input_ids, Mapping) and "input_ids" in input_ids:  # a tokenizer's output (BatchEncoding)
+        raise InvalidInput("pass the prompt's token ids (enc['input_ids']), not the tokenizer's output: CachedLM runs "
+                           "one prompt without padding, so it takes no attention mask")
     if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2:
         if input_ids.shape[0] != 1:
             raise InvalidInput(f"one prompt at a time: input_ids has batch size {input_ids.shape[0]}")

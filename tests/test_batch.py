@@ -340,6 +340,7 @@ def test_cli_plan_json_report(tmp_path):
     ('{"tokens": [1], "max_tokens": -1}\n', ":1: 'max_tokens' must be a number >= 0"),
     ('{"prompt": "what is this"}\n', ":1: the prompt is text: pass --tokenizer"),
     ("\n  \n", "the batch is empty"),
+    ('{"body": {"messages": [{"role": "user", "content": "hi"}]}}\n', ":1: chat 'messages' are not planned"),
 ])
 def test_cli_plan_refuses_bad_batches(tmp_path, content, message):
     batch = tmp_path / "bad.jsonl"
@@ -371,6 +372,36 @@ def test_cli_plan_reads_a_file_with_a_utf8_bom(tmp_path):
     r = CliRunner().invoke(cli, ["plan", str(batch), "-o", str(out)])
     assert r.exit_code == 0, r.output
     assert [json.loads(x)["kvfs_prefix_tokens"] for x in out.read_text().splitlines()] == [2, 2]
+
+
+def test_cli_plan_reads_stdin_with_a_utf8_bom(tmp_path):
+    out = tmp_path / "o.jsonl"
+    data = b"\xef\xbb\xbf" + b'{"tokens": [1, 2, 3]}\n{"tokens": [1, 2, 4]}\n'
+    r = CliRunner().invoke(cli, ["plan", "-", "-o", str(out)], input=data)
+    assert r.exit_code == 0, r.output
+    assert [json.loads(x)["kvfs_prefix_tokens"] for x in out.read_text().splitlines()] == [2, 2]
+
+
+def test_cli_plan_output_of_indented_bare_lists_is_json(tmp_path):
+    batch = _write(tmp_path / "b.jsonl", ["  [1, 2, 3]", "\t[1, 2, 4]  "])
+    out = tmp_path / "o.jsonl"
+    r = CliRunner().invoke(cli, ["plan", str(batch), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [x["prompt_token_ids"] for x in lines] == [[1, 2, 3], [1, 2, 4]]
+    assert [x["kvfs_prefix_tokens"] for x in lines] == [2, 2]
+
+
+def test_cli_plan_replanning_keeps_unicode_text_as_written(tmp_path):
+    batch = tmp_path / "b.jsonl"
+    batch.write_text('{"tokens": [1, 2, 3], "note": "café ☕"}\n{"tokens": [1, 2, 4], "note": "日本"}\n',
+                     encoding="utf-8")
+    once, twice = tmp_path / "o1.jsonl", tmp_path / "o2.jsonl"
+    assert CliRunner().invoke(cli, ["plan", str(batch), "-o", str(once)]).exit_code == 0
+    assert CliRunner().invoke(cli, ["plan", str(once), "-o", str(twice)]).exit_code == 0
+    text = twice.read_text(encoding="utf-8")
+    assert "café ☕" in text and "日本" in text
+    assert [json.loads(x)["kvfs_prefix_tokens"] for x in text.splitlines()] == [2, 2]
 
 
 def _local_tokenizer(directory: Path) -> Path:
@@ -530,6 +561,26 @@ def test_runner_admits_requests_by_kv_bytes(tiny, tmp_path):
             BatchRunner(lm).run(plan, [1, 2])
         with pytest.raises(InvalidInput, match="request 0"):
             BatchRunner(lm).run(plan, 0)
+
+
+def test_runner_takes_numpy_token_counts(tiny):
+    """max_new_tokens as numpy (an array per request, or one np.int64): what plan_batch's decode_tokens takes."""
+    from kvfs.connectors.batch_runner import BatchRunner
+    from kvfs.connectors.hf import CachedLM
+
+    prompts, new = runner_batch()
+    prompts, new = prompts[:4], np.asarray(new[:4])
+    plan = plan_batch(prompts, decode_tokens=new)
+    with CachedLM(tiny, "memory://", chunk_tokens=RUN_CHUNK, save=False) as lm:
+        per = BatchRunner(lm).run(plan, new)
+        assert not per.failed
+        assert per.outputs == [reference_tokens(tiny, p, int(n)) for p, n in zip(prompts, new)]
+        one = BatchRunner(lm).run(plan, np.int64(2))
+        assert not one.failed and [len(t) for t in one.outputs] == [2] * 4
+        with pytest.raises(InvalidInput, match="request 1: max_new_tokens must be an integer >= 1"):
+            BatchRunner(lm).run(plan, np.array([2, 0, 2, 2]))
+        with pytest.raises(InvalidInput, match="one integer per request"):
+            BatchRunner(lm).run(plan, None)
 
 
 def test_runner_prefix_can_be_evicted_after_its_group(tiny, tmp_path):

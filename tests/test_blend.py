@@ -463,6 +463,48 @@ def test_bad_input_is_refused_clearly(sparse, tiny):
         BlendedLM(gpt2, "memory://", model_name="gpt2-test")
 
 
+def test_a_refused_blend_closes_the_store_it_opened(tiny):
+    # a store opened from a URL for a BlendedLM refused after it is closed again: a named memory:// store
+    # lives while any store of this process holds it, so what a leaked one kept would still be there
+    spec = kvfs.KVSpec("kvfs-test/leak", num_layers=1, num_kv_heads=1, head_dim=4, dtype="float32", chunk_tokens=4)
+    with pytest.raises(InvalidInput, match="deviation"):
+        BlendedLM(tiny, "memory://blend-refused", deviation="q")
+    with kvfs.open("memory://blend-refused") as store:
+        store.namespace(spec).put([1, 2, 3, 4], np.ones(spec.chunk_shape(4), np.float32))
+    with kvfs.open("memory://blend-refused") as store:
+        assert store.namespace(spec).lookup([1, 2, 3, 4]) == 0
+
+
+def test_a_flat_list_of_tokens_as_segments_is_refused_saying_how_to_fix_it(tiny):
+    with kvfs.open("memory://") as store, BlendedLM(tiny, store, chunk_tokens=CHUNK) as lm:
+        for flat in ([1, 2, 3], torch.tensor([1, 2, 3]), np.array([1, 2, 3])):
+            with pytest.raises(InvalidInput, match=r"one flat sequence of token ids: pass \[tokens\]"):
+                lm.prefill([5, 6], flat, [7])
+        with pytest.raises(InvalidInput, match="segment 1: token ids must be integers"):
+            lm.prefill([5, 6], [[1, 2], [3, "x"]], [7])
+        with pytest.raises(InvalidInput, match="segments must be a list of token-id sequences"):
+            lm.generate([5, 6], "a document", [7])
+        assert lm.prefill([5, 6], np.array([[1, 2], [3, 4]]), [7]).segment_tokens == 4  # a 2-D array: rows
+
+
+def test_a_sliding_window_model_is_refused_even_with_a_spec():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    cfg = MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
+                        bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = MistralForCausalLM(cfg).eval()
+    spec = kvfs.KVSpec("kvfs-test/mistral-swa", num_layers=3, num_kv_heads=2, head_dim=16, dtype="float32",
+                       chunk_tokens=CHUNK)
+    # Mistral's attention modules do not carry the window (its mask does): blending with full attention would
+    # differ from the model past 8 tokens
+    with kvfs.open("memory://") as store:
+        with pytest.raises(InvalidInput, match="sliding_window=8"):
+            BlendedLM(model, store, spec=spec)
+
+
 def test_bfloat16_model_blends_and_stores_bf16(tmp_path):
     model = build_model("tiny", seed=0, dtype=torch.bfloat16)
     segs = [rand_tokens(20 + i, 24) for i in range(3)]

@@ -219,6 +219,17 @@ def test_partial_chunk_sharing_and_short_prompts(model, tmp_path):
         assert out.tokens == reference(model, prompt, 6)
 
 
+def test_a_tokenizers_output_is_refused_saying_what_to_pass(model):
+    from transformers import BatchEncoding
+
+    enc = BatchEncoding({"input_ids": torch.tensor([[0, 0, 5, 6]]), "attention_mask": torch.tensor([[0, 0, 1, 1]])})
+    with CachedLM(model, "memory://", chunk_tokens=CHUNK) as lm:
+        with pytest.raises(kvfs.InvalidInput, match=r"enc\['input_ids'\].*no attention mask"):
+            lm.generate(enc, 2)
+        with pytest.raises(kvfs.InvalidInput, match=r"enc\['input_ids'\]"):
+            lm.prefill({"input_ids": [5, 6]})
+
+
 def test_load_false_is_the_full_prefill_baseline(model, tmp_path):
     url = f"lmdb://{tmp_path}/s"
     prompt = CONTEXT + QUESTIONS[2]
