@@ -5,7 +5,7 @@ The shared tier: several nodes and clusters may read and write one bucket
 objects ``<bucket>/<prefix>/<key>``.
 
 Batches run concurrently on fsspec's event loop (one coroutine per key,
-``_cat_file``/``_pipe_file``/``_bulk_delete``..., at most ``concurrency`` in
+``_cat_file``/``_pipe_file``/``DeleteObjects``..., at most ``concurrency`` in
 flight), never as a loop of blocking requests. Each key's operation has a
 deadline (``timeout``, retries included): a server that is unreachable or
 stops answering gives a clear :class:`~kvfs.errors.Timeout` or
@@ -692,7 +692,7 @@ class FsspecBackend(Backend):
             return
         if self._is_s3:
             groups = [paths[i : i + 1000] for i in range(0, len(paths), 1000)]  # DeleteObjects takes 1000
-            jobs = [(keys[i], lambda g=g: self.fs._bulk_delete(g)) for i, g in zip(range(0, len(paths), 1000), groups)]
+            jobs = [(keys[i], lambda g=g: self._delete_s3(g)) for i, g in zip(range(0, len(paths), 1000), groups)]
         else:
             jobs = [(k, lambda p=p: self._afs._rm_file(p)) for k, p in zip(keys, paths)]
 
@@ -700,6 +700,23 @@ class FsspecBackend(Backend):
             await self._batch("deleting", jobs)
 
         self._run(go)
+
+    async def _delete_s3(self, paths: Sequence[str]) -> None:
+        """One ``DeleteObjects`` request. It answers 200 even when keys could not be deleted (no
+        ``s3:DeleteObject`` permission, object lock...), listing them under ``Errors``, which s3fs's
+        ``_bulk_delete`` ignores: the first such error is raised here (a missing key is not one), so that an
+        eviction never reports as freed what is still in the bucket."""
+        bucket = self.fs.split_path(paths[0])[0]
+        out = await self.fs._call_s3("delete_objects", Bucket=bucket, Delete={
+            "Objects": [{"Key": self.fs.split_path(p)[1]} for p in paths], "Quiet": True})
+        failed = [e for e in out.get("Errors") or () if str(e.get("Code")) not in _MISSING_CODES]
+        if failed:
+            from botocore.exceptions import ClientError
+
+            first = failed[0]
+            raise ClientError({"Error": {"Code": str(first.get("Code")), "Message": (
+                f"{len(failed)} of {len(paths)} object(s) not deleted, first {first.get('Key')}: "
+                f"{first.get('Message', '')}")}}, "DeleteObjects")
 
     # ---------------------------------------------------------------------------------- lifetime
     def close(self) -> None:

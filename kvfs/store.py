@@ -1160,6 +1160,13 @@ class Store:
         """Copy a queued chunk into a lower tier and record it there (returns True: recorded)."""
         tier = self.tiers[tier_index]
         if not self._make_room(tier, job.nbytes):
+            if tier_index < len(self.tiers) - 1 and self._copied_below(job, tier_index):
+                # a cache tier with no room (full of pinned chunks, or of chunks not yet copied down) is passed
+                # over, as a put passes it over for the next tier: the chunk is in (or on its way to) a tier
+                # below, so nothing is owed to this one (else every flush() would report it, forever)
+                self.catalog.forgive([key_of_path(job.path)], tier.bit)
+                log.debug("kvfs: %s not copied to %s: full", job.path, tier.url.redacted())
+                return True
             raise NoSpace(f"tier {tier.url.redacted()} is full and nothing in it can be evicted (pinned, or not yet "
                           "copied to a lower tier, or its room is held by writes in flight)")
         reservation = [job.nbytes]
@@ -1173,6 +1180,13 @@ class Store:
         finally:
             self._release_room(tier, reservation)
         return True
+
+    def _copied_below(self, job: WriteJob, tier_index: int) -> bool:
+        """Whether a queued chunk is written to a tier below ``tier_index`` after it, or recorded there."""
+        if any(ti > tier_index for ti in job.targets):
+            return True
+        rec = self.catalog.get(key_of_path(job.path))
+        return rec is not None and any(rec.tiers & t.bit for t in self.tiers[tier_index + 1 :])
 
     def _release_room(self, tier: Tier, reservation: list[int]) -> None:
         """Give back the room :meth:`_make_room` reserved (once; ``reservation`` is emptied)."""
@@ -1516,7 +1530,8 @@ class Store:
 
         :class:`NotFound` if no tier holds it; if every copy fails its checks, the
         :class:`ChunkFormatError` (``IntegrityError``...) of the first, naming the tier (the bad copies
-        are quarantined unless the store is read-only).
+        are quarantined unless the store is read-only); if no tier had a good copy and one could not be
+        read (a server down), that tier's ``OSError``.
         """
         self._check_open()
         parts = self._split(path)
@@ -1538,6 +1553,7 @@ class Store:
                                  "(`kvfs cp`), then run `kvfs fsck`")
         rec = self.catalog.get(key_of_path(path))
         failure: ChunkFormatError | None = None
+        unreadable: OSError | None = None
         for t in self.tiers:
             if rec is not None and not rec.tiers & t.bit and not t.shared:
                 continue
@@ -1545,6 +1561,7 @@ class Store:
                 data = t.backend.get(path)
             except OSError as e:
                 self._warn_once(f"read:{t.index}", f"kvfs: reading {path} from {t.url.redacted()} failed: {e}")
+                unreadable = unreadable or e
                 continue
             if data is None:
                 continue
@@ -1562,6 +1579,10 @@ class Store:
             return data
         if failure is not None:
             raise failure
+        if unreadable is not None:
+            # a tier that could not be read may hold it: its error (a server down, access denied), not "no such
+            # chunk" (`kvfs cp` would report every chunk of an unreachable source as missing)
+            raise unreadable
         raise NotFound(path)
 
     def validate_chunk(self, data, path: str, spec: KVSpec | None = None, *,
@@ -1978,6 +1999,7 @@ class Store:
         counts = {"fetched": 0, "already": 0, "failed": 0, "bytes": 0, "evicted": 0}
         top = self.tiers[0]
         fetched: list[str] = []
+        down: set[int] = set()  # tiers that timed out or refused the connection: not asked again by this call
         for r in recs.values():
             if r.tiers & top.bit:
                 counts["already"] += 1
@@ -1986,12 +2008,16 @@ class Store:
                 continue
             done = False
             for t in self.tiers[1:]:
-                if not r.tiers & t.bit and not t.shared:
+                if not r.tiers & t.bit and not t.shared or t.index in down:
                     continue
                 try:
                     data = t.backend.get(r.path)
                 except OSError as e:
                     self._warn_once(f"read:{t.index}", f"kvfs: reading {r.path} from {t.url.redacted()}: {e}")
+                    if isinstance(e, (TimeoutError, ConnectionError)):
+                        # the tier itself is failing: every other chunk would wait out the same deadline
+                        # (hours for a namespace behind a server that stopped answering)
+                        down.add(t.index)
                     continue
                 if data is None:
                     continue

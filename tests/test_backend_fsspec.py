@@ -390,3 +390,87 @@ def test_missing_client_library_gives_an_install_hint():
         pytest.skip("gcsfs is installed here")
     with pytest.raises(BackendUnavailable, match="pip install gcsfs"):
         open_backend("gs://bucket/prefix")
+
+
+class _NoDeleteProxy:
+    """In front of moto: answers every ``DeleteObjects`` as S3 does for credentials without
+    ``s3:DeleteObject`` (HTTP 200, each key listed under ``<Error>`` with ``AccessDenied``), deleting nothing;
+    every other request is forwarded."""
+
+    def __init__(self, upstream: str) -> None:
+        import http.client
+        import re
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import urlsplit
+
+        up = urlsplit(upstream)
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _handle(self):
+                n = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(n) if n else b""
+                if self.command == "POST" and "delete" in self.path.partition("?")[2].split("&"):
+                    keys = re.findall(rb"<Key>(.*?)</Key>", body)
+                    data = b'<?xml version="1.0" encoding="UTF-8"?><DeleteResult>' + b"".join(
+                        b"<Error><Key>" + k + b"</Key><Code>AccessDenied</Code><Message>Access Denied</Message>"
+                        b"</Error>" for k in keys) + b"</DeleteResult>"
+                    status, headers = 200, [("Content-Type", "application/xml")]
+                else:
+                    conn = http.client.HTTPConnection(up.hostname, up.port, timeout=60)
+                    conn.request(self.command, self.path, body=body,
+                                 headers={k: v for k, v in self.headers.items() if k.lower() != "connection"})
+                    resp = conn.getresponse()
+                    data, status = resp.read(), resp.status
+                    headers = [(k, v) for k, v in resp.getheaders()
+                               if k.lower() not in ("transfer-encoding", "connection", "content-length")]
+                    conn.close()
+                self.send_response(status)
+                for k, v in headers:
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def test_keys_a_delete_objects_request_could_not_delete_are_an_error(moto_server):
+    """DeleteObjects answers 200 and lists the keys it could not delete (no s3:DeleteObject permission, object
+    lock): a delete_many that left them in the bucket raises (PermissionDenied here), and an eviction does not
+    report as freed what the bucket still holds."""
+    proxy = _NoDeleteProxy(moto_server)
+    bucket = make_bucket(moto_server)
+    try:
+        url = f"s3://{bucket}/kv?endpoint_url={proxy.endpoint}&timeout=10"
+        with open_backend(url) as b:
+            b.put_many({K1: b"a", "m/ns-1/bb/bb00.safetensors": b"b"})
+            with pytest.raises(PermissionDenied) as ei:
+                b.delete_many([K1, "m/ns-1/bb/bb00.safetensors"])
+            assert ei.value.errno == errno.EACCES and "access denied" in str(ei.value)
+            assert b.exists_many([K1, "m/ns-1/bb/bb00.safetensors"]) == [True, True]
+        import numpy as np
+
+        spec = kvfs.KVSpec("nodel", num_layers=1, num_kv_heads=1, head_dim=8, dtype="float16", chunk_tokens=16)
+        with kvfs.open(url) as store:
+            ns = store.namespace(spec)
+            ns.put(list(range(32)), np.ones(spec.chunk_shape(32), np.float16))
+            with pytest.raises(PermissionDenied):
+                store.evict(all=True)
+            assert ns.lookup(list(range(32))) == 32  # still there, and found again
+    finally:
+        proxy.close()

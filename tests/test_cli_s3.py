@@ -59,3 +59,19 @@ def test_cp_to_a_missing_bucket_or_a_dead_server_is_one_clear_line(tmp_path, mot
     line = one_error_line(p.stderr)
     assert "127.0.0.1:9" in line
     assert os.path.isdir(f"{tmp_path}/local")
+
+
+def test_cp_from_an_unreachable_source_says_so_not_that_chunks_failed_their_checks(tmp_path, moto_server):
+    """The source's catalog lists chunks in a bucket whose server is down: `kvfs cp` names the server it cannot
+    reach (exit 1), rather than reporting every chunk as missing or as failing its checks."""
+    from s3servers import FaultyProxy, make_bucket
+
+    proxy = FaultyProxy(moto_server)
+    src = f"s3://{make_bucket(moto_server)}/kv?endpoint_url={proxy.endpoint}&timeout=5&retries=0"
+    fill(src)
+    proxy.close()  # the server is gone: connections are refused
+    p = run("cp", src, f"lmdb://{tmp_path}/dst", check=1)
+    err = [ln for ln in p.stderr.splitlines() if ln.startswith("kvfs cp:")]
+    assert len(err) == 1 and "Traceback" not in p.stderr, p.stderr
+    assert "cannot connect" in err[0] and proxy.endpoint in err[0], err[0]
+    assert "failed their checks" not in p.stderr and "no such chunk" not in p.stderr

@@ -299,6 +299,34 @@ def test_layer_subset_read_from_a_file_tier_promotes_whole_chunks(tmp_path):
         np.testing.assert_array_equal(ns.get(toks), kv)
 
 
+@pytest.mark.s3
+def test_prefetch_from_a_bucket_that_stopped_answering_gives_up_after_one_deadline(moto_server, tmp_path):
+    """A bucket whose server stops answering: prefetch waits out its deadline once, not once per chunk (a
+    namespace of thousands of chunks would take hours), and reports every chunk as not fetched."""
+    proxy = FaultyProxy(moto_server)
+    bucket = make_bucket(moto_server)
+    try:
+        url = f"lmdb://{tmp_path}/hot::s3://{bucket}/kv?endpoint_url={proxy.endpoint}&timeout=1&retries=0"
+        with kvfs.open(url) as store:
+            ns = store.namespace(SPEC)
+            toks, kv = _prompt(6, 95)
+            ns.put(toks, kv)
+            store.flush()
+            store.evict(all=True, tier=0)
+            assert _in_tier(store, 1, ns, toks) == [True] * 6
+            proxy.delay = 5.0  # every request now outlives the 1 s deadline
+            t0 = time.monotonic()
+            counts = store.prefetch([SPEC.path])
+            took = time.monotonic() - t0
+            assert counts["failed"] == 6 and counts["fetched"] == 0, counts
+            assert took < 3.5, f"prefetch took {took:.1f} s: it waited out the deadline chunk after chunk"
+            proxy.delay = 0.0
+            assert store.prefetch([SPEC.path])["fetched"] == 6  # the next prefetch asks the bucket again
+            np.testing.assert_array_equal(ns.get(toks), kv)
+    finally:
+        proxy.close()
+
+
 # ------------------------------------------------------------------------------------ capacity
 def test_capacity_evicts_lru_to_the_watermark_keeps_pins_and_loses_nothing_below(tmp_path):
     size = CHUNK + 4096  # one chunk file
@@ -413,6 +441,28 @@ def test_a_full_tier_of_pinned_chunks_spills_to_the_next_tier(tmp_path):
         assert [_in_tier(store, 0, ns, t[0])[0] for t in (a, b, c)] == [True, True, False]
         assert _in_tier(store, 1, ns, c[0]) == [True]
         np.testing.assert_array_equal(ns.get(c[0]), c[1])
+
+
+def test_write_back_passes_over_a_middle_tier_full_of_pinned_chunks(tmp_path):
+    """A middle (cache) tier full of pinned chunks: a chunk's copy goes on to the tier below, as a put would,
+    and nothing is owed to the full tier: flush() succeeds (it used to fail on every call, forever, though the
+    chunk was safe in the bottom tier)."""
+    size = CHUNK + 4096
+    url = f"memory://::lmdb://{tmp_path}/mid?capacity={2 * size}::file://{tmp_path}/bottom"
+    a, b = _prompt(2, 45), _prompt(1, 46)
+    with kvfs.open(url) as store:
+        ns = store.namespace(SPEC)
+        ns.put(*a)
+        store.flush()
+        ns.pin(a[0])  # the middle tier is full of pinned chunks
+        ns.put(*b)
+        store.flush()
+        store.flush()
+        assert store.catalog.owed() == []
+        assert _in_tier(store, 1, ns, b[0]) == [False] and _in_tier(store, 2, ns, b[0]) == [True]
+        assert store.catalog.used(store.tiers[1].slot) <= 2 * size
+        store.evict(all=True, tier=0)
+        np.testing.assert_array_equal(ns.get(b[0]), b[1])  # from the bottom tier
 
 
 def test_last_tier_full_of_pinned_chunks_is_nospace(tmp_path):
