@@ -126,7 +126,8 @@ def evict(paths: tuple[str, ...], all_: bool, to_size: int | None, older_than: f
 
     Select chunks by PATH (chunks or directories), --all, --older-than or
     --to-size; selections add up. Exits with status 1 when pinned chunks
-    were refused.
+    were refused, or (with --tier) chunks were kept because that tier holds
+    their only copy, not yet written back to the tiers below.
     """
     if not (paths or all_ or to_size is not None or older_than is not None):
         raise click.UsageError("say what to evict: PATH..., --all, --to-size SIZE or --older-than DURATION")
@@ -135,7 +136,7 @@ def evict(paths: tuple[str, ...], all_: bool, to_size: int | None, older_than: f
     _check_paths(store, paths, "evict")
     plan = store.evict(paths, all=all_, to_size=to_size, older_than=older_than, force=force, dry_run=True,
                        tier=tier)
-    refused = list(plan.refused)
+    refused, not_copied = list(plan.refused), list(plan.not_copied)
     if dry_run:
         evicted, freed = plan.evicted, plan.freed_bytes
     else:
@@ -149,10 +150,12 @@ def evict(paths: tuple[str, ...], all_: bool, to_size: int | None, older_than: f
                 res = _evict_batch(store, batch, force, tier)
                 evicted += res.evicted
                 refused += res.refused  # pinned since the plan was made
+                not_copied += res.not_copied  # its write-back failed since the plan was made
                 freed += res.freed_bytes
                 update(sum(sizes[p] for p in batch))
     if as_json:
-        echo_json({"dry_run": dry_run, "evicted": evicted, "refused": refused, "freed_bytes": freed})
+        echo_json({"dry_run": dry_run, "evicted": evicted, "refused": refused, "not_copied": not_copied,
+                   "freed_bytes": freed})
     elif dry_run:
         for p in evicted:
             click.echo(f"would evict {p}")
@@ -160,10 +163,17 @@ def evict(paths: tuple[str, ...], all_: bool, to_size: int | None, older_than: f
     else:
         where = f" from tier {tier}" if tier is not None else ""
         click.echo(f"evicted {len(evicted)} chunk(s){where}, freed {size(freed)}")
+    problems = []
+    if not_copied:
+        first = f" (first: {not_copied[0]})" if len(not_copied) > 1 else f": {not_copied[0]}"
+        problems.append(f"kept {len(not_copied)} chunk(s) whose only copy is in tier {tier}{first}: they are not yet "
+                        "copied to the tiers below (their write-back is failing or still running); retry once the "
+                        "tiers below are reachable, or evict without --tier to remove them everywhere")
     if refused:
         first = f" (first: {refused[0]})" if len(refused) > 1 else f": {refused[0]}"
-        raise CommandError(f"refused to evict {len(refused)} pinned chunk(s){first}; unpin them or use --force",
-                           1, "kvfs evict")
+        problems.append(f"refused to evict {len(refused)} pinned chunk(s){first}; unpin them or use --force")
+    if problems:
+        raise CommandError("; ".join(problems), 1, "kvfs evict")
 
 
 def _evict_batch(store, paths: list[str], force: bool, tier: int | None):
@@ -182,6 +192,7 @@ def _evict_batch(store, paths: list[str], force: bool, tier: int | None):
                 continue
             out.evicted += r.evicted
             out.refused += r.refused
+            out.not_copied += r.not_copied
             out.freed_bytes += r.freed_bytes
         return out
 

@@ -136,6 +136,9 @@ class EvictResult:
     evicted: list[str] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)  # pinned, not forced
     freed_bytes: int = 0
+    #: evicting only some tiers: chunks whose only copy is there, still owed to another tier of the store (its
+    #: write-back failing, or in flight in another process): kept, since evicting them would lose them
+    not_copied: list[str] = field(default_factory=list)
     dry_run: bool = False
 
 
@@ -1700,6 +1703,10 @@ class Store:
         Selection: explicit paths (chunks or directories), ``all``, those not
         read for ``older_than`` (``"7d"``), or least-recently-used ones until
         the store holds at most ``to_size`` (``"100GiB"``).
+
+        With ``tier``, a chunk whose only copy is in that tier and which is still owed to another tier (its
+        write-back failing, or in flight in another process) is kept and listed in ``not_copied``: evicting it
+        there would lose it. Evicting from every tier removes it.
         """
         self._check_open()
         if not dry_run:
@@ -1750,10 +1757,14 @@ class Store:
         result = EvictResult(dry_run=dry_run)
         victims = []
         tiers = self.tiers if tier is None else [self.tiers[tier]]
+        others = self.mask & ~sum(t.bit for t in tiers)
+        owed = {k for k, bits, _pid in self.catalog.owed() if bits & others} if others and chosen else set()
         for r in chosen.values():
             if not any(r.tiers & t.bit or t.shared for t in tiers):
                 continue  # not in the tier(s) evicted from: nothing to remove, nothing to report
-            if r.pins and not force:
+            if r.key in owed and not r.tiers & others:
+                result.not_copied.append(r.path)  # its only copy: evicting it from here would lose it
+            elif r.pins and not force:
                 result.refused.append(r.path)
             else:
                 victims.append(r)

@@ -538,6 +538,27 @@ def test_evict_reports_only_chunks_it_removed(tmp_path):
     assert json.loads(invoke("evict", "--all", "--json", url=url).stdout)["evicted"] == []
 
 
+def test_evict_from_the_top_tier_keeps_the_only_copy_of_a_chunk_not_yet_written_back(tmp_path):
+    url = f"lmdb://{tmp_path}/hot::file://{tmp_path}/files"
+    with kvfs.open(url) as store:
+        ns = store.namespace(SPEC)
+        stuck = ns.keys(P1)[0].path
+        shard = tmp_path / "files" / stuck.rsplit("/", 1)[0]
+        shard.parent.mkdir(parents=True)
+        shard.write_bytes(b"in the way")  # the first chunk's write-back to the file tier fails
+        ns.put(P1, kv_of(70))
+        with pytest.raises(kvfs.StoreError):
+            store.flush()
+    p = run("evict", "--all", "--tier", "0", url=url, check=1)
+    line = one_error_line(p.stderr)
+    assert "kept 1 chunk(s) whose only copy is in tier 0" in line and stuck in line
+    assert "evicted 4 chunk(s) from tier 0" in p.stdout  # the others are in the file tier
+    doc = json.loads(run("evict", "--all", "--tier", "0", "--json", url=url, check=1).stdout)
+    assert doc["not_copied"] == [stuck] and doc["evicted"] == []
+    with kvfs.open(url) as store:
+        np.testing.assert_array_equal(store.namespace(SPEC).get(P1), kv_of(70))
+
+
 def test_mount_refuses_a_mistyped_store_directory(tmp_path):
     mnt = tmp_path / "mnt"
     mnt.mkdir()

@@ -103,6 +103,35 @@ def test_flush_reports_writeback_failures_and_keeps_the_upper_copy(tmp_path):
         assert rec.tiers & store.tiers[1].bit and store.catalog.owed() == []
 
 
+def test_evicting_the_top_tier_keeps_chunks_not_yet_copied_below(tmp_path):
+    """evict(tier=0) drops hot copies the tiers below also hold; a chunk whose write-back failed has its only
+    copy there: it is kept (``not_copied``), and evicting it from every tier still removes it."""
+    root = tmp_path / "files"
+    with kvfs.open(f"lmdb://{tmp_path}/hot::file://{root}") as store:
+        ns = store.namespace(SPEC)
+        saved, kv = _prompt(2, 1)
+        ns.put(saved, kv)
+        store.flush()
+        stuck, kv2 = _prompt(1, 2)
+        shard = root / ns.keys(stuck)[0].path.rsplit("/", 1)[0]
+        shard.parent.mkdir(parents=True, exist_ok=True)
+        shard.write_bytes(b"in the way")  # its write-back fails
+        ns.put(stuck, kv2)
+        with pytest.raises(StoreError):
+            store.flush()
+        path = ns.keys(stuck)[0].path
+        assert store.evict(all=True, tier=0, dry_run=True).not_copied == [path]
+        res = store.evict(all=True, tier=0)
+        assert res.not_copied == [path] and sorted(res.evicted) == sorted(k.path for k in ns.keys(saved))
+        np.testing.assert_array_equal(ns.get(stuck), kv2)  # still there, in the top tier
+        np.testing.assert_array_equal(ns.get(saved), kv)  # from the tier below
+        shard.unlink()
+        store.flush()  # written back now: the next eviction from the top tier takes it
+        assert store.evict([path], tier=0).evicted == [path]
+        np.testing.assert_array_equal(ns.get(stuck), kv2)
+        assert store.evict([path]).evicted == [path] and ns.lookup(stuck) == 0  # from every tier: removed
+
+
 def test_a_second_outage_soon_after_the_first_is_resynced_too(tmp_path, monkeypatch):
     """A lower tier that fails again moments after it came back (within the resync interval): the copies that
     failed the second time are queued again by a later write that succeeds, without a flush (a serving
