@@ -95,12 +95,14 @@ class LoadSpec:
 @dataclass
 class SaveSpec:
     """Store the KV of ``token_ids`` (a whole prompt), found in the request's blocks, from token ``start`` on
-    (a chunk boundary: the chunks before it were stored when the scheduler looked)."""
+    (a chunk boundary: the chunks before it were stored when the scheduler looked). ``computed``: the first token
+    the step computes (the KV before it was in the blocks already: loaded, cached or computed in earlier steps)."""
 
     req_id: str
     token_ids: list[int]
     block_ids: list[int]
     start: int = 0
+    computed: int = 0
 
 
 @dataclass
@@ -383,6 +385,11 @@ class KVFSConnector(KVConnectorBase_V1):
         # blocks a load of this step failed to fill: a save reading any of them (the failed request's own, or
         # another request's sharing its prefix blocks through vLLM's prefix cache) computed its KV over them
         self._failed_blocks: set[int] = set()
+        # the previous step's: with async scheduling vLLM schedules a step before it learns that the previous one's
+        # load failed, so a save in it may read those blocks, unfilled, as if loaded (a prefill ending in the next
+        # chunk, or a request given the blocks by vLLM's prefix cache); only a save that computes them anew may
+        self._prev_failed_blocks: set[int] = set()
+        self._prev_loaded = False  # the previous step loaded (the same on every tensor-parallel rank)
         self._lock = threading.Lock()
         log.info("KVFSConnector (%s, %s) on %s, namespace %s", role.name.lower(), ktc.kv_role,
                  self.store.redacted_url, self.spec.path)
@@ -428,6 +435,12 @@ class KVFSConnector(KVConnectorBase_V1):
         meta = KVFSConnectorMetadata(loads=list(self._pending_loads.values()))
         self._pending_loads.clear()
         self._lookups.clear()
+        # first: a request aborted and added again under the same id (legal in vLLM) is in finished_req_ids and
+        # in this step's new requests; dropping the finished one afterwards would drop the new one's state.
+        # (request_finished, called for every finished request, already cleared the passthrough flag of the old
+        # one: discarding it here would clear the new one's, and a salted prompt would be saved.)
+        for req_id in scheduler_output.finished_req_ids:
+            self._tracked.pop(req_id, None)
         scheduled = scheduler_output.num_scheduled_tokens
         for new in scheduler_output.scheduled_new_reqs:
             eligible = (new.req_id not in self._passthrough and new.prompt_token_ids
@@ -447,9 +460,6 @@ class KVFSConnector(KVConnectorBase_V1):
                 else:
                     t.block_ids.extend(new_blocks[0])
             self._maybe_save(meta, req_id, cached.num_computed_tokens[i], scheduled.get(req_id, 0))
-        for req_id in scheduler_output.finished_req_ids:
-            self._tracked.pop(req_id, None)
-            self._passthrough.discard(req_id)
         return meta
 
     def _maybe_save(self, meta: KVFSConnectorMetadata, req_id: str, computed_before: int, scheduled: int) -> None:
@@ -463,7 +473,8 @@ class KVFSConnector(KVConnectorBase_V1):
             return  # kvfs holds every chunk of this prompt already
         # the stored leading chunks (a loaded prefix, earlier turns of a chat) are not copied out again
         c = self.spec.chunk_tokens
-        meta.saves.append(SaveSpec(req_id, t.token_ids, t.block_ids[: -(-p // self._block_size)], held // c * c))
+        meta.saves.append(SaveSpec(req_id, t.token_ids, t.block_ids[: -(-p // self._block_size)], held // c * c,
+                                   computed_before))
 
     def _held(self, token_ids: list[int]) -> int:
         """Leading tokens whose KV every tensor-parallel rank's namespace holds."""
@@ -643,18 +654,26 @@ class KVFSConnector(KVConnectorBase_V1):
                 self._staging.give(staged.kv)
             self._staged.clear()
             self._failed_reqs.clear()
-            self._failed_blocks.clear()
+            self._prev_failed_blocks, self._failed_blocks = self._failed_blocks, set()
+            self._prev_loaded = isinstance(meta, KVFSConnectorMetadata) and bool(meta.loads)
 
     def _spoilt_saves(self, meta: KVFSConnectorMetadata) -> list[bool]:
         """Per save of this step: was its KV computed over blocks a load failed to fill, on any rank?
 
         Under tensor parallelism a load can fail on one rank only (each rank reads its own KV heads' chunks),
         yet every rank's new KV was computed from hidden states that went through the failed rank's attention:
-        no rank may store it. The ranks agree through one small all-reduce, in the steps that load and save.
+        no rank may store it. The ranks agree through one small all-reduce, in the steps that save while
+        loading or right after a step that loaded.
         """
+        bs = self._block_size
+        # blocks of the previous step's failed loads that no prompt of this step computes again (vLLM recomputes
+        # a failed load from its first bad block; a request sharing those blocks reads what that one writes)
+        prev = self._prev_failed_blocks.difference(*(s.block_ids[-(-s.computed // bs):] for s in meta.saves))
         spoilt = [s.req_id in self._failed_reqs or not self._failed_blocks.isdisjoint(s.block_ids)
+                  or not prev.isdisjoint(s.block_ids[: -(-s.computed // bs)])
                   for s in meta.saves]
-        if self._tp_group is not None and meta.loads and meta.saves:  # the same metadata on every rank
+        # (the same metadata on every rank, so every rank takes part or none)
+        if self._tp_group is not None and (meta.loads or self._prev_loaded) and meta.saves:
             flags = torch.tensor(spoilt, dtype=torch.int32)
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX, group=self._tp_group.cpu_group)
             spoilt = [bool(f) for f in flags.tolist()]

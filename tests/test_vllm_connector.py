@@ -522,9 +522,10 @@ def model_config(tmp_path_factory):
     return ModelConfig(model=str(d), skip_tokenizer_init=True, dtype="float32", max_model_len=512)
 
 
-def engine(model_config, url: str):
+def engine(model_config, url: str, max_num_batched_tokens: int = 512, async_scheduling: bool = False):
     """vLLM's Scheduler with the connector (as the engine core builds it), and a worker-side connector."""
     from vllm.config import SchedulerConfig
+    from vllm.v1.core.sched.async_scheduler import AsyncScheduler
     from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.structured_output import StructuredOutputManager
 
@@ -532,11 +533,13 @@ def engine(model_config, url: str):
                            kv_role="kv_both", kv_load_failure_policy="recompute",
                            kv_connector_extra_config={"url": url, "chunk_tokens": 16})
     cfg = VllmConfig(model_config=model_config, cache_config=CacheConfig(block_size=BLOCK),
-                     scheduler_config=SchedulerConfig(max_num_batched_tokens=512, max_num_seqs=4, max_model_len=512,
+                     scheduler_config=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=4,
+                                                      max_model_len=512, async_scheduling=async_scheduling,
                                                       is_encoder_decoder=False),
                      kv_transfer_config=ktc)
     cfg.cache_config.num_gpu_blocks = NUM_BLOCKS
-    sched = Scheduler(cfg, kv_cache_config(), StructuredOutputManager(cfg), block_size=BLOCK)
+    sched = (AsyncScheduler if async_scheduling else Scheduler)(cfg, kv_cache_config(), StructuredOutputManager(cfg),
+                                                                 block_size=BLOCK)
     worker = KVConnectorFactory.create_connector(cfg, KVConnectorRole.WORKER, kv_cache_config())
     caches = paged_caches()
     worker.register_kv_caches(caches)
@@ -550,6 +553,78 @@ def finish_step(sched, out, req_ids, errors=frozenset()):
                             sampled_token_ids=[[7] for _ in req_ids],
                             kv_connector_output=KVConnectorOutput(invalid_block_ids=set(errors)))
     sched.update_from_output(out, mro)
+
+
+def scheduled_step(sched, worker, caches, out, kv_of) -> set[int]:
+    """One engine step of ``out``: the worker connector's calls around a forward pass that writes ``kv_of(prompt)``
+    (its KV, [layers, 2, tokens, heads, dim]) at each scheduled request's scheduled positions."""
+    for req_id, n in out.num_scheduled_tokens.items():
+        r = sched.requests[req_id]
+        start = r.num_computed_tokens - n  # (the scheduler has already counted them)
+        write_kv(caches, sched.kv_cache_manager.get_block_ids(req_id)[0],
+                 kv_of(r.prompt_token_ids)[:, :, start: start + n], start)
+    return run_worker_step(worker, caches, out.kv_connector_metadata)
+
+
+def finish_chunk(sched, out, errors=frozenset()):
+    """update_from_output for a step that may end a prefill chunk (no token sampled) or complete one."""
+    from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
+
+    ids = list(out.num_scheduled_tokens)
+    done = [sched.requests[r].num_computed_tokens >= sched.requests[r].num_prompt_tokens for r in ids]
+    mro = ModelRunnerOutput(req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
+                            sampled_token_ids=[[7] if d else [] for d in done],
+                            kv_connector_output=KVConnectorOutput(invalid_block_ids=set(errors)))
+    sched.update_from_output(out, mro)
+
+
+def test_a_request_id_used_again_after_an_abort_is_handled_as_the_new_request(model_config, tmp_path):
+    """vLLM allows a request id again once the request is aborted; the next step lists it as finished and the new
+    request as new. The new request's state must survive that step: its prompt (prefilled in chunks) is saved,
+    and a new request with a cache_salt under that id is still passed through (never saved)."""
+    from vllm.v1.request import RequestStatus
+
+    url = f"file://{tmp_path}/store"
+    sched, worker, caches = engine(model_config, url, max_num_batched_tokens=32)
+    kvs: dict[tuple, torch.Tensor] = {}
+
+    def kv_of(prompt):
+        return kvs.setdefault(tuple(prompt), gen(len(kvs) + 40, len(LAYERS), 2, len(prompt), HEADS, HEAD))
+
+    def new(req_id, prompt, **kw):
+        return Request(req_id, prompt, SamplingParams(max_tokens=2), None,
+                       block_hasher=get_request_block_hasher(BLOCK, HASH), **kw)
+
+    def run(until):
+        for _ in range(20):
+            out = sched.schedule()
+            if not out.num_scheduled_tokens:
+                break
+            finish_chunk(sched, out, scheduled_step(sched, worker, caches, out, kv_of))
+            if until():
+                break
+        assert worker.wait_for_saves_written(30)
+
+    salted_prompt, other = list(range(3000, 3030)), list(range(6000, 6100))
+    sched.add_request(new("X", PROMPT_A))
+    out = sched.schedule()  # the first 32 tokens of X
+    finish_chunk(sched, out, scheduled_step(sched, worker, caches, out, kv_of))
+    sched.finish_requests(["X"], RequestStatus.FINISHED_ABORTED)
+    sched.add_request(new("X", PROMPT_C))  # the id again: a new prompt, 100 tokens in chunks of 32
+    run(lambda: "X" not in sched.requests)
+    assert worker.ns.lookup(PROMPT_C) == len(PROMPT_C)
+    assert torch.equal(torch.from_numpy(worker.ns.get(PROMPT_C)), kv_of(PROMPT_C))
+
+    sched.add_request(new("X", PROMPT_B))
+    out = sched.schedule()
+    finish_chunk(sched, out, scheduled_step(sched, worker, caches, out, kv_of))
+    sched.finish_requests(["X"], RequestStatus.FINISHED_ABORTED)
+    sched.add_request(new("Y", other))  # takes the next steps' budget: the new X waits past the step naming X finished
+    sched.add_request(new("X", salted_prompt, cache_salt="tenant-secret"))
+    run(lambda: "X" not in sched.requests and "Y" not in sched.requests)
+    assert worker.ns.lookup(other) == len(other)
+    assert worker.ns.lookup(salted_prompt) == 0  # a salted prompt is never stored where unsalted lookups find it
+    worker.shutdown()
 
 
 def test_a_model_from_a_local_directory_is_named_by_its_contents(model_config, tmp_path, monkeypatch):
@@ -677,6 +752,63 @@ def test_a_request_sharing_the_blocks_of_a_failed_load_is_not_saved(model_config
     # the step that recomputes them saves them
     out = sched.schedule()
     assert sorted(s.req_id for s in out.kv_connector_metadata.saves) == ["X", "Y"]
+    worker.shutdown()
+
+
+def test_with_async_scheduling_a_save_scheduled_before_a_load_failure_is_known_is_not_stored(model_config, tmp_path):
+    """Async scheduling: vLLM schedules step N+1 before it gets step N's output. If N's load fails, the prefill
+    chunk that N+1 completes was computed over blocks that were never filled; its save (in N+1's metadata,
+    built before vLLM knew) must not be stored: later saves of those tokens would find the chunks stored and keep
+    them. The save of the step that recomputes the prompt stores its true KV."""
+    import shutil
+
+    url = f"file://{tmp_path}/store"
+    sched, worker, caches = engine(model_config, url)
+    sched.add_request(Request("A", PROMPT_A, SamplingParams(max_tokens=1), None,
+                              block_hasher=get_request_block_hasher(BLOCK, HASH)))
+    out = sched.schedule()
+    kv_a = gen(5, len(LAYERS), 2, len(PROMPT_A), HEADS, HEAD)
+    write_kv(caches, out.kv_connector_metadata.saves[0].block_ids, kv_a)
+    assert run_worker_step(worker, caches, out.kv_connector_metadata) == set()
+    finish_step(sched, out, ["A"])
+    worker.shutdown()
+    path = os.path.join(tmp_path, "store", worker.ns.keys(PROMPT_A)[2].path)  # unreadable for a while
+    shutil.move(path, path + ".away")
+    os.mkdir(path)
+
+    prompt = PROMPT_A[:80] + list(range(5000, 5040))  # 120 tokens, 80 of them stored
+    kv_true = torch.cat([kv_a[:, :, :80], gen(6, len(LAYERS), 2, 40, HEADS, HEAD)], dim=2)
+    sched, worker, caches = engine(model_config, url, max_num_batched_tokens=32, async_scheduling=True)
+    sched.add_request(Request("B", prompt, SamplingParams(max_tokens=1), None,
+                              block_hasher=get_request_block_hasher(BLOCK, HASH)))
+    out_n = sched.schedule()  # loads 0..80, computes 80..112
+    out_n1 = sched.schedule()  # before step N's output: computes 112..120, the prefill completes: saved
+    (load,) = out_n.kv_connector_metadata.loads
+    assert (load.start, load.end) == (0, 80) and out_n.num_scheduled_tokens == {"B": 32}
+    assert [s.req_id for s in out_n1.kv_connector_metadata.saves] == ["B"]
+    blocks = out_n1.kv_connector_metadata.saves[0].block_ids
+    garbage = gen(7, len(LAYERS), 2, 40, HEADS, HEAD)  # what attention over the unfilled blocks computes
+    write_kv(caches, blocks, garbage[:, :, :32], start=80)
+    errors = run_worker_step(worker, caches, out_n.kv_connector_metadata)
+    assert errors and errors <= set(load.block_ids)
+    write_kv(caches, blocks, garbage[:, :, 32:], start=112)
+    assert run_worker_step(worker, caches, out_n1.kv_connector_metadata) == set()
+    assert worker.wait_for_saves_written(30)
+    os.rmdir(path)
+    shutil.move(path + ".away", path)
+    assert worker.ns.lookup(prompt) == 80  # nothing computed over the unfilled blocks was stored
+
+    finish_chunk(sched, out_n, errors)  # vLLM learns of the failure and recomputes from the first bad block
+    finish_chunk(sched, out_n1)
+    for _ in range(10):
+        out = sched.schedule()
+        if not out.num_scheduled_tokens:
+            break
+        finish_chunk(sched, out, scheduled_step(sched, worker, caches, out, lambda p: kv_true))
+        if "B" not in sched.requests:
+            break
+    assert "B" not in sched.requests and worker.wait_for_saves_written(30)
+    assert torch.equal(torch.from_numpy(worker.ns.get(prompt)), kv_true)
     worker.shutdown()
 
 
