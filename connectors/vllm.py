@@ -403,6 +403,21 @@ class KVFSConnector(KVConnectorBase_V1):
         return not (request.lora_request is not None or request.mm_features or request.prompt_embeds is not None
                     or getattr(request, "cache_salt", None) or not request.prompt_token_ids)
 
+    def reset_cache(self) -> bool:
+        """vLLM's ``reset_prefix_cache(reset_connector=True)``, which RL frameworks call after updating the
+        weights. kvfs cannot tell whether the weights changed, and its namespace (keyed by the model's revision)
+        is shared with other engines, so it deletes nothing: this engine stops loading from and saving to kvfs
+        (KV computed with other weights would otherwise be served, or stored, under the same revision). Loads
+        already scheduled still run. A restart, under a new revision if the weights changed, uses kvfs again."""
+        if self._loads_enabled or self._saves_enabled:
+            log.warning("kvfs: the engine reset its caches (after a weight update?): this engine no longer loads "
+                        "or saves KV through kvfs, whose namespace %s holds KV of the weights it was started "
+                        "with; restart it to use kvfs again (with a new revision if the weights changed)",
+                        self.spec.path)
+        self._loads_enabled = self._saves_enabled = False
+        self._tracked.clear()  # prompts being prefilled: not saved
+        return True
+
     def on_new_request(self, request: "Request") -> None:
         if not self._eligible(request):
             self._passthrough.add(request.request_id)

@@ -473,6 +473,31 @@ def test_requests_kvfs_must_not_share_are_passed_through(url):
     sched.shutdown()
 
 
+def test_after_a_cache_reset_the_engine_neither_loads_nor_saves(url):
+    """vLLM resets its connector's cache after a weight update: KV in kvfs was computed with the old weights
+    under the same revision, so the engine must not load it, nor store KV of the new weights there."""
+    store_a(url)
+    sched = make_connector(url, KVConnectorRole.SCHEDULER)
+    a = request("A", PROMPT_A)
+    sched.on_new_request(a)
+    assert sched.get_num_new_matched_tokens(a, 0) == (96, False)
+    b = request("B", PROMPT_B)
+    sched.on_new_request(b)
+    first = sched.build_connector_meta(step(b, BLOCKS_B[:4], 64))  # a prompt half prefilled at the reset
+    assert sched.reset_cache() is True
+    assert sched.get_num_new_matched_tokens(request("A2", PROMPT_A), 0) == (0, False)
+    second = SchedulerOutput.make_empty()
+    second.scheduled_cached_reqs = CachedRequestData(
+        req_ids=["B"], resumed_req_ids=set(), new_token_ids=[[]], all_token_ids={},
+        new_block_ids=[(BLOCKS_B[4:],)], num_computed_tokens=[64], num_output_tokens=[0])
+    second.num_scheduled_tokens = {"B": len(PROMPT_B) - 64}
+    assert not first.saves and not sched.build_connector_meta(second).saves
+    c = request("C", PROMPT_B)
+    sched.on_new_request(c)
+    assert not sched.build_connector_meta(step(c, BLOCKS_B, len(PROMPT_B))).saves
+    sched.shutdown()
+
+
 def test_unsupported_kv_caches_are_refused(url):
     from vllm.v1.kv_cache_interface import SlidingWindowSpec
 
