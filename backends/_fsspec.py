@@ -44,6 +44,7 @@ import inspect
 import json
 import logging
 import math
+import os
 import random
 import uuid
 from typing import Any, Awaitable, Callable, Iterator, Mapping, Sequence
@@ -302,6 +303,73 @@ def _fs_class(protocol: str) -> type:
         ) from e
 
 
+# ------------------------------------------------------------------------------------ unreachable servers
+BREAKER_FIRST_S = 2.0  # after an operation timed out or could not connect, others fail fast this long...
+BREAKER_MAX_S = 30.0  # ...doubling while the server stays unreachable, up to this
+
+
+class _Breaker:
+    """Fails operations fast while the server is unreachable (a circuit breaker).
+
+    An operation that timed out or could not connect opens it: for the next ``BREAKER_FIRST_S`` seconds every
+    operation raises at once, instead of each waiting out ``timeout`` (a lookup of every new prompt would stall
+    an engine that long while a bucket is down; a read is a miss either way). Then one operation at a time
+    tries the server: if it answers (with anything, an error included), the breaker closes; if not, it opens
+    again for twice as long, up to ``BREAKER_MAX_S``.
+    """
+
+    __slots__ = ("_lock", "_until", "_window", "_trying", "_why", "_since")
+
+    def __init__(self) -> None:
+        import threading
+
+        self._lock = threading.Lock()
+        self._until = 0.0  # monotonic time before which operations fail fast; 0: closed
+        self._window = 0.0
+        self._trying = False  # one operation is trying the server after the window
+        self._why: BaseException | None = None
+        self._since = 0.0
+
+    def enter(self, where: str) -> None:
+        if not self._until:  # closed (read without the lock: the common case costs nothing)
+            return
+        import time
+
+        with self._lock:
+            if not self._until:
+                return
+            now = time.monotonic()
+            if now >= self._until and not self._trying:
+                self._trying = True  # this operation tries the server; the others keep failing fast
+                return
+            wait = max(0.0, self._until - now)
+            why, since = self._why, now - self._since
+        code = getattr(why, "errno", None) or errno.ETIMEDOUT
+        again = f"in {wait:.0f} s" if wait else "once the operation trying it ends"
+        raise oserror(code, f"{where} is not answering ({os.strerror(code).lower()}, for {since:.0f} s); failing "
+                            f"fast, kvfs tries it again {again}", why)
+
+    def leave(self, e: BaseException | None) -> None:
+        import time
+
+        unreachable = isinstance(e, (TimeoutError, ConnectionError))
+        if not unreachable and not self._until:
+            return
+        with self._lock:
+            if not unreachable:  # the server answered
+                self._until = self._window = 0.0
+                self._trying = False
+                self._why = None
+                return
+            now = time.monotonic()
+            if not self._until:
+                self._since = now
+            self._window = min(BREAKER_MAX_S, self._window * 2 if self._window else BREAKER_FIRST_S)
+            self._until = now + self._window
+            self._trying = False
+            self._why = e
+
+
 # ------------------------------------------------------------------------------------ backend
 class FsspecBackend(Backend):
     """A kvfs tier over any fsspec filesystem; s3fs for ``s3://``. The tier shared across nodes."""
@@ -341,6 +409,7 @@ class FsspecBackend(Backend):
         self.endpoint = options.get("endpoint_url") or (options.get("client_kwargs") or {}).get("endpoint_url")
         self._atomic = self.protocol in ATOMIC_PUT_PROTOCOLS
         self._closed = False
+        self._breaker = _Breaker()
 
     @classmethod
     def from_url(cls, tier: Any, **options: Any) -> "FsspecBackend":
@@ -444,8 +513,15 @@ class FsspecBackend(Backend):
             running = None
         if running is self._loop:
             raise RuntimeError(f"{self.url}: a blocking call from inside fsspec's event loop would deadlock")
-        # not fsspec.asyn.sync: it turns every TimeoutError (our Timeout too) into a bare FSTimeoutError
-        return asyncio.run_coroutine_threadsafe(coro_fn(*args), self._loop).result()
+        self._breaker.enter(self._where())
+        try:
+            # not fsspec.asyn.sync: it turns every TimeoutError (our Timeout too) into a bare FSTimeoutError
+            out = asyncio.run_coroutine_threadsafe(coro_fn(*args), self._loop).result()
+        except BaseException as e:
+            self._breaker.leave(e)
+            raise
+        self._breaker.leave(None)
+        return out
 
     async def _attempt(self, what: str, key: str, fn: Callable[[], Awaitable[Any]]) -> Any:
         """One key's operation: retries with backoff on retryable errors, all within ``timeout``."""

@@ -350,8 +350,46 @@ def test_prefetch_from_a_bucket_that_stopped_answering_gives_up_after_one_deadli
             assert counts["failed"] == 6 and counts["fetched"] == 0, counts
             assert took < 3.5, f"prefetch took {took:.1f} s: it waited out the deadline chunk after chunk"
             proxy.delay = 0.0
-            assert store.prefetch([SPEC.path])["fetched"] == 6  # the next prefetch asks the bucket again
+            # a later prefetch asks the bucket again (once the backend stops failing fast: a few seconds)
+            deadline = time.monotonic() + 10
+            while (got := store.prefetch([SPEC.path]))["fetched"] != 6 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert got["fetched"] == 6, got
             np.testing.assert_array_equal(ns.get(toks), kv)
+    finally:
+        proxy.close()
+
+
+@pytest.mark.s3
+def test_lookups_do_not_each_wait_out_the_deadline_of_a_bucket_that_stopped_answering(moto_server, tmp_path):
+    """While the shared bucket does not answer, a lookup of a prompt the local tiers do not hold asks it; one
+    such lookup waits out the deadline, the next ones are misses at once (an engine's every new request used to
+    wait ``timeout``, 30 s by default); once the bucket answers again, its chunks are found again."""
+    proxy = FaultyProxy(moto_server)
+    bucket = make_bucket(moto_server)
+    try:
+        other, kv = _prompt(2, 96)
+        with kvfs.open(f"s3://{bucket}/kv?endpoint_url={moto_server}", catalog=str(tmp_path / "b")) as writer:
+            # another node (its own catalog: this one learns of the chunks from the bucket alone)
+            writer.namespace(SPEC).put(other, kv)
+        with kvfs.open(f"memory://::s3://{bucket}/kv?endpoint_url={proxy.endpoint}&timeout=1&retries=0",
+                       catalog=str(tmp_path / "a")) as store:
+            ns = store.namespace(SPEC)
+            proxy.delay = 5.0  # the server stops answering
+            t0 = time.monotonic()
+            assert ns.lookup(_prompt(1, 97)[0]) == 0
+            assert 0.9 < time.monotonic() - t0 < 3
+            for seed in (98, 99, 100):
+                t0 = time.monotonic()
+                assert ns.lookup(_prompt(1, seed)[0]) == 0
+                assert time.monotonic() - t0 < 0.5, "a lookup waited out the deadline again"
+            assert ns.lookup(other) == 0  # a miss while the bucket is down, never a wait
+            proxy.delay = 0.0
+            deadline = time.monotonic() + 10
+            while ns.lookup(other) != len(other) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert ns.lookup(other) == len(other)
+            np.testing.assert_array_equal(ns.get(other), kv)
     finally:
         proxy.close()
 
@@ -558,6 +596,18 @@ def test_a_chunk_pinned_while_an_eviction_runs_is_not_evicted(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ a lower tier goes away
+def _eventually(op, within: float = 20.0):
+    """``op()`` once it stops failing: an S3 backend fails fast for a while after its server timed out."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            return op()
+        except (StoreError, CacheMiss):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 @pytest.mark.s3
 @pytest.mark.skipif(not seaweed_available(), reason="SeaweedFS is not installed")
 def test_store_stays_usable_while_the_s3_tier_is_down_and_recovers():
@@ -584,7 +634,8 @@ def test_store_stays_usable_while_the_s3_tier_is_down_and_recovers():
             assert ei.value.errno == errno.EIO and "timed out" in str(ei.value)
             assert time.monotonic() - t0 < 2 * 3 + 4, "queued write-backs must fail fast once the tier timed out"
             server.resume()
-            np.testing.assert_array_equal(ns.get(toks), kv)
+            # asked again once the backend stops failing fast (a few seconds after the last timeout)
+            np.testing.assert_array_equal(_eventually(lambda: ns.get(toks)), kv)
             np.testing.assert_array_equal(ns.get(other), kv_other)  # still served from memory
             # killed: write-back fails and flush says so; restarted: everything works again
             server.kill()
@@ -598,7 +649,7 @@ def test_store_stays_usable_while_the_s3_tier_is_down_and_recovers():
             time.sleep(kvfs_tiers.DOWN_SECONDS)  # write-back to a tier that just failed resumes after this
             fourth, kv4 = _prompt(1, 63)
             ns.put(fourth, kv4)
-            store.flush()
+            _eventually(store.flush)  # (failing fast at first, while the backend waits to ask the server again)
             assert store.tiers[1].backend.exists_many([ns.keys(fourth)[0].path]) == [True]
         with kvfs.open(f"memory://::{s3}") as fresh:
             ns = fresh.namespace(SPEC)
