@@ -32,6 +32,15 @@ def _in_tier(store, tier: int, ns, toks) -> list[bool]:
     return store.tiers[tier].backend.exists_many([k.path for k in ns.keys(toks)])
 
 
+def _block_writes(root, ns, toks):
+    """Make the first chunk of ``toks`` unwritable in the file tier at ``root`` (a file where its shard directory
+    must go); returns that file: unlink it to make the tier writable again."""
+    shard = root / ns.keys(toks)[0].path.rsplit("/", 1)[0]
+    shard.parent.mkdir(parents=True, exist_ok=True)
+    shard.write_bytes(b"in the way")
+    return shard
+
+
 # ------------------------------------------------------------------------------------ write-back
 @pytest.mark.s3
 def test_writeback_is_bounded_and_flushed_on_close(moto_server):
@@ -85,9 +94,7 @@ def test_flush_reports_writeback_failures_and_keeps_the_upper_copy(tmp_path):
         assert _in_tier(store, 1, ns, toks) == [True, True]
         # the lower tier's directory becomes unwritable (a file where a shard directory must go)
         toks2, kv2 = _prompt(1, 2)
-        shard = root / ns.keys(toks2)[0].path.rsplit("/", 1)[0]
-        shard.parent.mkdir(parents=True, exist_ok=True)
-        shard.write_bytes(b"in the way")
+        shard = _block_writes(root, ns, toks2)
         ns.put(toks2, kv2)
         with pytest.raises(StoreError) as ei:
             store.flush()
@@ -113,9 +120,7 @@ def test_evicting_the_top_tier_keeps_chunks_not_yet_copied_below(tmp_path):
         ns.put(saved, kv)
         store.flush()
         stuck, kv2 = _prompt(1, 2)
-        shard = root / ns.keys(stuck)[0].path.rsplit("/", 1)[0]
-        shard.parent.mkdir(parents=True, exist_ok=True)
-        shard.write_bytes(b"in the way")  # its write-back fails
+        shard = _block_writes(root, ns, stuck)  # its write-back fails
         ns.put(stuck, kv2)
         with pytest.raises(StoreError):
             store.flush()
@@ -146,9 +151,7 @@ def test_a_second_outage_soon_after_the_first_is_resynced_too(tmp_path, monkeypa
 
         def fail_then_recover(seed_failing, seed_ok):
             toks = _prompt(1, seed_failing)[0]
-            shard = root / ns.keys(toks)[0].path.rsplit("/", 1)[0]
-            shard.parent.mkdir(parents=True, exist_ok=True)
-            shard.write_bytes(b"in the way")  # this chunk's write-back fails
+            shard = _block_writes(root, ns, toks)  # this chunk's write-back fails
             ns.put(*_prompt(1, seed_failing))
             store._writeback.flush(take_errors=False)
             shard.unlink()
@@ -178,9 +181,7 @@ def test_a_copy_owed_by_a_chunk_no_tier_above_holds_any_more_is_forgiven(tmp_pat
     with kvfs.open(f"memory://::file://{root}::lmdb://{tmp_path}/l") as store:
         ns = store.namespace(SPEC)
         toks, kv = _prompt(1, 3)
-        shard = root / ns.keys(toks)[0].path.rsplit("/", 1)[0]
-        shard.parent.mkdir(parents=True, exist_ok=True)
-        shard.write_bytes(b"in the way")
+        shard = _block_writes(root, ns, toks)
         ns.put(toks, kv)
         with pytest.raises(StoreError):
             store.flush()

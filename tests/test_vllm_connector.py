@@ -730,27 +730,37 @@ def test_through_vllms_own_scheduler(model_config, tmp_path):
     worker.shutdown()
 
 
-def test_a_request_sharing_the_blocks_of_a_failed_load_is_not_saved(model_config, tmp_path):
-    """Two prompts with one stored prefix in one step: vLLM gives the second the first one's blocks (its own
-    prefix cache), which the first loads from kvfs. If that load fails, the second's new KV was computed
-    over blocks that were never filled: vLLM reschedules both, and kvfs must not store either."""
+def _stored_a_with_chunk_2_unreadable(model_config, url: str, tmp_path):
+    """PROMPT_A stored through an engine (its KV returned), then its third chunk made unreadable (an I/O error,
+    not damage: it stays listed, nothing is quarantined) until the returned function is called."""
     import shutil
 
-    url = f"file://{tmp_path}/store"
     sched, worker, caches = engine(model_config, url)
-    a = Request("A", PROMPT_A, SamplingParams(max_tokens=1), None, block_hasher=get_request_block_hasher(BLOCK, HASH))
-    sched.add_request(a)
+    sched.add_request(Request("A", PROMPT_A, SamplingParams(max_tokens=1), None,
+                              block_hasher=get_request_block_hasher(BLOCK, HASH)))
     out = sched.schedule()
     kv_a = gen(5, len(LAYERS), 2, len(PROMPT_A), HEADS, HEAD)
     write_kv(caches, out.kv_connector_metadata.saves[0].block_ids, kv_a)
     assert run_worker_step(worker, caches, out.kv_connector_metadata) == set()
     finish_step(sched, out, ["A"])
     worker.shutdown()
-    # a chunk of A's prefix cannot be read (an I/O error, not damage: it stays listed, nothing is quarantined)
     path = os.path.join(tmp_path, "store", worker.ns.keys(PROMPT_A)[2].path)
     shutil.move(path, path + ".away")
     os.mkdir(path)
 
+    def readable_again() -> None:
+        os.rmdir(path)
+        shutil.move(path + ".away", path)
+
+    return kv_a, readable_again
+
+
+def test_a_request_sharing_the_blocks_of_a_failed_load_is_not_saved(model_config, tmp_path):
+    """Two prompts with one stored prefix in one step: vLLM gives the second the first one's blocks (its own
+    prefix cache), which the first loads from kvfs. If that load fails, the second's new KV was computed
+    over blocks that were never filled: vLLM reschedules both, and kvfs must not store either."""
+    url = f"file://{tmp_path}/store"
+    _, readable_again = _stored_a_with_chunk_2_unreadable(model_config, url, tmp_path)
     sched, worker, caches = engine(model_config, url)
     x, y = PROMPT_A[:80] + list(range(3000, 3020)), PROMPT_A[:80] + list(range(4000, 4020))
     for req_id, prompt in (("X", x), ("Y", y)):
@@ -767,8 +777,7 @@ def test_a_request_sharing_the_blocks_of_a_failed_load_is_not_saved(model_config
     errors = run_worker_step(worker, caches, meta)
     assert errors == set(load.block_ids)
     assert worker.wait_for_saves_written(30)
-    os.rmdir(path)
-    shutil.move(path + ".away", path)
+    readable_again()
     with kvfs.open(url) as store:  # neither prompt was stored from KV computed over the unloaded blocks
         ns = store.namespace(worker.spec)
         assert ns.lookup(x) == 80 and ns.lookup(y) == 80
@@ -785,22 +794,8 @@ def test_with_async_scheduling_a_save_scheduled_before_a_load_failure_is_known_i
     chunk that N+1 completes was computed over blocks that were never filled; its save (in N+1's metadata,
     built before vLLM knew) must not be stored: later saves of those tokens would find the chunks stored and keep
     them. The save of the step that recomputes the prompt stores its true KV."""
-    import shutil
-
     url = f"file://{tmp_path}/store"
-    sched, worker, caches = engine(model_config, url)
-    sched.add_request(Request("A", PROMPT_A, SamplingParams(max_tokens=1), None,
-                              block_hasher=get_request_block_hasher(BLOCK, HASH)))
-    out = sched.schedule()
-    kv_a = gen(5, len(LAYERS), 2, len(PROMPT_A), HEADS, HEAD)
-    write_kv(caches, out.kv_connector_metadata.saves[0].block_ids, kv_a)
-    assert run_worker_step(worker, caches, out.kv_connector_metadata) == set()
-    finish_step(sched, out, ["A"])
-    worker.shutdown()
-    path = os.path.join(tmp_path, "store", worker.ns.keys(PROMPT_A)[2].path)  # unreadable for a while
-    shutil.move(path, path + ".away")
-    os.mkdir(path)
-
+    kv_a, readable_again = _stored_a_with_chunk_2_unreadable(model_config, url, tmp_path)
     prompt = PROMPT_A[:80] + list(range(5000, 5040))  # 120 tokens, 80 of them stored
     kv_true = torch.cat([kv_a[:, :, :80], gen(6, len(LAYERS), 2, 40, HEADS, HEAD)], dim=2)
     sched, worker, caches = engine(model_config, url, max_num_batched_tokens=32, async_scheduling=True)
@@ -819,8 +814,7 @@ def test_with_async_scheduling_a_save_scheduled_before_a_load_failure_is_known_i
     write_kv(caches, blocks, garbage[:, :, 32:], start=112)
     assert run_worker_step(worker, caches, out_n1.kv_connector_metadata) == set()
     assert worker.wait_for_saves_written(30)
-    os.rmdir(path)
-    shutil.move(path + ".away", path)
+    readable_again()
     assert worker.ns.lookup(prompt) == 80  # nothing computed over the unfilled blocks was stored
 
     finish_chunk(sched, out_n, errors)  # vLLM learns of the failure and recomputes from the first bad block
