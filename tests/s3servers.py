@@ -17,6 +17,21 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 
 
+def eventually(op, errors: tuple, within: float = 20.0):
+    """``op()`` once it stops raising ``errors``: an S3 backend fails fast for a while after its server timed
+    out or refused a connection, and uses it again once it answers."""
+    import time
+
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            return op()
+        except errors:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 @pytest.fixture(scope="session")
 def moto_server():
     """A moto S3 server on 127.0.0.1 (random port) for the whole session; yields its endpoint URL."""

@@ -11,7 +11,7 @@ import time
 import uuid
 
 import pytest
-from s3servers import FaultyProxy, faulty_s3, make_bucket, moto_server, s3_bucket_url  # noqa: F401
+from s3servers import FaultyProxy, eventually, faulty_s3, make_bucket, moto_server, s3_bucket_url  # noqa: F401
 from seaweed import ACCESS_KEY, SECRET_KEY, SeaweedServer, seaweed, seaweed_available, seaweed_bucket_url  # noqa: F401
 
 import kvfs
@@ -315,18 +315,6 @@ def test_closed_backend_refuses_work(s3_bucket_url):
 
 # ------------------------------------------------------------------------------------ real server faults
 @pytest.mark.skipif(not seaweed_available(), reason="SeaweedFS is not installed")
-def _once_answering(op, within: float = 10.0):
-    """``op()`` once the backend tries the server again (it fails fast for a while after a timeout)."""
-    deadline = time.monotonic() + within
-    while True:
-        try:
-            return op()
-        except (Timeout, ConnectionFailed):
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
-
-
 def test_server_that_stops_mid_batch_times_out_then_recovers():
     with SeaweedServer() as server:
         bucket = server.make_bucket()
@@ -363,7 +351,8 @@ def test_server_that_stops_mid_batch_times_out_then_recovers():
             assert time.monotonic() - t0 < 1
             server.resume()
             # tried again once the breaker's window is over (BREAKER_FIRST_S)
-            assert [bytes(v) for v in _once_answering(lambda: b.get_many(keys[:4]))] == [value] * 4
+            got = eventually(lambda: b.get_many(keys[:4]), (Timeout, ConnectionFailed))
+            assert [bytes(v) for v in got] == [value] * 4
             # killed outright, then restarted on the same ports and data: refused, then fine again
             server.kill()
             with pytest.raises(ConnectionFailed):

@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 import pytest
-from s3servers import FaultyProxy, make_bucket, moto_server  # noqa: F401
+from s3servers import FaultyProxy, eventually, make_bucket, moto_server  # noqa: F401
 from seaweed import SeaweedServer, seaweed_available
 
 import kvfs
@@ -597,16 +597,8 @@ def test_a_chunk_pinned_while_an_eviction_runs_is_not_evicted(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ a lower tier goes away
-def _eventually(op, within: float = 20.0):
-    """``op()`` once it stops failing: an S3 backend fails fast for a while after its server timed out."""
-    deadline = time.monotonic() + within
-    while True:
-        try:
-            return op()
-        except (StoreError, CacheMiss):
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
+def _eventually(op):
+    return eventually(op, (StoreError, CacheMiss))
 
 
 @pytest.mark.s3
