@@ -700,6 +700,14 @@ class KVFSConnector(KVConnectorBase_V1):
             bad, self._load_errors = self._load_errors, set()
         return bad
 
+    @property
+    def requires_kv_delivery(self) -> bool:
+        """False: kvfs is a best-effort cache. A save copies its KV out of the paged blocks within the step
+        (``wait_for_save``), and ``request_finished`` never holds blocks, so a request preempted with a save
+        pending frees nothing kvfs still reads; vLLM's default (True for a producer) made async scheduling
+        throw away and recompute such a request's output."""
+        return False
+
     @classmethod
     def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
         return True  # loads and saves happen layer by layer, between the attention layers

@@ -652,6 +652,14 @@ def test_a_request_id_used_again_after_an_abort_is_handled_as_the_new_request(mo
     worker.shutdown()
 
 
+def test_vllm_keeps_the_output_of_a_request_preempted_with_a_save_pending(model_config, tmp_path):
+    # kvfs is a best-effort cache that never reads blocks after the step: vLLM's scheduler must not treat its saves
+    # as hand-offs to deliver (it would drop and recompute the output of requests preempted under async scheduling)
+    sched, worker, _ = engine(model_config, f"file://{tmp_path}/store", async_scheduling=True)
+    assert sched.connector.requires_kv_delivery is False and sched.requires_kv_delivery is False
+    worker.shutdown()
+
+
 def test_a_model_from_a_local_directory_is_named_by_its_contents(model_config, tmp_path, monkeypatch):
     """vLLM gives a local model's path as its name and no revision: the namespace's revision is a fingerprint of
     the directory's config and weights, so another checkpoint saved at that path gets its own KV."""
