@@ -73,6 +73,8 @@ UNSIGNED_REMEMBERED = 65536  # chunks without a valid signature a store remember
 ROOM_WAIT_S = 30.0  # how long a write waits for room held by other writes in flight in a full tier
 PENDING_BATCH_BYTES = 256 << 20  # puts written straight from the caller's KV: bytes a batch
 DIRECT_READ_BYTES = 2 << 20  # direct reads: bytes read per call, then hashed while in cache
+PREFETCH_BATCH_BYTES = 256 << 20  # prefetch: chunks read side by side from a lower tier, at most these bytes...
+PREFETCH_BATCH_CHUNKS = 64  # ...and this many at once
 MANIFEST_NAME = "manifest.json"
 _RAW = {1: np.uint8, 2: np.uint16, 4: np.uint32}
 
@@ -2011,25 +2013,50 @@ class Store:
         top = self.tiers[0]
         fetched: list[str] = []
         down: set[int] = set()  # tiers that timed out or refused the connection: not asked again by this call
+        wanted: list[ChunkRecord] = []
         for r in recs.values():
             if r.tiers & top.bit:
                 counts["already"] += 1
                 if progress is not None:
                     progress(r.size)
+            else:
+                wanted.append(r)
+        # batches read side by side (a bucket answers one GET in tens of milliseconds: one at a time, a namespace
+        # took that per chunk), bounded in bytes held at once
+        batch: list[ChunkRecord] = []
+        held = 0
+        for i, r in enumerate(wanted):
+            batch.append(r)
+            held += r.size
+            if held >= PREFETCH_BATCH_BYTES or len(batch) >= PREFETCH_BATCH_CHUNKS or i == len(wanted) - 1:
+                self._prefetch_batch(batch, counts, fetched, down, progress)
+                batch, held = [], 0
+        if fetched:
+            counts["evicted"] = sum(1 for rec in self.catalog.get_many(fetched)
+                                    if rec is None or not rec.tiers & top.bit)
+        return counts
+
+    def _prefetch_batch(self, batch: list[ChunkRecord], counts: dict[str, int], fetched: list[str], down: set[int],
+                        progress) -> None:
+        """Fetch a batch of chunks from the lower tiers (one batched read per tier) into the tiers above."""
+        pending = {r.key: r for r in batch}
+        for t in self.tiers[1:]:
+            if t.index in down:
                 continue
-            done = False
-            for t in self.tiers[1:]:
-                if not r.tiers & t.bit and not t.shared or t.index in down:
+            want = [r for r in pending.values() if r.tiers & t.bit or t.shared]
+            if not want:
+                continue
+            try:
+                datas = t.backend.get_many([r.path for r in want])
+            except OSError as e:
+                self._warn_once(f"read:{t.index}", f"kvfs: reading from {t.url.redacted()}: {e}")
+                if isinstance(e, (TimeoutError, ConnectionError)):
+                    # the tier itself is failing: every other batch would wait out the same deadline
+                    # (hours for a namespace behind a server that stopped answering)
+                    down.add(t.index)
                     continue
-                try:
-                    data = t.backend.get(r.path)
-                except OSError as e:
-                    self._warn_once(f"read:{t.index}", f"kvfs: reading {r.path} from {t.url.redacted()}: {e}")
-                    if isinstance(e, (TimeoutError, ConnectionError)):
-                        # the tier itself is failing: every other chunk would wait out the same deadline
-                        # (hours for a namespace behind a server that stopped answering)
-                        down.add(t.index)
-                    continue
+                datas = [self._get_or_none(t, r.path) for r in want]  # one key's error fails only that key
+            for r, data in zip(want, datas):
                 if data is None:
                     continue
                 data = bytes(data)
@@ -2048,16 +2075,19 @@ class Store:
                 counts["fetched"] += 1
                 counts["bytes"] += len(data)
                 fetched.append(r.key)
-                done = True
-                break
-            if not done:
-                counts["failed"] += 1
-            if progress is not None:
+                del pending[r.key]
+            datas = data = None
+        counts["failed"] += len(pending)
+        if progress is not None:
+            for r in batch:
                 progress(r.size)
-        if fetched:
-            counts["evicted"] = sum(1 for rec in self.catalog.get_many(fetched)
-                                    if rec is None or not rec.tiers & top.bit)
-        return counts
+
+    def _get_or_none(self, t: Tier, path: str):
+        try:
+            return t.backend.get(path)
+        except OSError as e:
+            self._warn_once(f"read:{t.index}", f"kvfs: reading {path} from {t.url.redacted()}: {e}")
+            return None
 
     def read_range(self, path: str, offset: int, size: int) -> bytes:
         """Bytes ``[offset, offset+size)`` of a chunk file from the first tier holding it (unverified)."""

@@ -361,6 +361,53 @@ def test_prefetch_from_a_bucket_that_stopped_answering_gives_up_after_one_deadli
         proxy.close()
 
 
+def test_prefetch_fetches_what_it_can_in_batches_and_counts_the_rest(tmp_path, monkeypatch):
+    """Chunks are read from the lower tier a batch at a time; in a batch, a chunk that fails its checks is
+    quarantined and one gone from the tier is a failure, and neither keeps the others from being fetched."""
+    import kvfs.store
+    from bitrot import flip_bit
+
+    monkeypatch.setattr(kvfs.store, "PREFETCH_BATCH_CHUNKS", 3)  # 7 chunks: batches of 3, 3 and 1
+    root = tmp_path / "files"
+    toks, kv = _prompt(7, 101)
+    with kvfs.open(f"lmdb://{tmp_path}/hot::file://{root}") as store:
+        ns = store.namespace(SPEC)
+        ns.put(toks, kv)
+        store.flush()
+        store.evict(all=True, tier=0)
+        paths = [k.path for k in ns.keys(toks)]
+        flip_bit(str(root / paths[1]), -100)  # corrupt in the only tier holding it
+        os.remove(root / paths[4])  # gone behind the store's back
+        seen = []
+        counts = store.prefetch([SPEC.path], progress=seen.append)
+        assert (counts["fetched"], counts["failed"], counts["already"]) == (5, 2, 0), counts
+        assert len(seen) == 7
+        assert _in_tier(store, 0, ns, toks) == [i not in (1, 4) for i in range(7)]
+        assert store.prefetch([SPEC.path])["already"] == 5
+        assert ns.lookup(toks) == SPEC.chunk_tokens  # chunk 1 quarantined: the prefix stops there
+        np.testing.assert_array_equal(ns.get(toks[:SPEC.chunk_tokens]), kv[:, :, :SPEC.chunk_tokens])
+
+
+@pytest.mark.s3
+def test_prefetch_reads_a_bucket_side_by_side(moto_server, tmp_path):
+    proxy = FaultyProxy(moto_server)
+    bucket = make_bucket(moto_server)
+    try:
+        with kvfs.open(f"lmdb://{tmp_path}/hot::s3://{bucket}/kv?endpoint_url={proxy.endpoint}") as store:
+            ns = store.namespace(SPEC)
+            toks, kv = _prompt(8, 102)
+            ns.put(toks, kv)
+            store.flush()
+            store.evict(all=True, tier=0)
+            proxy.reset()
+            proxy.delay = 0.05  # a bucket's latency: one GET at a time would take 8 x 50 ms
+            assert store.prefetch([SPEC.path])["fetched"] == 8
+            assert proxy.max_inflight > 1, "prefetch read the bucket one chunk at a time"
+            np.testing.assert_array_equal(ns.get(toks), kv)
+    finally:
+        proxy.close()
+
+
 @pytest.mark.s3
 def test_lookups_do_not_each_wait_out_the_deadline_of_a_bucket_that_stopped_answering(moto_server, tmp_path):
     """While the shared bucket does not answer, a lookup of a prompt the local tiers do not hold asks it; one
