@@ -21,6 +21,7 @@ from .errors import StoreError
 from .url import TierURL
 
 log = logging.getLogger("kvfs")
+WRITEBACK_THREADS = 4  # write-back threads at most (started as the queue backs up): a bucket takes PUTs side by side
 DOWN_SECONDS = 3.0  # after a tier failed for good (timeout, refused, denied...), write-back to it fails fast this long
 #: errors that retrying the same write cannot fix: reported at once
 _PERMANENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.ENOENT, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR,
@@ -68,10 +69,12 @@ class WriteJob:
 
 
 class WriteBack:
-    """One background thread draining a byte-bounded queue of :class:`WriteJob`s."""
+    """Background threads (up to ``threads``, started as the queue backs up) draining a byte-bounded queue of
+    :class:`WriteJob`s. Jobs for one path are written one at a time, in the order they were queued."""
 
     def __init__(self, write: Callable[[WriteJob, int], bool | None], max_bytes: int, retries: int = 3,
-                 backoff: float = 0.2, on_recovered: Callable[[int], bool | None] | None = None) -> None:
+                 backoff: float = 0.2, on_recovered: Callable[[int], bool | None] | None = None,
+                 threads: int | None = None) -> None:
         self._write = write
         #: called (on the write-back thread) with a tier's index when a write to it succeeds after one failed;
         #: returning False means "not now": it is called again after the next write to that tier that succeeds
@@ -87,24 +90,29 @@ class WriteBack:
         self._cond = threading.Condition()
         self._errors: list[tuple[str, int, BaseException]] = []
         self._closed = False
-        self._thread: threading.Thread | None = None
+        self._nthreads = max(1, WRITEBACK_THREADS if threads is None else threads)
+        self._threads: list[threading.Thread] = []
+        self._idle = 0  # threads waiting for a job
+        self._writing: set[str] = set()  # paths being written now (a later job for one waits for it)
         self._down: dict[int, tuple[float, BaseException]] = {}  # tier -> (fail fast until, why)
 
     def submit(self, job: WriteJob) -> None:
-        """Queue a job; blocks while the queue holds ``max_bytes`` (unless it is empty)."""
+        """Queue a job; blocks while queued and in-flight jobs hold ``max_bytes`` (unless there are none)."""
         if not job.targets:
             return
         with self._cond:
             if self._closed:
                 raise StoreError(5, "the store is closed")
-            while self._queue and self._queued_bytes + job.nbytes > self._max_bytes:
+            # (bytes being written count too; a job larger than the bound goes once nothing else is held)
+            while (self._queue or self._busy) and self._queued_bytes + job.nbytes > self._max_bytes:
                 self._cond.wait()
             self._queue.append(job)
             self._queued_bytes += job.nbytes
             self._paths[job.path] = self._paths.get(job.path, 0) + 1
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="kvfs-writeback", daemon=True)
-                self._thread.start()
+            if not self._idle and len(self._threads) < self._nthreads:
+                th = threading.Thread(target=self._run, name=f"kvfs-writeback-{len(self._threads)}", daemon=True)
+                self._threads.append(th)
+                th.start()
             self._cond.notify_all()
 
     def queued_paths(self) -> set[str]:
@@ -117,14 +125,24 @@ class WriteBack:
         with self._cond:
             return len(self._queue) + self._busy
 
+    def _next_job(self) -> WriteJob | None:
+        """The first queued job whose path no other thread is writing (under the lock)."""
+        for i, job in enumerate(self._queue):
+            if job.path not in self._writing:
+                del self._queue[i]
+                return job
+        return None
+
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._queue and not self._closed:
+                self._idle += 1
+                while (job := self._next_job()) is None and not (self._closed and not self._queue):
                     self._cond.wait()
-                if not self._queue and self._closed:
+                self._idle -= 1
+                if job is None:
                     return
-                job = self._queue.popleft()
+                self._writing.add(job.path)
                 self._busy += 1
             try:
                 for tier_index in job.targets:
@@ -135,6 +153,7 @@ class WriteBack:
                     _buffers.release(job.data)
             finally:
                 with self._cond:
+                    self._writing.discard(job.path)
                     self._busy -= 1
                     self._queued_bytes -= job.nbytes
                     n = self._paths.pop(job.path, 1) - 1
@@ -207,6 +226,7 @@ class WriteBack:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join()
+            threads = list(self._threads)
+        for th in threads:
+            th.join()
         return errors

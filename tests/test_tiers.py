@@ -84,6 +84,35 @@ def test_writeback_is_bounded_and_flushed_on_close(moto_server):
         proxy.close()
 
 
+def test_write_back_writes_side_by_side_but_each_path_in_order():
+    """Queued copies go out on several threads (a bucket takes PUTs side by side), but two copies of one path
+    (a chunk replaced while its first copy is queued) never at once, and the newer one last."""
+    lock = threading.Lock()
+    active: list[str] = []
+    most = [0]
+    same_at_once = [False]
+    written = []
+
+    def write(job, tier_index):
+        with lock:
+            same_at_once[0] |= job.path in active
+            active.append(job.path)
+            most[0] = max(most[0], len(active))
+        time.sleep(0.02)
+        with lock:
+            active.remove(job.path)
+            written.append((job.path, bytes(job.data)))
+        return True
+
+    wb = kvfs_tiers.WriteBack(write, max_bytes=1 << 20, threads=4)
+    for v in range(6):
+        wb.submit(kvfs_tiers.WriteJob("same", bytes([v]), [1], lambda ti: None))
+        wb.submit(kvfs_tiers.WriteJob(f"other-{v}", b"x", [1], lambda ti: None))
+    assert wb.close() == []
+    assert [d for p, d in written if p == "same"] == [bytes([v]) for v in range(6)]
+    assert len(written) == 12 and most[0] > 1 and not same_at_once[0]
+
+
 def test_flush_reports_writeback_failures_and_keeps_the_upper_copy(tmp_path):
     root = tmp_path / "files"
     with kvfs.open(f"memory://::file://{root}") as store:
