@@ -193,6 +193,17 @@ class KVFSHiCacheStorage(HiCacheStorage):
         self._set_spec(mem_pool_host.layer_num, mem_pool_host.head_num, mem_pool_host.head_dim,
                        mem_pool_host.dtype, mem_pool_host.page_size)
 
+    def register_mem_host_pool_v2(self, host_pool, host_pool_name) -> None:
+        """Hybrid models register more host pools beside the KV one (Mamba, sliding-window or indexer state),
+        which SGLang then asks a backend to keep with each page: kvfs stores attention KV only, so it refuses
+        them here, when the backend is attached, rather than failing every lookup later."""
+        name = str(getattr(host_pool_name, "value", host_pool_name))
+        if name != "kv":
+            raise ValueError(f"KVFSHiCacheStorage stores attention KV pages only; this model also keeps {name!r} "
+                             "state in a host pool (a hybrid model), which kvfs cannot store with them: serve it "
+                             "without the kvfs storage backend")
+        super().register_mem_host_pool_v2(host_pool, host_pool_name)
+
     def _need_spec(self) -> tuple[KVSpec, Namespace]:
         if self.spec is None or self.ns is None:
             raise RuntimeError("KVFSHiCacheStorage: no page geometry yet; register the host pool first "

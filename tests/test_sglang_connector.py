@@ -153,6 +153,19 @@ def test_missing_geometry_and_bad_pages_are_refused(tmp_path):
     b.close()
 
 
+def test_hybrid_models_extra_host_pools_are_refused_when_attached(tmp_path):
+    from sglang.srt.mem_cache.hicache_storage import PoolName
+
+    b = backend(f"lmdb://{tmp_path}/store")
+    try:
+        b.register_mem_host_pool_v2(object(), PoolName.KV)  # the KV pool itself, as a pool group lists it
+        for extra in (PoolName.MAMBA, PoolName.SWA, "indexer"):
+            with pytest.raises(ValueError, match=f"keeps '{getattr(extra, 'value', extra)}' state"):
+                b.register_mem_host_pool_v2(object(), extra)
+    finally:
+        b.close()
+
+
 @pytest.mark.skipif(IN_HOSTPOOL_PROCESS, reason="runs in the main test process")
 @pytest.mark.parametrize("extra, error", [
     # a misspelt key was ignored: no geometry (a RuntimeError at the first call), or another namespace
