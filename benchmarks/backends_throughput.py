@@ -10,7 +10,9 @@ Chunks are Llama-3-8B shaped: KVSpec("bench", 32 layers, 8 KV heads, head_dim 12
    page cache; cold get (page cache dropped) vs a cold read (needs root for drop_caches).
 2. The S3 tier on SeaweedFS (started here, loopback): FsspecBackend.put_many / get_many of the chunk
    objects vs raw s3fs ``pipe`` / ``cat`` of the same objects at the same concurrency; and a verified
-   ``ns.get`` from a store whose only tier is the bucket, vs raw ``cat``.
+   ``ns.get`` from a store whose only tier is the bucket, vs raw ``cat``; the bucket below a memory tier
+   (put until written back, prefetch back into memory) vs raw ``pipe`` / ``cat``, on SeaweedFS and on a bucket
+   20 ms away (moto behind a proxy that holds each request).
 3. A tiered store's hit path (the top tier holds the data) vs a store made of that top tier alone.
 """
 
@@ -172,10 +174,7 @@ def bench_s3(gib: float, concurrency: int, repeats: int, res: Results) -> None:
     with SeaweedServer() as server:
         bucket = server.make_bucket()
         url = server.url(bucket, "kv", concurrency=concurrency)
-        with kvfs.open(f"memory://") as scratch:  # the chunk objects exactly as kvfs stores them
-            ns = scratch.namespace(SPEC)
-            ns.put(tokens, kv)
-            items = {k.path: scratch.cat(k.path) for k in ns.keys(tokens)}
+        items = _chunk_objects(tokens, kv)
         obj_gb = sum(len(v) for v in items.values()) / 1e9
         backend = open_backend(url)
         raw = s3fs.S3FileSystem(endpoint_url=server.endpoint, key=ACCESS_KEY, secret=SECRET_KEY,
@@ -215,9 +214,82 @@ def bench_s3(gib: float, concurrency: int, repeats: int, res: Results) -> None:
                 assert out.tobytes() == kv.tobytes()
             res.add("s3:// ns.get (verified, store of the bucket alone)", gb / t_ns, "GB/s", "raw s3fs cat",
                     t_cat / t_ns * (gb / obj_gb))
+            _tiered_rows(lambda i: server.url(bucket, f"tiered{i}", concurrency=concurrency), "", tokens, kv,
+                         len(items), obj_gb, t_pipe, t_cat, repeats, res)
         finally:
             backend.close()
             del raw
+
+
+def _tiered_rows(bucket_url, where: str, tokens, kv, n_objects: int, obj_gb: float, t_pipe: float, t_cat: float,
+                 repeats: int, res: Results) -> None:
+    """The bucket below a memory tier: puts return once in memory and write-back copies them to the bucket
+    (threads side by side); prefetch brings them back once the memory copies are evicted. ``bucket_url(i)``: a
+    fresh prefix per repeat (else the chunks would be there already)."""
+    t_wb, t_pf = [], []
+    for i in range(repeats):
+        cat_dir = tempfile.mkdtemp(prefix="kvfs-bench-cat-")
+        try:
+            with kvfs.open(f"memory://::{bucket_url(i)}", catalog=cat_dir) as store:
+                ns = store.namespace(SPEC)
+                t0 = time.perf_counter()
+                ns.put(tokens, kv)
+                store.flush()
+                t_wb.append(time.perf_counter() - t0)
+                store.evict(all=True, tier=0)
+                t0 = time.perf_counter()
+                counts = store.prefetch([SPEC.path])
+                t_pf.append(time.perf_counter() - t0)
+                assert counts["fetched"] == n_objects, counts
+        finally:
+            shutil.rmtree(cat_dir, ignore_errors=True)
+    t_wb, t_pf = min(t_wb), min(t_pf)
+    res.add(f"memory://::s3://{where} put until written back", obj_gb / t_wb, "GB/s", "raw s3fs pipe",
+            t_pipe / t_wb, "encode + memory tier + write-back threads")
+    res.add(f"memory://::s3://{where} prefetch into memory (verified)", obj_gb / t_pf, "GB/s", "raw s3fs cat",
+            t_cat / t_pf)
+
+
+def bench_s3_far(gib: float, concurrency: int, repeats: int, res: Results, delay: float = 0.02) -> None:
+    """A bucket ``delay`` away (each request held that long by a proxy in front of moto's S3 server): what
+    latency does to write-back and prefetch, against raw s3fs through the same proxy."""
+    import s3fs
+    from moto.server import ThreadedMotoServer
+    from s3servers import FaultyProxy, make_bucket
+
+    tokens, kv = workload(int(gib * 2**30), 1)
+    items = _chunk_objects(tokens, kv)
+    obj_gb = sum(len(v) for v in items.values()) / 1e9
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    proxy = FaultyProxy(f"http://{host}:{port}")
+    try:
+        bucket = make_bucket(f"http://{host}:{port}")
+        proxy.delay = delay
+        raw = s3fs.S3FileSystem(endpoint_url=proxy.endpoint, skip_instance_cache=True, use_listings_cache=False,
+                                config_kwargs={"max_pool_connections": max(10, concurrency)})
+        raw_paths = {f"{bucket}/raw/{k}": v for k, v in items.items()}
+        t_pipe = best_of(repeats, lambda: raw.pipe(raw_paths, batch_size=concurrency))
+        t_cat = best_of(repeats, lambda: raw.cat(list(raw_paths), batch_size=concurrency))
+        ms = f"{delay * 1000:.0f} ms away"
+        res.add(f"raw s3fs pipe, {ms}, batch {concurrency} (baseline)", obj_gb / t_pipe, "GB/s", None, None,
+                "moto behind a proxy holding each request")
+        res.add(f"raw s3fs cat, {ms}, batch {concurrency} (baseline)", obj_gb / t_cat, "GB/s", None, None)
+        _tiered_rows(lambda i: f"s3://{bucket}/tiered{i}?endpoint_url={proxy.endpoint}&concurrency={concurrency}",
+                     f" ({ms})", tokens, kv, len(items), obj_gb, t_pipe, t_cat, repeats, res)
+        del raw
+    finally:
+        proxy.close()
+        server.stop()
+
+
+def _chunk_objects(tokens, kv) -> dict[str, bytes]:
+    """The chunk objects exactly as kvfs stores them."""
+    with kvfs.open("memory://") as scratch:
+        ns = scratch.namespace(SPEC)
+        ns.put(tokens, kv)
+        return {k.path: scratch.cat(k.path) for k in ns.keys(tokens)}
 
 
 # -------------------------------------------------------------------------------------------- tiers
@@ -276,6 +348,7 @@ def main() -> None:
             bench_file(root, args.gib, args.repeats, res)
         if args.only in (None, "s3"):
             bench_s3(args.s3_gib, args.concurrency, args.repeats, res)
+            bench_s3_far(args.s3_gib, args.concurrency, args.repeats, res)
         if args.only in (None, "tiers"):
             bench_tier_hits(root, args.gib, args.repeats, res)
     finally:
