@@ -330,18 +330,19 @@ class _Breaker:
         self._why: BaseException | None = None
         self._since = 0.0
 
-    def enter(self, where: str) -> None:
+    def enter(self, where: str) -> bool:
+        """Raises while open; returns whether this operation is the one trying the server again."""
         if not self._until:  # closed (read without the lock: the common case costs nothing)
-            return
+            return False
         import time
 
         with self._lock:
             if not self._until:
-                return
+                return False
             now = time.monotonic()
             if now >= self._until and not self._trying:
                 self._trying = True  # this operation tries the server; the others keep failing fast
-                return
+                return True
             wait = max(0.0, self._until - now)
             why, since = self._why, now - self._since
         code = getattr(why, "errno", None) or errno.ETIMEDOUT
@@ -349,7 +350,8 @@ class _Breaker:
         raise oserror(code, f"{where} is not answering ({os.strerror(code).lower()}, for {since:.0f} s); failing "
                             f"fast, kvfs tries it again {again}", why)
 
-    def leave(self, e: BaseException | None) -> None:
+    def leave(self, e: BaseException | None, trying: bool) -> None:
+        """An operation ended (``e``: its error); ``trying``: what :meth:`enter` returned for it."""
         import time
 
         unreachable = isinstance(e, (TimeoutError, ConnectionError))
@@ -360,6 +362,10 @@ class _Breaker:
                 self._until = self._window = 0.0
                 self._trying = False
                 self._why = None
+                return
+            if self._until and not trying:
+                # an operation started before the breaker opened, failing with the others of that outage: one
+                # failure (operations in flight would each double the window, to BREAKER_MAX_S at once)
                 return
             now = time.monotonic()
             if not self._until:
@@ -513,14 +519,14 @@ class FsspecBackend(Backend):
             running = None
         if running is self._loop:
             raise RuntimeError(f"{self.url}: a blocking call from inside fsspec's event loop would deadlock")
-        self._breaker.enter(self._where())
+        trying = self._breaker.enter(self._where())
         try:
             # not fsspec.asyn.sync: it turns every TimeoutError (our Timeout too) into a bare FSTimeoutError
             out = asyncio.run_coroutine_threadsafe(coro_fn(*args), self._loop).result()
         except BaseException as e:
-            self._breaker.leave(e)
+            self._breaker.leave(e, trying)
             raise
-        self._breaker.leave(None)
+        self._breaker.leave(None, trying)
         return out
 
     async def _attempt(self, what: str, key: str, fn: Callable[[], Awaitable[Any]]) -> Any:

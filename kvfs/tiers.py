@@ -106,6 +106,8 @@ class WriteBack:
             # (bytes being written count too; a job larger than the bound goes once nothing else is held)
             while (self._queue or self._busy) and self._queued_bytes + job.nbytes > self._max_bytes:
                 self._cond.wait()
+            if self._closed:  # closed while it waited: no thread would drain the queue any more
+                raise StoreError(5, "the store is closed")
             self._queue.append(job)
             self._queued_bytes += job.nbytes
             self._paths[job.path] = self._paths.get(job.path, 0) + 1

@@ -478,3 +478,35 @@ def test_keys_a_delete_objects_request_could_not_delete_are_an_error(moto_server
             assert ns.lookup(list(range(32))) == 32  # still there, and found again
     finally:
         proxy.close()
+
+
+def test_operations_in_flight_when_a_server_stops_answering_open_the_breaker_once(faulty_s3):
+    """Several operations waiting on a server that stops answering all time out together: that is one failure,
+    not one per operation. The breaker opens for its first window (not doubled once per operation in flight,
+    up to BREAKER_MAX_S), so that a server back moments later is used again after BREAKER_FIRST_S."""
+    from backends import _fsspec
+
+    proxy, bucket = faulty_s3
+    b = open_backend(f"s3://{bucket}/kv?endpoint_url={proxy.endpoint}&timeout=1&retries=0")
+    try:
+        b.put(K1, b"value")
+        proxy.delay = 3.0  # the server stops answering
+        errors: list[BaseException] = []
+
+        def read():
+            try:
+                b.get(K1)
+            except BaseException as e:  # noqa: BLE001
+                errors.append(e)
+
+        threads = [threading.Thread(target=read) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(errors) == 4 and all(isinstance(e, Timeout) for e in errors), errors
+        proxy.delay = 0.0  # back
+        time.sleep(_fsspec.BREAKER_FIRST_S + 0.5)
+        assert bytes(b.get(K1)) == b"value"
+    finally:
+        b.close()

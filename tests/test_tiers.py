@@ -113,6 +113,43 @@ def test_write_back_writes_side_by_side_but_each_path_in_order():
     assert len(written) == 12 and most[0] > 1 and not same_at_once[0]
 
 
+def test_a_submit_waiting_for_room_while_the_write_back_closes_is_written_or_refused():
+    """A copy queued by a writer that waited for room in the queue while close() ran: close() writes it before
+    it returns, or submit() refuses it (the store is closed); it is never left in a queue no thread drains, nor
+    written by a thread started after close() returned."""
+    for attempt in range(20):
+        go = threading.Event()
+        written = []
+
+        def write(job, tier_index):
+            go.wait(5)
+            written.append(job.path)
+            return True
+
+        wb = kvfs_tiers.WriteBack(write, max_bytes=1, threads=2)
+        wb.submit(kvfs_tiers.WriteJob("first", b"x", [1], lambda ti: None))
+        closer = threading.Thread(target=wb.close)
+        closer.start()
+        time.sleep(0.02)  # close() waits for the first copy
+        refused = []
+
+        def submit():
+            try:
+                wb.submit(kvfs_tiers.WriteJob("second", b"y", [1], lambda ti: None))
+            except StoreError:
+                refused.append(True)
+
+        submitter = threading.Thread(target=submit)
+        submitter.start()
+        time.sleep(0.02)  # it waits for room: the first copy holds the queue's bound
+        go.set()
+        closer.join(5)
+        submitter.join(5)
+        assert not closer.is_alive() and not submitter.is_alive()
+        assert refused or "second" in written, f"attempt {attempt}: the second copy was accepted, never written"
+        assert not any(t.is_alive() for t in wb._threads)
+
+
 def test_flush_reports_writeback_failures_and_keeps_the_upper_copy(tmp_path):
     root = tmp_path / "files"
     with kvfs.open(f"memory://::file://{root}") as store:
