@@ -415,9 +415,11 @@ class Store:
         self.catalog.flush()
         if errors:
             path, ti, e = errors[0]
+            # a copy that failed before this flush was queued again by its resync and may have failed twice
+            n = len({p for p, _, _ in errors})
             raise StoreError(
                 errno.EIO,
-                f"{len(errors)} chunk(s) could not be written back to lower tiers (first: {path} to "
+                f"{n} chunk(s) could not be written back to lower tiers (first: {path} to "
                 f"{self.tiers[ti].url.redacted()}: {e}); they stay readable from the tiers above",
             ) from e
 
@@ -456,7 +458,7 @@ class Store:
             self.catalog.close()
         if errors:
             log.warning("kvfs: %d chunk(s) were not written back before close (first: %s: %s)",
-                        len(errors), errors[0][0], errors[0][2])
+                        len({p for p, _, _ in errors}), errors[0][0], errors[0][2])
 
     # ---------------------------------------------------------------------------------- owed copies
     def _start_resync(self, min_interval: float = 0.0) -> bool:

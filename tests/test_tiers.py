@@ -203,6 +203,19 @@ def test_evicting_the_top_tier_keeps_chunks_not_yet_copied_below(tmp_path):
         assert store.evict([path]).evicted == [path] and ns.lookup(stuck) == 0  # from every tier: removed
 
 
+def test_flush_counts_a_chunk_that_failed_twice_once(tmp_path):
+    # a copy that failed before flush() is queued again by flush's resync and fails again: one chunk, not two
+    root = tmp_path / "files"
+    with kvfs.open(f"memory://::file://{root}") as store:
+        ns = store.namespace(SPEC)
+        toks, kv = _prompt(1, 5)
+        _block_writes(root, ns, toks)
+        ns.put(toks, kv)
+        store._writeback.flush(take_errors=False)  # failed once; its error waits for flush()
+        with pytest.raises(StoreError, match=r"^\[Errno 5\] 1 chunk\(s\) could not be written back"):
+            store.flush()
+
+
 def test_a_second_outage_soon_after_the_first_is_resynced_too(tmp_path, monkeypatch):
     """A lower tier that fails again moments after it came back (within the resync interval): the copies that
     failed the second time are queued again by a later write that succeeds, without a flush (a serving
