@@ -539,8 +539,9 @@ class KVFSConnector(KVConnectorBase_V1):
             # bounded: a few layers in flight, never a second copy of the whole prefix on the device
             budget = max(self._prefetch_bytes, 2 * load.end * per_layer)
             on_host = self._paged.device.type == "cpu"
+            # (chunks wholly in the blocks vLLM's own prefix cache holds are not read)
             pf = self.ns.prefetch(load.token_ids[: load.end], device=self._paged.device, max_bytes=budget,
-                                  slot_pool=self._load_slots if on_host else None)
+                                  slot_pool=self._load_slots if on_host else None, skip=load.start)
             self._loading.append(_Loading(load, pf))
 
     def wait_for_layer_load(self, layer_name: str) -> None:
@@ -561,12 +562,13 @@ class KVFSConnector(KVConnectorBase_V1):
             log.warning("kvfs: loading the prefix of request %s failed: %s", load.req_id, e)
             ld.valid = 0
             return
-        ld.valid = min(ld.valid, kv.shape[1])
+        first = ld.prefetch.first  # kv holds the tokens from here on
+        ld.valid = min(ld.valid, first + kv.shape[1])
         hi = min(ld.valid, load.end)
         if hi > load.start:
             if ld.slots is None or ld.slots.ntokens != hi - load.start:
                 ld.slots = self._slots(load.block_ids, load.start, hi)
-            self._paged.scatter(kv[:, load.start: hi], ld.slots, layer=i)
+            self._paged.scatter(kv[:, load.start - first: hi - first], ld.slots, layer=i)
         ld.prefetch.release_layer(i)
 
     def _finish_loads(self) -> None:

@@ -24,6 +24,11 @@ of leading tokens whose every layer was loaded and verified. An engine that
 used earlier layers beyond that must treat those tokens as not loaded
 (recompute them; vLLM: report their blocks as invalid).
 
+``skip``: leading tokens the caller holds already (an engine's own prefix
+cache). Chunks that end at or before them are not read; the layers then hold
+the tokens from :attr:`Prefetcher.first` (the first chunk read) on, and
+``valid_tokens`` still counts from token 0.
+
 Memory: without ``max_bytes`` the prefetch holds one tensor for every layer
 (``[layers, planes, num_tokens, heads, dim]``, also :meth:`result`), or reads
 into the caller's ``out`` (``[layers, planes, >= num_tokens, heads, dim]``,
@@ -75,7 +80,7 @@ class Prefetcher:
 
     def __init__(self, ns: Any, tokens: Any, *, device: Any = "cpu", max_bytes: int | None = None,
                  out: torch.Tensor | None = None, pool: PinnedPool | None = None, direct: str | bool = "auto",
-                 start: bool = True, slot_pool: StagingPool | None = None) -> None:
+                 start: bool = True, slot_pool: StagingPool | None = None, skip: int = 0) -> None:
         self.ns = ns
         self.spec = spec = ns.spec
         self.device = as_device(device if out is None else out.device)
@@ -83,18 +88,29 @@ class Prefetcher:
         self.plan = ns.plan(self.tokens)
         #: tokens the lookup found cached (the prefix being loaded)
         self.num_tokens = self.plan[-1].end if self.plan else 0
+        if isinstance(skip, bool) or not isinstance(skip, int) or skip < 0:
+            raise InvalidInput(f"skip must be a token count >= 0, got {skip!r}")
+        if skip:
+            if out is not None:
+                raise InvalidInput("skip and out exclude each other: out holds the prefix from token 0")
+            # the caller holds these tokens already (an engine's own prefix cache): chunks ending at or before
+            # them are not read
+            self.plan = [p for p in self.plan if p.end > skip]
+        #: the first token the layers hold (0, or with ``skip`` the start of the first chunk read)
+        self.first = self.plan[0].start if self.plan else self.num_tokens
         self._valid = self.num_tokens
         self._nok = len(self.plan)  # leading plan items not failed
         L = spec.num_layers
-        self.layer_shape = (spec.kv_planes, self.num_tokens, spec.num_kv_heads, spec.head_dim)
-        #: bytes of one layer of the prefix
-        self.layer_bytes = self.num_tokens * (spec.bytes_per_token // L if L else 0)
+        held = self.num_tokens - self.first
+        self.layer_shape = (spec.kv_planes, held, spec.num_kv_heads, spec.head_dim)
+        #: bytes of one layer of the tokens read
+        self.layer_bytes = held * (spec.bytes_per_token // L if L else 0)
         self.dtype = torch_dtype(spec.dtype)
         if max_bytes is None:
             self.max_layers = L
         else:
             if self.layer_bytes and max_bytes < self.layer_bytes:
-                raise InvalidInput(f"max_bytes={max_bytes} cannot hold one layer of the {self.num_tokens} cached "
+                raise InvalidInput(f"max_bytes={max_bytes} cannot hold one layer of the {held} cached "
                                    f"tokens ({self.layer_bytes} bytes); raise it")
             self.max_layers = max(1, min(L, max_bytes // self.layer_bytes if self.layer_bytes else L))
         if slot_pool is not None and (self.device.type != "cpu" or max_bytes is None or out is not None):
@@ -114,7 +130,7 @@ class Prefetcher:
         self._cancelled = False
         self._closed = False
         self._error: BaseException | None = None
-        self._done = self.num_tokens == 0
+        self._done = not self.plan
         self._reader = DeviceReader(ns, self.plan, self.device, pool=pool, direct=direct) if self.plan else None
         self._thread: threading.Thread | None = None
         if self._done:
@@ -205,12 +221,13 @@ class Prefetcher:
     def wait_layer(self, i: int, timeout: float | None = None, *, release_previous: bool = False
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Layer ``i``'s ``(K, V)``, each ``[valid_tokens, heads, dim]`` (MLA: ``(latent [valid_tokens, 1,
-        latent_dim], None)``), once loaded and verified. ``release_previous``: release layers ``< i`` first."""
+        latent_dim], None)``), once loaded and verified. ``release_previous``: release layers ``< i`` first.
+        With ``skip``, tokens from :attr:`first` on: ``valid_tokens - first`` of them."""
         kv = self.wait_layer_kv(i, timeout, release_previous=release_previous)
         return (kv[0], kv[1]) if kv.shape[0] == 2 else (kv[0], None)
 
     def wait_layer_kv(self, i: int, timeout: float | None = None, *, release_previous: bool = False) -> torch.Tensor:
-        """Layer ``i`` as ``[planes, valid_tokens, heads, dim]`` (a view of the prefetch's buffer)."""
+        """Layer ``i`` as ``[planes, valid_tokens - first, heads, dim]`` (a view of the prefetch's buffer)."""
         if not 0 <= i < len(self._state):
             raise IndexError(f"layer {i} is out of range: the namespace has {len(self._state)} layers")
         if release_previous:
@@ -247,7 +264,7 @@ class Prefetcher:
                 stream.wait_event(ev)
             if not self._caller_out:
                 slot.record_stream(stream)  # ours, allocated on another stream: kept until this stream is done
-        return slot[:, :n]
+        return slot[:, : n - self.first]
 
     def release_layer(self, i: int) -> None:
         """The caller is done with layer ``i``: its buffer may hold another layer (bounded prefetch)."""
@@ -283,11 +300,11 @@ class Prefetcher:
         return self._valid
 
     def result(self) -> tuple[int, torch.Tensor]:
-        """After :meth:`wait` (unbounded prefetch): ``(n, [layers, planes, n, heads, dim])``."""
+        """After :meth:`wait` (unbounded prefetch): ``(n, [layers, planes, n - first, heads, dim])``."""
         n = self.wait()
         if self._all is None:
-            if self.num_tokens == 0:
-                return 0, torch.empty((len(self._state),) + self.layer_shape, dtype=self.dtype, device=self.device)
+            if not self.plan:  # nothing cached (or every chunk skipped)
+                return n, torch.empty((len(self._state),) + self.layer_shape, dtype=self.dtype, device=self.device)
             raise InvalidInput("result() needs an unbounded prefetch (max_bytes=None) that is not closed")
         if self.device.type == "cuda":
             stream = torch.cuda.current_stream(self.device)
@@ -296,7 +313,7 @@ class Prefetcher:
                     stream.wait_event(ev)
             if not self._caller_out:
                 self._all.record_stream(stream)
-        return n, self._all[:, :, :n]
+        return n, self._all[:, :, : n - self.first]
 
     # ------------------------------------------------------------------------------------------ loader
     def _take_slot(self, i: int) -> torch.Tensor | None:
@@ -341,7 +358,8 @@ class Prefetcher:
                     if first_bad < self._nok:
                         self._nok = first_bad
                         with self._cond:
-                            self._valid = min(self._valid, _valid_prefix(self.plan, ok[: self._nok] + [False]))
+                            self._valid = min(self._valid,
+                                              self.first + _valid_prefix(self.plan, ok[: self._nok] + [False]))
                     if not self._nok and slot is not None and self._all is None:
                         with self._cond:  # nothing valid in it: back to the free list
                             self._free.append((slot, None))

@@ -251,6 +251,45 @@ def test_corrupt_chunk_mid_prefetch_is_a_miss_from_that_chunk_on(where, tmp_path
         assert n == 2 * C and torch.equal(again, kv[:, :, : 2 * C])
 
 
+@pytest.mark.parametrize("bounded", [False, True])
+def test_prefetch_skips_the_chunks_the_caller_holds(bounded):
+    """``skip``: an engine holding the first tokens in its own cache reads only the chunks past them. A chunk
+    before them is not read (corrupt here: no miss); ``valid_tokens`` counts from token 0, the layers hold the
+    tokens from ``first`` (the first chunk read) on, and a failure past ``skip`` still cuts them."""
+    with kvfs.open("memory://skip") as store:
+        ns = store.namespace(SPEC)
+        ntok = 5 * C + 7
+        kv = _kv(ntok, seed=6)
+        ns.put(_toks(ntok), kv)
+        plan = ns.plan(_toks(ntok))
+        _flip_stored_byte(store, plan[0].key.path, store._read_header(plan[0].key.path).data_offset + 1)
+        opts = {"max_bytes": 2 * ntok * SPEC.bytes_per_token // L} if bounded else {}
+        with ns.prefetch(_toks(ntok), skip=2 * C + 5, **opts) as pf:  # inside the third chunk
+            assert pf.first == 2 * C and pf.num_tokens == ntok
+            for i in range(L):
+                got = pf.wait_layer_kv(i, release_previous=bounded)
+                assert torch.equal(got, kv[i, :, 2 * C :])
+            assert pf.wait() == pf.valid_tokens == ntok
+            if not bounded:
+                n, all_layers = pf.result()
+                assert n == ntok and torch.equal(all_layers, kv[:, :, 2 * C :])
+        assert ns.lookup(_toks(ntok)) == ntok  # the corrupt chunk was never read, so never quarantined
+        with ns.prefetch(_toks(ntok), skip=2 * C) as pf:  # a chunk ending at skip is not read either
+            assert pf.first == 2 * C
+        with ns.prefetch(_toks(ntok), skip=ntok) as pf:  # every chunk held: nothing to read
+            assert pf.wait() == ntok and pf.wait_layer_kv(0).shape[1] == 0 and pf.result()[1].shape[2] == 0
+        bad = plan[3]
+        _flip_stored_byte(store, bad.key.path, store._read_header(bad.key.path).layer_range(0)[0] + 100)
+        with ns.prefetch(_toks(ntok), skip=C) as pf:
+            assert pf.first == C
+            got = pf.wait_layer_kv(L - 1)
+            assert pf.wait() == pf.valid_tokens == 3 * C and torch.equal(got, kv[L - 1, :, C : 3 * C])
+        with pytest.raises(InvalidInput, match="skip"):
+            ns.prefetch(_toks(ntok), skip=-1)
+        with pytest.raises(InvalidInput, match="skip and out"):
+            ns.prefetch(_toks(ntok), skip=C, out=torch.empty((L,) + SPEC.chunk_shape(ntok)[1:], dtype=torch.bfloat16))
+
+
 def test_corrupt_first_layer_means_nothing_from_that_chunk():
     with kvfs.open("memory://corrupt0") as store:
         ns = store.namespace(SPEC)

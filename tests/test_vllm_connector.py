@@ -299,6 +299,27 @@ def test_the_last_prompt_token_is_never_loaded(url):
     sched.shutdown()
 
 
+def test_chunks_in_vllms_own_prefix_cache_are_not_read(url, tmp_path):
+    """vLLM's prefix cache holds B's first 32 tokens: kvfs reads only the chunks past them. The first chunk
+    is damaged here, and the load still succeeds: it was never read."""
+    kv_a = store_a(url)
+    sched = make_connector(url, KVConnectorRole.SCHEDULER)
+    worker = make_connector(url, KVConnectorRole.WORKER)
+    caches = paged_caches()
+    worker.register_kv_caches(caches)
+    flip_bit(os.path.join(tmp_path, "store", sched.ns.keys(PROMPT_A)[0].path), -7, 0x01)
+    b = request("B", PROMPT_B)
+    assert sched.get_num_new_matched_tokens(b, 32) == (32, False)
+    sched.update_state_after_alloc(b, blocks_of(BLOCKS_B), 32)
+    meta = sched.build_connector_meta(step(b, BLOCKS_B, len(PROMPT_B) - 64, computed=64))
+    assert [(m.start, m.end) for m in meta.loads] == [(32, 64)]
+    assert run_worker_step(worker, caches, meta) == set()
+    assert torch.equal(read_kv(caches, BLOCKS_B, 32, 64), kv_a[:, :, 32:64])
+    assert torch.count_nonzero(read_kv(caches, BLOCKS_B, 0, 32)) == 0  # vLLM's own blocks: not written
+    worker.shutdown()
+    sched.shutdown()
+
+
 def test_a_corrupt_chunk_is_reported_not_loaded(url, tmp_path, caplog):
     kv_a = store_a(url)
     sched = make_connector(url, KVConnectorRole.SCHEDULER)
