@@ -88,6 +88,7 @@ class Prefetcher:
         self.plan = ns.plan(self.tokens)
         #: tokens the lookup found cached (the prefix being loaded)
         self.num_tokens = self.plan[-1].end if self.plan else 0
+        self._skipped: list[Any] = []  # chunks not read (skip): touched as a read would (_touch_skipped)
         if isinstance(skip, bool) or not isinstance(skip, int) or skip < 0:
             raise InvalidInput(f"skip must be a token count >= 0, got {skip!r}")
         if skip:
@@ -95,6 +96,7 @@ class Prefetcher:
                 raise InvalidInput("skip and out exclude each other: out holds the prefix from token 0")
             # the caller holds these tokens already (an engine's own prefix cache): chunks ending at or before
             # them are not read
+            self._skipped = [p for p in self.plan if p.end <= skip]
             self.plan = [p for p in self.plan if p.end > skip]
         #: the first token the layers hold (0, or with ``skip`` the start of the first chunk read)
         self.first = self.plan[0].start if self.plan else self.num_tokens
@@ -135,6 +137,7 @@ class Prefetcher:
         self._thread: threading.Thread | None = None
         if self._done:
             self._state = [_READY] * L
+            self._touch_skipped()  # (no loader to do it)
         elif out is not None:
             want = (L,) + self.layer_shape
             if (out.dim() != 5 or out.shape[:2] != want[:2] or out.shape[3:] != want[3:] or out.shape[2] < want[2]
@@ -345,8 +348,24 @@ class Prefetcher:
             done.synchronize()  # kvikio writes are not on a stream
         return slot
 
+    def _touch_skipped(self) -> None:
+        """The chunks skipped were used all the same (the engine holds their tokens): they become the most
+        recently used, as a read makes them. Else an engine's hottest chunks, the first ones of a shared prefix,
+        would be the first an LRU eviction takes, and evicting a prefix's first chunk cuts every chunk after
+        it off. Best effort, like the access times a read records."""
+        skipped, self._skipped = self._skipped, []
+        store = self.ns.store
+        if not skipped or store.read_only:
+            return
+        try:
+            with store.reading():
+                store.catalog.touch(list(dict.fromkeys(f"{p.key.namespace}/{p.key.hex}" for p in skipped)))
+        except (OSError, KVFSError) as e:
+            store._warn_once("touch", f"kvfs: cannot record access times: {e}")
+
     def _run(self) -> None:
         try:
+            self._touch_skipped()
             for i in range(len(self._state)):
                 slot = self._take_slot(i) if self._nok else None
                 if self._cancelled:

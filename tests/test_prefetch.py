@@ -290,6 +290,21 @@ def test_prefetch_skips_the_chunks_the_caller_holds(bounded):
             ns.prefetch(_toks(ntok), skip=C, out=torch.empty((L,) + SPEC.chunk_shape(ntok)[1:], dtype=torch.bfloat16))
 
 
+@pytest.mark.parametrize("skip", [2 * C + 5, 5 * C + 7])
+def test_chunks_skipped_are_used_all_the_same_for_eviction(skip):
+    """The chunks ``skip`` does not read become the most recently used, as a read makes them: else the first
+    chunks of a prefix every engine holds would be the first an LRU eviction takes, cutting off the rest."""
+    with kvfs.open("memory://skip-lru") as store:
+        ns = store.namespace(SPEC)
+        ntok = 5 * C + 7
+        ns.put(_toks(ntok), _kv(ntok, seed=7))
+        ckeys = [f"{p.key.namespace}/{p.key.hex}" for p in ns.plan(_toks(ntok))]
+        store.catalog.touch(ckeys, now=1.0)  # long ago
+        with ns.prefetch(_toks(ntok), skip=skip, max_bytes=ntok * SPEC.bytes_per_token) as pf:
+            assert pf.wait() == ntok
+        assert all(r.last_access > 1.0 for r in store.catalog.get_many(ckeys))
+
+
 def test_corrupt_first_layer_means_nothing_from_that_chunk():
     with kvfs.open("memory://corrupt0") as store:
         ns = store.namespace(SPEC)
