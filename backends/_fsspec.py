@@ -46,6 +46,8 @@ import logging
 import math
 import os
 import random
+import threading
+import time
 import uuid
 from typing import Any, Awaitable, Callable, Iterator, Mapping, Sequence
 
@@ -321,8 +323,6 @@ class _Breaker:
     __slots__ = ("_lock", "_until", "_window", "_trying", "_why", "_since")
 
     def __init__(self) -> None:
-        import threading
-
         self._lock = threading.Lock()
         self._until = 0.0  # monotonic time before which operations fail fast; 0: closed
         self._window = 0.0
@@ -334,8 +334,6 @@ class _Breaker:
         """Raises while open; returns whether this operation is the one trying the server again."""
         if not self._until:  # closed (read without the lock: the common case costs nothing)
             return False
-        import time
-
         with self._lock:
             if not self._until:
                 return False
@@ -352,8 +350,6 @@ class _Breaker:
 
     def leave(self, e: BaseException | None, trying: bool) -> None:
         """An operation ended (``e``: its error); ``trying``: what :meth:`enter` returned for it."""
-        import time
-
         unreachable = isinstance(e, (TimeoutError, ConnectionError))
         if not unreachable and not self._until:
             return

@@ -354,14 +354,14 @@ class Prefetcher:
         would be the first an LRU eviction takes, and evicting a prefix's first chunk cuts every chunk after
         it off. Best effort, like the access times a read records."""
         skipped, self._skipped = self._skipped, []
-        store = self.ns.store
-        if not skipped or store.read_only:
+        if not skipped:
             return
+        store = self.ns.store
         try:
             with store.reading():
-                store.catalog.touch(list(dict.fromkeys(f"{p.key.namespace}/{p.key.hex}" for p in skipped)))
-        except (OSError, KVFSError) as e:
-            store._warn_once("touch", f"kvfs: cannot record access times: {e}")
+                store._touch([f"{p.key.namespace}/{p.key.hex}" for p in skipped])
+        except OSError:
+            pass  # the store was closed under the prefetch: its loader reports that
 
     def _run(self) -> None:
         try:

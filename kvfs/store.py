@@ -752,15 +752,20 @@ class Store:
                 h = self._headers.get(items[i].path)
                 if h is not None:
                     self.catalog.set_size(items[i].ckey, h.file_size)
-        hits = [items[i].ckey for i in range(n) if ok[i]]
-        if hits and not self.read_only:
-            try:
-                self.catalog.touch(list(dict.fromkeys(hits)))
-            except OSError as e:  # a full or read-only catalog must not fail a read
-                self._warn_once("touch", f"kvfs: cannot record access times: {e}")
+        self._touch([items[i].ckey for i in range(n) if ok[i]])
         for i, tier_index, data in promotions:
             self._promote(items[i], data, tier_index)
         return ok
+
+    def _touch(self, keys: list[str]) -> None:
+        """Record that these chunks (catalog keys) were used now: the LRU order eviction follows. Best effort:
+        a full or read-only catalog must not fail a read."""
+        if not keys or self.read_only:
+            return
+        try:
+            self.catalog.touch(list(dict.fromkeys(keys)))
+        except OSError as e:
+            self._warn_once("touch", f"kvfs: cannot record access times: {e}")
 
     def _read_tier(self, tier: Tier, spec: KVSpec, items: list[ReadItem], want_bytes: bool):
         """Read items from one tier: a list of (status, payload) with status ok/missing/corrupt/error."""
@@ -942,6 +947,13 @@ class Store:
             self._warn_once(f"promote:{from_tier}", f"kvfs: promoting chunks out of tier {from_tier} failed: {e}")
 
     # ---------------------------------------------------------------------------------- writes
+    def _entry_of(self, header: ChunkHeader, namespace: str, path: str, data) -> tuple:
+        """What :meth:`_write_new` takes for a whole chunk file already checked (``header`` parsed from it)."""
+        key = ChunkKey(bytes.fromhex(header.key), bytes.fromhex(header.parent) if header.parent else None,
+                       header.start, header.start + header.num_tokens, namespace, header.kind == "segment")
+        return (self._record_for(key, header, len(data)), header.tokens if header.kind == "prefix" else None, path,
+                data)
+
     def _record_for(self, key: ChunkKey, header_or_tokens, size: int) -> ChunkRecord:
         now = time.time()
         ntok = header_or_tokens.shape[2] if isinstance(header_or_tokens, ChunkHeader) else len(header_or_tokens)
@@ -1671,11 +1683,7 @@ class Store:
                 self.signer.verify(header, path)  # already signed with this store's key: keep the bytes
             except IntegrityError:
                 data = resign_chunk(data, spec or self.spec_of(nsp), self.signer)
-        key = ChunkKey(bytes.fromhex(header.key), bytes.fromhex(header.parent) if header.parent else None,
-                       header.start, header.start + header.num_tokens, nsp, header.kind == "segment")
-        buf = bytes(data)
-        self._write_new([(self._record_for(key, header, len(buf)), header.tokens if header.kind == "prefix" else None,
-                          "/".join(parts), buf)])
+        self._write_new([self._entry_of(header, nsp, "/".join(parts), bytes(data))])
         return True
 
     # ---------------------------------------------------------------------------------- pins and eviction
@@ -2068,12 +2076,7 @@ class Store:
                 except ChunkFormatError as e:
                     self._quarantine(t, r.path, e)
                     continue
-                key = ChunkKey(bytes.fromhex(header.key), bytes.fromhex(header.parent) if header.parent else None,
-                               header.start, header.start + header.num_tokens, r.namespace,
-                               header.kind == "segment")
-                self._write_new([(self._record_for(key, header, len(data)),
-                                  header.tokens if header.kind == "prefix" else None, r.path, data)],
-                                tiers=list(range(t.index)))
+                self._write_new([self._entry_of(header, r.namespace, r.path, data)], tiers=list(range(t.index)))
                 counts["fetched"] += 1
                 counts["bytes"] += len(data)
                 fetched.append(r.key)
